@@ -1,0 +1,142 @@
+"""Model loading: the ``unsloth`` and ``transformers`` backends, ``auto``, and LoRA adapters.
+
+Unsloth must be imported before transformers (it patches it), so ``auto`` and ``unsloth``
+try it first. On a machine without an accelerator Unsloth runs through its own CPU backend.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from worker.engine.demo import DEMO_ID, DEMO_NAME, demo_model_dir
+
+log = structlog.get_logger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Loaded:
+    """A loaded model and tokenizer, and how they were loaded."""
+
+    model: object
+    tokenizer: object
+    backend: str
+    model_name: str
+    dtype: str
+
+
+def resolve_model(model: str, cache_dir: Path) -> tuple[str, str]:
+    """(path or hub id to load, display name); ``demo`` becomes the converted folder."""
+    if model == DEMO_NAME:
+        return str(demo_model_dir(cache_dir)), DEMO_ID
+    return model, model
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder, or None if ``path`` is not one."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def _torch_dtype(dtype: str | None):
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
+    return getattr(torch, dtype)
+
+
+def unsloth_available() -> bool:
+    """Whether ``import unsloth`` works here (imports it, which also patches transformers)."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:  # a broken torchvision raises RuntimeError, not ImportError
+        log.info("unsloth_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,
+               load_in_4bit: bool = False, max_seq_length: int | None = None) -> Loaded:
+    """Load ``model`` with the chosen backend; ``auto`` prefers unsloth, else transformers."""
+    if backend not in ("auto", "unsloth", "transformers"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend in ("auto", "unsloth") and not unsloth_available():
+        if backend == "unsloth":
+            raise RuntimeError("backend 'unsloth' requested but unsloth cannot be imported")
+        backend = "transformers"
+    path, name = resolve_model(model, cache_dir)
+    torch_dtype = _torch_dtype(dtype)
+    if backend in ("auto", "unsloth"):
+        try:
+            loaded = _load_unsloth(path, name, torch_dtype, load_in_4bit, max_seq_length)
+        except Exception as exc:
+            if backend == "unsloth":
+                raise
+            log.warning("unsloth_load_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.info("backend_selected", backend="unsloth", model=name, dtype=loaded.dtype)
+            return loaded
+    loaded = _load_transformers(path, name, torch_dtype)
+    log.info("backend_selected", backend="transformers", model=name, dtype=loaded.dtype)
+    return loaded
+
+
+def _load_unsloth(path, name, torch_dtype, load_in_4bit, max_seq_length) -> Loaded:
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path,
+        dtype=torch_dtype,
+        load_in_4bit=load_in_4bit,
+        max_seq_length=max_seq_length or 4096,
+        use_exact_model_name=True,
+    )
+    FastLanguageModel.for_inference(model)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap the tokenizer
+    return Loaded(model, tokenizer, "unsloth", name, str(model.dtype).removeprefix("torch."))
+
+
+def _load_transformers(path, name, torch_dtype) -> Loaded:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = adapter_base(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch_dtype).to(device)
+    if base is not None:  # GENQ_MODEL is itself a LoRA folder: merge it into its base
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model.eval()
+    return Loaded(model, tokenizer, "transformers", name, str(model.dtype).removeprefix("torch."))
+
+
+def load_adapters(model, adapters: dict[str, str]) -> None:
+    """Load each named LoRA adapter once (transformers' PEFT integration, both backends)."""
+    for adapter_name, adapter_path in adapters.items():
+        model.load_adapter(adapter_path, adapter_name=adapter_name)
+        log.info("adapter_loaded", adapter=adapter_name, path=adapter_path)
+    if adapters:
+        model.disable_adapters()
+
+
+def select_adapter(model, adapter: str | None, loaded: bool) -> None:
+    """Make ``adapter`` (or the base model, for None) the active weights for the next batch."""
+    if not loaded:
+        return
+    if adapter is None:
+        model.disable_adapters()
+    else:
+        model.set_adapter(adapter)
+        model.enable_adapters()

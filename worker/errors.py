@@ -1,0 +1,53 @@
+"""Errors raised to callers, and the error codes stored in failed results."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorCode = Literal[
+    "prompt_too_long", "invalid_request", "out_of_memory", "worker_lost", "internal"
+]
+
+
+class GenqError(Exception):
+    """Base class of genqueue's errors; ``code`` is the result schema's error code."""
+
+    code: ErrorCode = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def as_error(self) -> dict[str, str]:
+        """The ``error`` field of a failed result."""
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidRequest(GenqError, ValueError):
+    """The request is malformed; nothing was queued."""
+
+    code: ErrorCode = "invalid_request"
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt plus ``max_new_tokens`` does not fit the model's context."""
+
+    code: ErrorCode = "prompt_too_long"
+
+
+class QueueFull(GenqError):
+    """More than ``GENQ_MAX_PENDING`` requests are waiting; nothing was queued."""
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotFound(GenqError, KeyError):
+    """No request or job with that id (never existed, or expired)."""
+
+
+class OutOfMemory(GenqError):
+    """A single row still ran out of memory after its batch was split down to it."""
+
+    code: ErrorCode = "out_of_memory"

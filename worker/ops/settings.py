@@ -1,0 +1,97 @@
+"""Settings from the environment (prefix ``GENQ_``), one typed object for every layer."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "genqueue"
+
+
+class Settings(BaseSettings):
+    """Every knob genqueue reads. Secrets (API keys, passwords in URLs) only come from here."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    result_url: SecretStr | None = None
+    model: str = "demo"
+    adapters: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    backend: Literal["auto", "unsloth", "transformers"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    load_in_4bit: bool = False
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(32768, ge=1)
+    batch_wait_ms: int = Field(50, ge=0)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_new_tokens_limit: int = Field(2048, ge=1)
+    max_pending: int = Field(100_000, ge=1)
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    visibility_timeout_s: int = Field(60, ge=2)
+    pool_size: int | None = Field(None, ge=1)
+    metrics_port: int | None = None
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    log_level: str = "INFO"
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _parse_adapters(cls, value: object) -> object:
+        """Accept ``name=path,name2=path2`` as well as a mapping."""
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            out = {}
+            for pair in pairs:
+                name, sep, path = pair.partition("=")
+                if not sep or not name.strip() or not path.strip():
+                    raise ValueError(f"GENQ_ADAPTERS entry {pair!r} is not name=path")
+                out[name.strip()] = path.strip()
+            return out
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def result_backend_url(self) -> str:
+        """The result store URL: ``GENQ_RESULT_URL``, else the broker URL."""
+        url = self.result_url or self.broker_url
+        return url.get_secret_value()
+
+    def masked(self) -> dict[str, object]:
+        """Effective settings with passwords and keys masked (for ``genq config``)."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        def mask_url(url: str) -> str:
+            parts = urlsplit(url)
+            if parts.password is None:
+                return url
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            user = parts.username or ""
+            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+        data = self.model_dump()
+        data["broker_url"] = mask_url(self.broker_url.get_secret_value())
+        data["result_url"] = mask_url(self.result_backend_url)
+        data["api_keys"] = ["***"] * len(self.api_keys)
+        data["cache_dir"] = str(self.cache_dir)
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
