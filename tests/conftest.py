@@ -73,3 +73,67 @@ def example_requests(n: int | None = None, max_new_tokens: int = 48) -> list[dic
             body = json.loads(line)["body"]
             out.append({"messages": body["messages"], "max_new_tokens": max_new_tokens})
     return out[:n] if n else out
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server (append-only, password) on a free port, for this test run."""
+    from worker.stack import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The private Redis, emptied before each test (it is ours alone)."""
+    import redis
+
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def client(redis_url):
+    from worker.client import GenerationClient
+    from worker.ops.settings import Settings
+
+    return GenerationClient(settings=Settings(broker_url=redis_url))
+
+
+@pytest.fixture
+def start_worker(redis_url, cache_dir, tmp_path):
+    """Start real ``genq worker`` processes; all are killed after the test."""
+    import subprocess
+    import time
+
+    import redis
+
+    from worker.stack import spawn_worker
+
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str = "w1@test", wait_ready: bool = True, **env: str) -> subprocess.Popen:
+        full_env = {"GENQ_BROKER_URL": redis_url, "GENQ_CACHE_DIR": str(cache_dir),
+                    "GENQ_BACKEND": "transformers", "GENQ_DTYPE": "float32",
+                    "GENQ_VISIBILITY_TIMEOUT_S": "6", "GENQ_BATCH_WAIT_MS": "50", **env}
+        proc = spawn_worker(full_env, name=name, log_file=tmp_path / f"{name}.log")
+        procs.append(proc)
+        if wait_ready:
+            r = redis.Redis.from_url(redis_url)
+            deadline = time.monotonic() + 120
+            while not r.exists(f"genq:worker:{name}"):
+                assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "worker did not become ready"
+                time.sleep(0.1)
+        return proc
+
+    start.log_dir = tmp_path
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -221,7 +221,7 @@ class Engine:
             completion = int(stopper.lengths[row]) or int(out.shape[1] - prompt_len)
             results.append((index, {
                 **self._base_result(p.id, p.request.model_dump()),
-                "status": "succeeded",
+                "status": "cancelled" if reason == "cancelled" else "succeeded",
                 "text": text,
                 "finish_reason": reason,
                 "usage": {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion},

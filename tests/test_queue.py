@@ -1,0 +1,206 @@
+"""The queue against real processes: a private redis-server, real `genq worker` subprocesses
+running the real demo model on the CPU, and the client. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from tests.conftest import example_requests
+from worker.errors import InvalidRequest, NotFound, QueueFull
+
+pytestmark = pytest.mark.slow
+
+
+def chat(i: int, n: int = 8) -> dict:
+    topics = ["the sea", "a robot", "bread", "the moon", "a river", "music", "chess", "rain"]
+    words = " ".join(["please"] * (i % 7) * 5)  # mixed prompt lengths
+    return {"messages": [{"role": "user", "content": f"Say something about {topics[i % 8]}. {words}"}],
+            "max_new_tokens": n}
+
+
+def test_200_requests_from_4_producers_match_the_engine(client, start_worker, demo_engine):
+    start_worker()
+    requests = [chat(i) for i in range(200)]
+    ids: dict[int, str] = {}
+
+    def produce(k: int) -> None:
+        mine = list(range(k, 200, 4))
+        if k % 2:
+            for i in mine:
+                ids[i] = client.submit(**requests[i])
+        else:
+            job = client.submit_many([requests[i] for i in mine], priority="interactive")
+            for i, res in zip(mine, client.job_results(job), strict=True):
+                ids[i] = res["id"]
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [client.wait(ids[i], timeout=300) for i in range(200)]
+    expected = demo_engine.generate(requests)
+    assert [r["status"] for r in results] == ["succeeded"] * 200
+    assert [r["text"] for r in results] == [e["text"] for e in expected]
+    assert all(r["worker"] == "w1@test" and r["usage"]["completion_tokens"] >= 1 for r in results)
+    sizes = [r["batch"]["size"] for r in results]
+    assert sum(sizes) / len(sizes) > 4, "batches did not form"
+    assert all(r["timings"]["total_ms"] >= r["timings"]["generate_ms"] for r in results)
+    # Celery users read the same result through AsyncResult
+    from celery.result import AsyncResult
+
+    assert AsyncResult(ids[0], app=client.app).get(timeout=5)["text"] == results[0]["text"]
+
+
+def test_sigkill_mid_batch_then_new_worker_finishes_everything_once(client, start_worker,
+                                                                      demo_engine):
+    requests = [chat(i, n=48) for i in range(40)]
+    first = start_worker("victim@test", GENQ_MAX_BATCH_SIZE="8")
+    job = client.submit_many(requests)
+    deadline = time.monotonic() + 60
+    while client.job(job)["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # mid-batch
+    first.kill()
+    first.wait()
+    killed_at = time.monotonic()
+    start_worker("rescuer@test", GENQ_MAX_BATCH_SIZE="8")
+    info = client.wait_job(job, timeout=300)
+    assert info["counts"] == {"total": 40, "queued": 0, "running": 0, "succeeded": 40,
+                              "failed": 0, "cancelled": 0, "expired": 0}
+    results = list(client.job_results(job))
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
+    assert {r["worker"] for r in results} >= {"rescuer@test"}
+    print(f"redelivered and finished {time.monotonic() - killed_at:.1f}s after SIGKILL")
+
+
+def test_redis_restart_with_queued_requests_loses_none(client, start_worker, redis_server):
+    requests = [chat(i, n=16) for i in range(60)]
+    job = client.submit_many(requests)
+    ids = [r["id"] for r in client.job_results(job)]
+    redis_server.stop()  # SIGTERM: the append-only file is flushed
+    redis_server.start()
+    assert redis.Redis.from_url(redis_server.url).llen("genq.bulk") == 60
+    start_worker()
+    info = client.wait_job(job, timeout=300)
+    assert info["counts"]["succeeded"] == 60 and info["counts"]["total"] == 60
+    assert [r["id"] for r in client.job_results(job)] == ids
+
+
+def test_redis_restart_while_a_worker_runs(client, start_worker, redis_server):
+    start_worker()
+    job = client.submit_many([chat(i, n=24) for i in range(48)])
+    time.sleep(1.0)
+    redis_server.stop()
+    time.sleep(1.0)
+    redis_server.start()
+    info = client.wait_job(job, timeout=300)
+    assert info["counts"]["succeeded"] == 48 and info["counts"]["failed"] == 0
+
+
+def test_cancel_queued_and_running_and_expiry(client, start_worker):
+    queued = client.submit(**chat(1))
+    expiring = client.submit(**chat(2), expires_in_s=0.5)
+    assert client.cancel(queued) is True
+    assert client.get(queued)["status"] == "cancelled"
+    time.sleep(1.0)
+    start_worker()
+    assert client.wait(expiring, timeout=60)["status"] == "expired"
+    assert client.wait(queued, timeout=60)["status"] == "cancelled"
+    assert client.get(queued)["usage"] is None  # never generated
+
+    running = client.submit(prompt="Once upon a time, in a land far away,", max_new_tokens=400)
+    deadline = time.monotonic() + 60
+    while client.get(running)["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert client.cancel(running) is True
+    res = client.wait(running, timeout=60)
+    assert res["status"] == "cancelled" and res["finish_reason"] == "cancelled"
+    assert 0 < res["usage"]["completion_tokens"] < 400 and res["text"]
+    assert client.cancel(running) is False  # already final
+    with pytest.raises(NotFound):
+        client.cancel("no-such-id")
+
+
+def test_cancel_job(client, start_worker):
+    job = client.submit_many([chat(i) for i in range(30)])
+    assert client.cancel_job(job) == 30
+    start_worker()
+    info = client.wait_job(job, timeout=60)
+    assert info["counts"]["cancelled"] == 30 and info["status"] == "cancelled"
+
+
+def test_interactive_served_before_queued_bulk(client, start_worker):
+    t_bulk = time.time()
+    bulk = client.submit_many([chat(i, n=16) for i in range(24)])
+    t_inter = time.time()
+    interactive = [client.submit(**chat(i, n=16)) for i in range(4)]
+    start_worker(GENQ_MAX_BATCH_SIZE="4", GENQ_BATCH_WAIT_MS="300")
+    client.wait_job(bulk, timeout=300)
+    # absolute finish times, from each request's submit time and its total_ms
+    inter_done = [t_inter + client.wait(i, timeout=60)["timings"]["total_ms"] / 1000
+                  for i in interactive]
+    bulk_done = sorted(t_bulk + r["timings"]["total_ms"] / 1000 for r in client.job_results(bulk))
+    assert max(inter_done) < bulk_done[0] + 0.05  # the first batch was the interactive one
+
+
+def test_poison_requests_fail_alone(client, start_worker, redis_url):
+    from kombu import Connection
+
+    from worker.queue.app import TASK_NAME
+
+    start_worker(GENQ_BATCH_WAIT_MS="500")
+    good = [client.submit(**chat(i)) for i in range(3)]
+    too_long = client.submit(prompt="word " * 9000, max_new_tokens=8)
+    client.app.send_task(TASK_NAME, args=[{"prompt": 5}], task_id="foreign-bad",
+                         queue="genq.interactive")
+    client.app.send_task(TASK_NAME, args=["not a dict", 2], task_id="foreign-args",
+                         queue="genq.interactive")
+    with Connection(redis_url) as conn:  # a pickled message: must be refused, never run
+        conn.Producer().publish({"prompt": "x"}, routing_key="genq.interactive",
+                                exchange="genq.interactive", serializer="pickle",
+                                headers={"id": "pickled", "task": TASK_NAME})
+    more = [client.submit(**chat(i)) for i in range(3, 6)]
+    for rid in good + more:
+        assert client.wait(rid, timeout=120)["status"] == "succeeded"
+    assert client.wait(too_long, timeout=60)["error"]["code"] == "prompt_too_long"
+    assert client.wait("foreign-bad", timeout=60)["error"]["code"] == "invalid_request"
+    assert client.wait("foreign-args", timeout=60)["error"]["code"] == "invalid_request"
+    with pytest.raises(NotFound):
+        client.get("pickled")
+    log = (start_worker.log_dir / "w1@test.log").read_text()
+    assert "message_rejected" in log and "pickle" in log.lower()
+
+
+def test_invalid_and_full_queue_enqueue_nothing(redis_url):
+    from worker.client import GenerationClient
+    from worker.ops.settings import Settings
+
+    small = GenerationClient(settings=Settings(broker_url=redis_url, max_pending=5))
+    r = redis.Redis.from_url(redis_url)
+    with pytest.raises(InvalidRequest, match="request 1: max_new_tokens"):
+        small.submit_many([chat(0), {**chat(1), "max_new_tokens": 0}])
+    small.submit_many([chat(i) for i in range(5)])
+    before = set(r.keys("*"))
+    with pytest.raises(QueueFull):
+        small.submit_many([chat(i) for i in range(2)])
+    with pytest.raises(QueueFull):
+        small.submit(**chat(0))
+    assert set(r.keys("*")) == before and r.llen("genq.bulk") == 5
+
+
+def test_example_prompts_through_the_service_equal_the_engine(client, start_worker, demo_engine):
+    start_worker()
+    requests = example_requests(max_new_tokens=24)
+    job = client.submit_many(requests)
+    client.wait_job(job, timeout=600)
+    results = list(client.job_results(job))
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
+    assert all(r["batch"]["size"] > 1 for r in results)

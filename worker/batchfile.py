@@ -1,0 +1,71 @@
+"""JSONL batch input: plain request objects or OpenAI Batch API lines, validated line by line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from worker.errors import InvalidRequest
+from worker.schema import validate_request
+
+# OpenAI chat-completions body fields -> genqueue request fields
+OPENAI_FIELDS = {"messages": "messages", "max_tokens": "max_new_tokens",
+                 "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
+                 "top_p": "top_p", "stop": "stop", "seed": "seed", "metadata": "metadata"}
+OPENAI_IGNORED = {"model", "n", "stream", "user", "logprobs", "top_logprobs"}
+
+
+@dataclass
+class Line:
+    """One input line: its number (from 1), and the request or the error."""
+
+    number: int
+    request: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def from_openai(line: dict[str, Any]) -> dict[str, Any]:
+    """Translate an OpenAI Batch line (``/v1/chat/completions``) into a request dict."""
+    if line.get("url") not in (None, "/v1/chat/completions"):
+        raise InvalidRequest(f"url: only /v1/chat/completions is supported, not {line['url']!r}")
+    if line.get("method", "POST") != "POST":
+        raise InvalidRequest("method: only POST is supported")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: must be an object")
+    request: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in OPENAI_FIELDS:
+            request[OPENAI_FIELDS[key]] = value
+        elif key not in OPENAI_IGNORED:
+            raise InvalidRequest(f"body.{key}: not supported")
+    if "custom_id" in line:
+        request["custom_id"] = line["custom_id"]
+    return request
+
+
+def to_request(obj: Any) -> dict[str, Any]:
+    """A validated request dict from a plain request object or an OpenAI Batch line."""
+    if isinstance(obj, dict) and "body" in obj and ("url" in obj or "method" in obj):
+        obj = from_openai(obj)
+    return validate_request(obj).model_dump(exclude_none=True)
+
+
+def read_lines(lines: Iterable[str | bytes]) -> Iterator[Line]:
+    """Parse and validate each non-blank line; errors are reported, never raised."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            yield Line(number, error="not UTF-8")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield Line(number, request=to_request(json.loads(text)))
+        except json.JSONDecodeError as exc:
+            yield Line(number, error=f"not JSON: {exc.msg} at column {exc.colno}")
+        except InvalidRequest as exc:
+            yield Line(number, error=exc.message)

@@ -1,0 +1,240 @@
+"""``genq``: the command line (typer + rich). Model libraries load only in the commands that
+run a model (``worker``, ``generate``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+app = typer.Typer(help="genqueue: batched LLM generation on a Celery/Redis queue.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _client():
+    from worker.client import GenerationClient
+
+    return GenerationClient()
+
+
+def _show(data: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, ensure_ascii=False))
+        return
+    table = Table(show_header=False)
+    for key, value in data.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    Console().print(table)
+
+
+@contextmanager
+def _errors():
+    from worker.errors import GenqError
+
+    try:
+        yield
+    except GenqError as exc:
+        console.print(f"[red]{exc.code}[/red]: {exc.message}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def worker(gpu: Annotated[str, typer.Option(help="GPU index to pin, or 'none' for CPU.")] = "none",
+           name: Annotated[str | None, typer.Option(help="Worker name (default gpuN@host).")] = None,
+           threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None) -> None:
+    """Run one worker pinned to a GPU (or the CPU) in the foreground."""
+    from worker.queue.worker import run_worker
+
+    raise typer.Exit(run_worker(gpu, name=name, threads=threads))
+
+
+@app.command()
+def submit(text: str,
+           system: Annotated[str | None, typer.Option(help="System message.")] = None,
+           max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+           wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Submit one chat request; print its id (or its result with --wait)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}]
+    with _errors():
+        client = _client()
+        rid = client.submit(messages=messages, max_new_tokens=max_new_tokens)
+        if not wait:
+            _show({"id": rid, "status": "queued"}, as_json)
+            return
+        result = client.wait(rid)
+    _show(result, as_json) if as_json else typer.echo(result.get("text") or json.dumps(result))
+
+
+@app.command()
+def status(request_id: str, as_json: JsonOpt = False) -> None:
+    """Show a request's status."""
+    with _errors():
+        res = _client().get(request_id)
+    _show({"id": res["id"], "status": res["status"]}, as_json)
+
+
+@app.command()
+def result(request_id: str, as_json: JsonOpt = False) -> None:
+    """Show a request's full result."""
+    with _errors():
+        _show(_client().get(request_id), as_json)
+
+
+@app.command()
+def cancel(request_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel a queued or running request."""
+    with _errors():
+        _show({"id": request_id, "cancelled": _client().cancel(request_id)}, as_json)
+
+
+@app.command()
+def job(job_id: str, as_json: JsonOpt = False) -> None:
+    """Show a bulk job's status and counts."""
+    with _errors():
+        _show(_client().job(job_id), as_json)
+
+
+@app.command()
+def config(as_json: JsonOpt = False) -> None:
+    """Print the effective settings (secrets masked)."""
+    from worker.ops.settings import Settings
+
+    _show(Settings().masked(), as_json)
+
+
+@app.command()
+def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.")],
+             output: Annotated[Path | None, typer.Option("-o", "--output")] = None) -> None:
+    """Run a JSONL file through the engine in this process (no queue)."""
+    from worker.batchfile import read_lines
+    from worker.engine import load_engine
+    from worker.ops.logging import configure_logging
+    from worker.ops.settings import Settings
+
+    settings = Settings()
+    configure_logging("WARNING")
+    lines = list(read_lines(input_path.open(encoding="utf-8", errors="surrogateescape")))
+    for bad in (ln for ln in lines if ln.error):
+        console.print(f"[red]line {bad.number}[/red]: {bad.error}")
+    engine = load_engine(settings.model, backend=settings.backend, dtype=settings.dtype,
+                         adapters=settings.adapters, cache_dir=settings.cache_dir)
+    good = [ln for ln in lines if ln.request]
+    results = engine.generate([ln.request for ln in good])
+    out = output.open("w", encoding="utf-8") if output else sys.stdout
+    for ln, res in zip(good, results, strict=True):
+        out.write(json.dumps({"line": ln.number, **res}, ensure_ascii=False) + "\n")
+    if output:
+        out.close()
+    failed = sum(r["status"] != "succeeded" for r in results) + sum(1 for ln in lines if ln.error)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def run(input_path: Annotated[Path, typer.Argument(help="JSONL: request objects or OpenAI Batch lines.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Results JSONL.")] = Path("results.jsonl"),
+        resume: Annotated[bool, typer.Option(help="Keep finished lines of an earlier OUTPUT.")] = False,
+        timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+        ) -> None:
+    """Run a JSONL file as one bulk job with a progress bar; results in input order."""
+    from worker.batchfile import read_lines
+
+    lines = list(read_lines(input_path.open("rb")))
+    bad = [ln for ln in lines if ln.error]
+    errors_path = output.with_name(output.name + ".errors")
+    if bad:
+        with errors_path.open("w", encoding="utf-8") as f:
+            for ln in bad:
+                console.print(f"[red]line {ln.number}[/red]: {ln.error}")
+                f.write(json.dumps({"line": ln.number, "error": ln.error}) + "\n")
+        console.print(f"{len(bad)} bad line(s) written to {errors_path}")
+    done: dict[int, dict] = {}
+    if resume and output.exists():
+        for raw in output.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(raw)
+            if rec.get("status") == "succeeded":
+                done[rec["line"]] = rec
+    todo = [ln for ln in lines if ln.request and ln.number not in done]
+    results: dict[int, dict] = dict(done)
+    if todo:
+        with _stack_for_run():
+            results.update(_run_job(todo, timeout))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as f:
+        for ln in lines:
+            if ln.number in results:
+                f.write(json.dumps(results[ln.number], ensure_ascii=False) + "\n")
+    failed = sum(r["status"] != "succeeded" for r in results.values())
+    console.print(f"{len(results) - failed} succeeded, {failed} failed, {len(bad)} bad lines "
+                  f"({len(done)} kept from before) -> {output}")
+    raise typer.Exit(1 if failed or bad else 0)
+
+
+def _run_job(todo, timeout) -> dict[int, dict]:
+    client = _client()
+    with _errors():
+        job_id = client.submit_many([ln.request for ln in todo])
+    console.print(f"job {job_id}: {len(todo)} requests")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]}/s"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    started = time.monotonic()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("generating", total=len(todo), failed=0, rate="0.0")
+
+        def update(info):
+            c = info["counts"]
+            finished = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
+            rate = finished / max(time.monotonic() - started, 1e-6)
+            progress.update(task, completed=finished, failed=c["failed"], rate=f"{rate:.1f}")
+
+        client.wait_job(job_id, timeout=timeout, on_progress=update)
+    return {ln.number: {"line": ln.number, **res}
+            for ln, res in zip(todo, client.job_results(job_id), strict=True)}
+
+
+@contextmanager
+def _stack_for_run():
+    """Use GENQ_BROKER_URL if it answers; else bring up Redis and a worker for the run."""
+    from worker.stack import EmbeddedRedis, broker_answers, data_dir, spawn_worker, stop_process
+
+    configured = os.environ.get("GENQ_BROKER_URL")
+    if configured:
+        if not broker_answers(configured):
+            console.print(f"[red]GENQ_BROKER_URL does not answer[/red]")
+            raise typer.Exit(2)
+        yield
+        return
+    directory = data_dir()
+    redis_server = EmbeddedRedis(directory / "redis").start()
+    env = {"GENQ_BROKER_URL": redis_server.url}
+    os.environ.update(env)
+    from worker.ops.settings import get_settings
+
+    get_settings.cache_clear()
+    log_file = directory / "worker.log"
+    console.print(f"embedded Redis on 127.0.0.1:{redis_server.port} (data in {directory}); "
+                  f"worker log: {log_file}")
+    proc = spawn_worker(env, log_file=log_file)
+    try:
+        yield
+    finally:
+        stop_process(proc)
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,164 @@
+"""The Python client for web backends and scripts. Imports no model library (no torch).
+
+    from worker.client import GenerationClient
+    client = GenerationClient()                      # GENQ_BROKER_URL, or the default
+    rid = client.submit("Write a haiku", max_new_tokens=32)
+    print(client.wait(rid)["text"])
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from pydantic import SecretStr
+
+from worker.errors import InvalidRequest, NotFound, QueueFull
+from worker.ops.settings import Settings, get_settings
+from worker.queue.app import REQUEST_QUEUES, TASK_NAME, make_app, queue_for
+from worker.queue.messages import headers_for
+from worker.queue.results import FINAL, ResultStore
+from worker.schema import validate_request
+
+
+class GenerationClient:
+    """Submit requests and bulk jobs; read, wait for and cancel their results."""
+
+    def __init__(self, broker_url: str | None = None, *, settings: Settings | None = None):
+        settings = settings or get_settings()
+        if broker_url:
+            update: dict[str, Any] = {"broker_url": SecretStr(broker_url)}
+            if settings.result_url is None:
+                update["result_url"] = SecretStr(broker_url)
+            settings = settings.model_copy(update=update)
+        self.settings = settings
+        self.app = make_app(settings)
+        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
+        self.broker = redis.Redis.from_url(settings.broker_url.get_secret_value())
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, prompt: str | None = None, messages: list[dict] | None = None,
+               **params: Any) -> str:
+        """Validate and enqueue one request (interactive unless ``priority="bulk"``); its id."""
+        body = {k: v for k, v in {"prompt": prompt, "messages": messages, **params}.items()
+                if v is not None}
+        request = self._validated(body)
+        self._check_capacity(1)
+        request_id = str(uuid.uuid4())
+        self.store.record_queued([(request_id, request)])
+        self._publish([(request_id, request)], job_id=None)
+        return request_id
+
+    def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk") -> str:
+        """Validate every request, then enqueue them all as one job; the job id.
+
+        Nothing is queued if any request is invalid (``InvalidRequest`` names its index) or
+        the queue cannot take them all (``QueueFull``). Publishing is pipelined.
+        """
+        checked = []
+        for i, body in enumerate(requests):
+            try:
+                request = self._validated(body)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"request {i}: {exc.message}") from None
+            request.setdefault("priority", priority)
+            checked.append((str(uuid.uuid4()), request))
+        if not checked:
+            raise InvalidRequest("submit_many needs at least one request")
+        self._check_capacity(len(checked))
+        job_id = f"job-{uuid.uuid4()}"
+        pipe = self.store.redis.pipeline(transaction=False)
+        self.store.create_job(job_id, [rid for rid, _ in checked], pipe)
+        self.store.record_queued(checked, job_id=job_id, pipe=pipe)
+        pipe.execute()
+        self._publish(checked, job_id=job_id)
+        return job_id
+
+    def _validated(self, body: Any) -> dict[str, Any]:
+        request = validate_request(body, max_new_tokens_limit=self.settings.max_new_tokens_limit)
+        return request.model_dump(exclude_none=True, exclude_defaults=False)
+
+    def _check_capacity(self, n: int) -> None:
+        pipe = self.broker.pipeline(transaction=False)
+        for q in REQUEST_QUEUES:
+            pipe.llen(q)
+        pending = sum(pipe.execute())
+        if pending + n > self.settings.max_pending:
+            raise QueueFull(f"{pending} requests pending; adding {n} would pass "
+                            f"GENQ_MAX_PENDING={self.settings.max_pending}")
+
+    def _publish(self, items: list[tuple[str, dict[str, Any]]], job_id: str | None) -> None:
+        now = time.time()
+        with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+            for request_id, request in items:
+                queue = queue_for(request.get("priority"))
+                self.app.send_task(
+                    TASK_NAME, args=[request], task_id=request_id, producer=producer,
+                    queue=queue, retry=False,
+                    headers=headers_for(job_id, now, request.get("expires_in_s")),
+                )
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get(self, request_id: str) -> dict[str, Any]:
+        """The result as it stands now (never blocks); ``NotFound`` if unknown/expired."""
+        return _public(self.store.get(request_id))
+
+    def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the request is final; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            result = self.get(request_id)
+            if result["status"] in FINAL:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {request_id} still {result['status']}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel one request; True if it was still queued or running."""
+        self.store.get(request_id)  # NotFound for unknown ids
+        return self.store.cancel([request_id])[0]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """``{"id", "status", "counts"}`` in one read; ``NotFound`` if unknown/expired."""
+        info = self.store.job(job_id)
+        return {"id": info["id"], "status": info["status"], "counts": info["counts"]}
+
+    def job_results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every result of the job, in submission order (as they stand now)."""
+        for ids in self.store.job_ids(job_id):
+            for request_id, record in zip(ids, self.store.get_many(ids), strict=True):
+                yield _public(record) if record else {"id": request_id, "status": "expired"}
+
+    def wait_job(self, job_id: str, timeout: float | None = None, poll_s: float = 0.2,
+                 on_progress=None) -> dict[str, Any]:
+        """Poll ``job`` until every request is final; ``on_progress(job)`` after each poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if on_progress is not None:
+                on_progress(info)
+            if info["counts"]["queued"] == 0 and info["counts"]["running"] == 0:
+                return info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} not finished: {info['counts']}")
+            time.sleep(poll_s)
+
+    def cancel_job(self, job_id: str) -> int:
+        """Cancel every unfinished request of the job; how many were still open."""
+        return sum(sum(self.store.cancel(ids)) for ids in self.store.job_ids(job_id))
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """The contract's result fields (drops internal bookkeeping)."""
+    return {k: v for k, v in record.items() if k != "job_id"}
+
+
+__all__ = ["GenerationClient", "InvalidRequest", "NotFound", "QueueFull"]

@@ -1,0 +1,68 @@
+"""The Celery app: JSON only, late acks, a Redis visibility timeout kept alive by lease renewal.
+
+Requests travel as ordinary Celery task messages (task ``genq.generate``, one request dict as
+the only argument) on two Redis lists, ``genq.interactive`` and ``genq.bulk``, so any Celery
+producer can enqueue and ``AsyncResult(id)`` reads the outcome.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from worker.ops.settings import Settings, get_settings
+
+TASK_NAME = "genq.generate"
+INTERACTIVE_QUEUE = "genq.interactive"
+BULK_QUEUE = "genq.bulk"
+REQUEST_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)  # served in this order
+CONTROL_QUEUE = "genq.control"  # the Celery consumer's own queue; nothing is sent there
+
+
+def queue_for(priority: str | None) -> str:
+    """The Redis list a request goes to: interactive unless it says bulk."""
+    return BULK_QUEUE if priority == "bulk" else INTERACTIVE_QUEUE
+
+
+def kombu_queue(name: str) -> Queue:
+    """A queue as Celery declares it: a direct exchange of the same name, bound by name."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def transport_options(settings: Settings) -> dict:
+    """kombu Redis transport options shared by producers, the Celery consumer and ours."""
+    return {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+        "queue_order_strategy": "priority",
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from ``GENQ_`` settings."""
+    settings = settings or get_settings()
+    app = Celery("genqueue", broker=settings.broker_url.get_secret_value(),
+                 backend=settings.result_backend_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        result_expires=settings.result_ttl_s,
+        broker_transport_options=transport_options(settings),
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=CONTROL_QUEUE,
+        task_queues=[kombu_queue(q) for q in (*REQUEST_QUEUES, CONTROL_QUEUE)],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+    )
+    return app

@@ -1,0 +1,249 @@
+"""The batching consumer: one thread that owns its own kombu connection, fills a pool of
+pending requests, runs the next batch on the engine, stores every result, then acks.
+
+Why not celery-batches: it flushes in arrival order on a timer that cuts batches short, cannot
+choose among pending requests by length or priority, and needs workarounds for revoke, acks
+and reconnects (see README). This loop runs inside a real Celery worker (a bootstep, see
+``worker.queue.worker``), so ``celery inspect``, heartbeats and remote control still work.
+
+Messages stay unacked until their result is stored. While held, their Redis visibility lease
+is renewed, so a short visibility timeout brings back a dead worker's requests quickly even
+though a batch may run for longer than that timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery.worker import state as celery_state
+from kombu import Connection, Consumer
+
+from worker.errors import GenqError
+from worker.ops.settings import Settings
+from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
+from worker.queue.batcher import Pending, Pool
+from worker.queue.messages import Envelope, MalformedMessage, parse
+from worker.queue.results import ResultStore, empty_result
+
+log = structlog.get_logger(__name__)
+
+
+class BatchingConsumer:
+    """Pulls requests from the genqueue queues and runs them on ``engine`` in batches."""
+
+    def __init__(self, engine, settings: Settings, name: str, metrics=None):
+        self.engine = engine
+        self.settings = settings
+        self.name = name
+        self.metrics = metrics
+        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
+        self.pool = Pool()
+        self.pool_size = settings.pool_size or max(64, 2 * settings.max_batch_size)
+        self.wait_s = settings.batch_wait_ms / 1000
+        self.running: list[Pending] = []
+        self.batches = 0
+        self._stop = threading.Event()
+        self._lease_client = redis.Redis.from_url(settings.broker_url.get_secret_value())
+        self._lease_key = transport_options(settings).get("unacked_index_key", "unacked_index")
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the batch in progress, hand back the rest, then return from ``run``."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Consume until stopped, reconnecting after broker failures."""
+        keeper = threading.Thread(target=self._keep_alive, name="genq-lease", daemon=True)
+        keeper.start()
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with Connection(self.settings.broker_url.get_secret_value(),
+                                transport_options=transport_options(self.settings)) as conn:
+                    self._consume(conn)
+                backoff = 0.5
+            except Exception as exc:  # broker gone: our unacked messages come back by themselves
+                dropped = len(self.pool.drain())
+                log.warning("broker_connection_lost", worker=self.name, error=repr(exc),
+                            dropped_unacked=dropped, retry_in_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        log.info("consumer_stopped", worker=self.name, batches=self.batches)
+
+    def _consume(self, conn: Connection) -> None:
+        queues = [kombu_queue(q) for q in REQUEST_QUEUES]
+        consumer = Consumer(conn, queues=queues, callbacks=[self._on_message], accept=["json"],
+                            on_decode_error=self._on_decode_error, prefetch_count=self.pool_size)
+        with consumer:
+            log.info("consumer_ready", worker=self.name, queues=list(REQUEST_QUEUES),
+                     pool_size=self.pool_size, batch_wait_ms=self.settings.batch_wait_ms)
+            while not self._stop.is_set():
+                self._fill(conn)
+                if len(self.pool):
+                    self._run_batch(self.pool.take_batch(self.settings.max_batch_size,
+                                                         self.settings.max_batch_tokens))
+            for pending in self.pool.drain():  # warm shutdown: unstarted requests go back
+                pending.envelope.message.requeue()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _fill(self, conn: Connection) -> None:
+        """Receive until the pool is full or the oldest request has waited ``batch_wait_ms``."""
+        while not len(self.pool) and not self._stop.is_set():
+            self._drain(conn, 1.0)
+        while len(self.pool) < self.pool_size and not self._stop.is_set():
+            oldest = self.pool.oldest_arrival()
+            remaining = (oldest + self.wait_s - time.monotonic()) if oldest else 0
+            if not self._drain(conn, max(remaining, 0.001)):
+                break
+
+    @staticmethod
+    def _drain(conn: Connection, timeout: float) -> bool:
+        try:
+            conn.drain_events(timeout=timeout)
+        except (TimeoutError, socket.timeout):
+            return False
+        return True
+
+    def _on_decode_error(self, message, exc) -> None:
+        log.error("message_rejected", worker=self.name, reason="undecodable or not JSON",
+                  content_type=message.content_type, error=str(exc)[:200])
+        message.ack()  # never executed; a poison message must not come back forever
+
+    def _on_message(self, body: Any, message) -> None:
+        try:
+            envelope = parse(body, message)
+        except MalformedMessage as exc:
+            log.error("message_rejected", worker=self.name, reason=str(exc),
+                      request_id=exc.request_id)
+            if exc.request_id:
+                self._store_failure(exc.request_id, {}, None,
+                                    {"code": "invalid_request", "message": str(exc)})
+            message.ack()
+            return
+        try:
+            tokens = self.engine.prepare(envelope.request)
+        except GenqError as exc:
+            self._store_failure(envelope.id, envelope.request, envelope.job_id, exc.as_error())
+            message.ack()
+            return
+        self.pool.add(Pending(envelope, tokens))
+
+    # -- running ----------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        now = time.time()
+        ids = [p.envelope.id for p in batch]
+        cancelled = self.store.cancelled(ids)
+        runnable: list[Pending] = []
+        closing: list[dict[str, Any]] = []
+        for pending, flag in zip(batch, cancelled, strict=True):
+            env = pending.envelope
+            if flag:
+                closing.append(self._closed(env, "cancelled"))
+            elif env.expires_at is not None and now > env.expires_at:
+                closing.append(self._closed(env, "expired"))
+            else:
+                runnable.append(pending)
+        if closing:
+            self.store.finish(closing)
+        fresh = self.store.start([self._running_record(p.envelope) for p in runnable])
+        duplicates = [p for p, ok in zip(runnable, fresh, strict=True) if not ok]
+        runnable = [p for p, ok in zip(runnable, fresh, strict=True) if ok]
+
+        results: list[dict[str, Any]] = []
+        if runnable:
+            self.running = runnable
+            started = time.time()
+            results = self.engine.generate(
+                [{**p.envelope.request, "id": p.envelope.id} for p in runnable],
+                is_cancelled=self._is_cancelled,
+            )
+            finished = time.time()
+            for pending, result in zip(runnable, results, strict=True):
+                env = pending.envelope
+                gen_ms = (result.get("timings") or {}).get("generate_ms")
+                result.update(
+                    worker=self.name,
+                    job_id=env.job_id,
+                    timings={"queued_ms": round((started - env.submitted_at) * 1000, 1),
+                             "generate_ms": gen_ms,
+                             "total_ms": round((finished - env.submitted_at) * 1000, 1)},
+                )
+            self._finish_with_retry(results)
+            self.batches += 1
+            self._log_batch(runnable, results, finished - started)
+        for pending in batch:
+            pending.envelope.message.ack()
+        self.running = []
+        if self.metrics is not None:
+            self.metrics.observe_batch(runnable, results, closing, duplicates)
+
+    def _finish_with_retry(self, results: list[dict[str, Any]]) -> None:
+        """Store results; if Redis is down, keep trying (the work is done, keep it)."""
+        delay = 0.2
+        while True:
+            try:
+                self.store.finish(results)
+                return
+            except redis.ConnectionError as exc:
+                log.warning("result_store_unavailable", worker=self.name, error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _is_cancelled(self, ids: list[str]) -> list[bool]:
+        flags = self.store.cancelled(ids)
+        return [f or i in celery_state.revoked for f, i in zip(flags, ids, strict=True)]
+
+    def _running_record(self, env: Envelope) -> dict[str, Any]:
+        return {**empty_result(env.id, "running", env.request, env.job_id), "worker": self.name,
+                "model": self.engine.model_name}
+
+    def _closed(self, env: Envelope, status: str) -> dict[str, Any]:
+        return {**empty_result(env.id, status, env.request, env.job_id), "worker": self.name,
+                "finish_reason": "cancelled" if status == "cancelled" else None, "text": ""}
+
+    def _store_failure(self, request_id, request, job_id, error) -> None:
+        record = {**empty_result(request_id, "failed", request, job_id), "worker": self.name,
+                  "model": self.engine.model_name, "error": error}
+        self._finish_with_retry([record])
+        log.info("request_failed", worker=self.name, request_id=request_id, job_id=job_id,
+                 code=error["code"])
+        if self.metrics is not None:
+            self.metrics.observe_batch([], [], [record], [])
+
+    def _log_batch(self, runnable: list[Pending], results, seconds: float) -> None:
+        batch = next((r["batch"] for r in results if r.get("batch")), None) or {}
+        log.info("batch_done", worker=self.name, batch_id=f"{self.name}:{self.batches}",
+                 batch_size=len(runnable), pad_fraction=batch.get("pad_fraction"),
+                 seconds=round(seconds, 3), request_ids=[p.envelope.id for p in runnable],
+                 job_ids=sorted({p.envelope.job_id for p in runnable if p.envelope.job_id}),
+                 statuses={s: sum(r["status"] == s for r in results)
+                           for s in {r["status"] for r in results}})
+
+    # -- leases and heartbeat ---------------------------------------------------------
+
+    def _keep_alive(self) -> None:
+        """Renew the visibility lease of held messages; publish this worker's heartbeat."""
+        every = max(1.0, min(5.0, self.settings.visibility_timeout_s / 4))
+        while True:
+            held = [p.envelope.message.delivery_tag for p in [*self.pool.items, *self.running]]
+            try:
+                if held:
+                    now = time.time()
+                    self._lease_client.zadd(self._lease_key, dict.fromkeys(held, now), xx=True)
+                self.store.heartbeat(self.name, {
+                    "name": self.name, "pid": os.getpid(), "model": self.engine.model_name,
+                    "backend": self.engine.backend, "batches": self.batches,
+                    "busy": bool(self.running), "held": len(held)})
+            except redis.RedisError as exc:
+                log.warning("keep_alive_failed", worker=self.name, error=str(exc))
+            if self._stop.wait(every):
+                return

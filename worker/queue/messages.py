@@ -1,0 +1,90 @@
+"""Requests as Celery task messages, and reading them back (protocol 2, JSON only).
+
+A message is task ``genq.generate`` with the request dict as its only argument and the
+request id as the task id; genqueue's bookkeeping rides in three message headers
+(``genq_job``, ``genq_submitted``, ``genq_expires``), so a foreign Celery producer can enqueue
+with ``app.send_task("genq.generate", args=[{"prompt": "..."}], queue="genq.interactive")``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.queue.app import TASK_NAME
+
+
+class MalformedMessage(ValueError):
+    """A message on a request queue that is not a genqueue request."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+@dataclass
+class Envelope:
+    """One request as the worker received it."""
+
+    id: str
+    request: dict[str, Any]
+    job_id: str | None
+    submitted_at: float
+    expires_at: float | None
+    message: Any = field(repr=False, default=None)
+
+    @property
+    def priority(self) -> str:
+        return "bulk" if self.request.get("priority") == "bulk" else "interactive"
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.get("adapter")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.request.get("max_new_tokens") or 256)
+
+
+def headers_for(job_id: str | None, submitted_at: float, expires_in_s: float | None) -> dict:
+    """The genqueue headers of a request message."""
+    headers: dict[str, Any] = {"genq_submitted": submitted_at}
+    if job_id:
+        headers["genq_job"] = job_id
+    if expires_in_s:
+        headers["genq_expires"] = submitted_at + expires_in_s
+    return headers
+
+
+def parse(body: Any, message) -> Envelope:
+    """Read a decoded Celery protocol-2 message; ``MalformedMessage`` if it is not one."""
+    headers = message.headers or {}
+    request_id = headers.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise MalformedMessage("message has no task id header (not Celery protocol 2)")
+    if headers.get("task") != TASK_NAME:
+        raise MalformedMessage(f"task {headers.get('task')!r} is not {TASK_NAME}", request_id)
+    if not (isinstance(body, (list, tuple)) and len(body) == 3):
+        raise MalformedMessage("body is not [args, kwargs, embed]", request_id)
+    args, kwargs, _ = body
+    if isinstance(args, (list, tuple)) and len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+        request = args[0]
+    elif not args and isinstance(kwargs, dict) and kwargs:
+        request = kwargs
+    else:
+        raise MalformedMessage("expected one request dict as the only argument", request_id)
+
+    def number(name: str) -> float | None:
+        value = headers.get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    job_id = headers.get("genq_job")
+    return Envelope(
+        id=request_id,
+        request=dict(request),
+        job_id=job_id if isinstance(job_id, str) else None,
+        submitted_at=number("genq_submitted") or time.time(),
+        expires_at=number("genq_expires"),
+        message=message,
+    )

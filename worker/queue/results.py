@@ -1,0 +1,250 @@
+"""The result store on Redis: one JSON record per request, jobs, cancel flags, heartbeats.
+
+Every state change that must not happen twice (a redelivered request finishing again, a
+cancel racing the worker) is one Lua script, so the first final state wins and job counters
+are bumped exactly once. Final results are mirrored to Celery's ``celery-task-meta-<id>`` key
+so ``AsyncResult(id)`` and Flower see them too.
+
+Keys (all expire after ``GENQ_RESULT_TTL_S``):
+``genq:r:<id>`` result JSON · ``genq:cancel:<id>`` cancel flag · ``genq:job:<jid>`` counts
+(hash) · ``genq:job:<jid>:ids`` submission order (list) · ``genq:job:<jid>:done`` and
+``:running`` (sets) · ``genq:worker:<name>`` heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from worker.errors import NotFound
+
+FINAL = ("succeeded", "failed", "cancelled", "expired")
+JOB_COUNTS = ("total", "queued", "running", "succeeded", "failed", "cancelled", "expired")
+CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED",
+                "expired": "REVOKED"}
+
+_IS_FINAL = """
+local function is_final(raw)
+  if not raw then return false end
+  local ok, doc = pcall(cjson.decode, raw)
+  if not ok then return false end
+  local s = doc['status']
+  return s == 'succeeded' or s == 'failed' or s == 'cancelled' or s == 'expired'
+end
+"""
+# KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id, meta json
+FINISH = _IS_FINAL + """
+if is_final(redis.call('GET', KEYS[1])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
+if ARGV[4] ~= '' then
+  local job = 'genq:job:' .. ARGV[4]
+  redis.call('SREM', job .. ':running', ARGV[5])
+  if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
+    redis.call('HINCRBY', job, ARGV[2], 1)
+  end
+end
+return 1
+"""
+# KEYS: result. ARGV: running json, ttl, job id or '', request id. 1 = run it, 0 = already final
+START = _IS_FINAL + """
+if is_final(redis.call('GET', KEYS[1])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] ~= '' then redis.call('SADD', 'genq:job:' .. ARGV[3] .. ':running', ARGV[4]) end
+return 1
+"""
+
+
+def result_key(request_id: str) -> str:
+    return f"genq:r:{request_id}"
+
+
+def job_key(job_id: str) -> str:
+    return f"genq:job:{job_id}"
+
+
+def empty_result(request_id: str, status: str, request: dict[str, Any] | None = None,
+                 job_id: str | None = None) -> dict[str, Any]:
+    """A result record with every contract field, for a request not finished yet."""
+    request = request or {}
+    custom_id = request.get("custom_id")
+    metadata = request.get("metadata")
+    adapter = request.get("adapter")
+    return {
+        "id": request_id, "status": status,
+        "custom_id": custom_id if isinstance(custom_id, str) else None,
+        "text": None, "finish_reason": None, "usage": None, "timings": None, "batch": None,
+        "worker": None, "model": None, "adapter": adapter if isinstance(adapter, str) else None,
+        "metadata": metadata if isinstance(metadata, dict) else None, "error": None,
+        "job_id": job_id,
+    }
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class ResultStore:
+    """Reads and writes results, jobs and flags; safe to share between threads."""
+
+    def __init__(self, url: str, ttl_s: int):
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10,
+                                          retry_on_timeout=True)
+        self.ttl = ttl_s
+        self._finish = self.redis.register_script(FINISH)
+        self._start = self.redis.register_script(START)
+
+    # -- producers --------------------------------------------------------------------
+
+    def record_queued(self, items: Iterable[tuple[str, dict[str, Any]]],
+                      job_id: str | None = None, pipe=None) -> None:
+        """Write a ``queued`` record per (id, request), in one round trip."""
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        for request_id, request in items:
+            record = empty_result(request_id, "queued", request, job_id)
+            pipe.set(result_key(request_id), _dumps(record), ex=self.ttl)
+        if own:
+            pipe.execute()
+
+    def create_job(self, job_id: str, ids: list[str], pipe) -> None:
+        """Add the job's counters and its ids in submission order to ``pipe``."""
+        key = job_key(job_id)
+        pipe.hset(key, mapping={"total": len(ids), "created": time.time(), "succeeded": 0,
+                                "failed": 0, "cancelled": 0, "expired": 0})
+        for start in range(0, len(ids), 10_000):
+            pipe.rpush(f"{key}:ids", *ids[start:start + 10_000])
+        for suffix in ("", ":ids"):
+            pipe.expire(key + suffix, self.ttl)
+
+    # -- workers ----------------------------------------------------------------------
+
+    def start(self, records: list[dict[str, Any]]) -> list[bool]:
+        """Mark requests running; False for any already final (a redelivered duplicate)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rec in records:
+            self._start(keys=[result_key(rec["id"])],
+                        args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"]],
+                        client=pipe)
+        flags = [bool(x) for x in pipe.execute()]
+        for rec in records:
+            if rec.get("job_id"):
+                self.redis.expire(f"{job_key(rec['job_id'])}:running", self.ttl)
+                break
+        return flags
+
+    def finish(self, results: list[dict[str, Any]]) -> list[bool]:
+        """Store final results (first final state wins); True where this call stored it."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = datetime.now(UTC).isoformat()
+        for res in results:
+            status = res["status"]
+            if status == "failed":
+                err = res.get("error") or {}
+                payload: Any = {"exc_type": "RuntimeError", "exc_module": "builtins",
+                                "exc_message": [f"{err.get('code')}: {err.get('message')}"]}
+            elif status in ("cancelled", "expired"):
+                payload = {"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions",
+                           "exc_message": [status]}
+            else:
+                payload = res
+            meta = {"status": CELERY_STATE[status], "result": payload, "traceback": None,
+                    "children": [], "date_done": now, "task_id": res["id"]}
+            self._finish(keys=[result_key(res["id"]), f"celery-task-meta-{res['id']}"],
+                         args=[_dumps(res), status, self.ttl, res.get("job_id") or "",
+                               res["id"], _dumps(meta)], client=pipe)
+        stored = [bool(x) for x in pipe.execute()]
+        job_ids = {r["job_id"] for r in results if r.get("job_id")}
+        if job_ids:
+            pipe = self.redis.pipeline(transaction=False)
+            for jid in job_ids:
+                pipe.expire(f"{job_key(jid)}:done", self.ttl)
+            pipe.execute()
+        return stored
+
+    def cancelled(self, ids: list[str]) -> list[bool]:
+        """Which of these requests have a cancel flag."""
+        if not ids:
+            return []
+        return [v is not None for v in self.redis.mget([f"genq:cancel:{i}" for i in ids])]
+
+    # -- clients ----------------------------------------------------------------------
+
+    def get(self, request_id: str) -> dict[str, Any]:
+        """The result record; ``NotFound`` if unknown or expired."""
+        raw = self.redis.get(result_key(request_id))
+        if raw is None:
+            raise NotFound(f"no request {request_id!r} (unknown or expired)")
+        return json.loads(raw)
+
+    def get_many(self, ids: list[str]) -> list[dict[str, Any] | None]:
+        """Result records for ``ids`` in one round trip (None where unknown)."""
+        if not ids:
+            return []
+        return [json.loads(r) if r else None for r in self.redis.mget(map(result_key, ids))]
+
+    def cancel(self, ids: list[str]) -> list[bool]:
+        """Flag requests as cancelled; queued ones end ``cancelled`` at once.
+
+        True for each request that was queued or running (so the cancel took effect).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.set(f"genq:cancel:{i}", 1, ex=self.ttl)
+        pipe.execute()
+        records = self.get_many(ids)
+        to_finish = []
+        for rec in records:
+            if rec and rec["status"] == "queued":
+                to_finish.append({**rec, "status": "cancelled", "finish_reason": "cancelled",
+                                  "text": ""})
+        self.finish(to_finish)
+        return [bool(rec and rec["status"] in ("queued", "running")) for rec in records]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Job status and counts in one round trip; ``NotFound`` if unknown."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(job_key(job_id))
+        pipe.scard(f"{job_key(job_id)}:running")
+        fields, running = pipe.execute()
+        if not fields:
+            raise NotFound(f"no job {job_id!r} (unknown or expired)")
+        counts = {k: int(fields.get(k, 0)) for k in JOB_COUNTS if k not in ("queued", "running")}
+        finished = sum(counts[k] for k in FINAL)
+        counts["running"] = min(running, counts["total"] - finished)
+        counts["queued"] = counts["total"] - finished - counts["running"]
+        status = "completed" if finished == counts["total"] else (
+            "running" if finished or counts["running"] else "queued")
+        if status == "completed" and counts["cancelled"] and not counts["succeeded"]:
+            status = "cancelled"
+        return {"id": job_id, "status": status, "counts": {k: counts[k] for k in JOB_COUNTS},
+                "created": float(fields.get("created", 0))}
+
+    def job_ids(self, job_id: str, chunk: int = 1000) -> Iterator[list[str]]:
+        """The job's request ids in submission order, ``chunk`` at a time."""
+        key = f"{job_key(job_id)}:ids"
+        if not self.redis.exists(job_key(job_id)):
+            raise NotFound(f"no job {job_id!r} (unknown or expired)")
+        start = 0
+        while True:
+            ids = self.redis.lrange(key, start, start + chunk - 1)
+            if not ids:
+                return
+            yield ids
+            start += len(ids)
+
+    # -- workers' heartbeats ----------------------------------------------------------
+
+    def heartbeat(self, name: str, info: dict[str, Any], ttl_s: int = 15) -> None:
+        """Say that worker ``name`` is alive (read by ``/readyz``)."""
+        self.redis.set(f"genq:worker:{name}", _dumps({**info, "at": time.time()}), ex=ttl_s)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Heartbeats of the workers alive now."""
+        keys = list(self.redis.scan_iter("genq:worker:*", count=100))
+        return [json.loads(v) for v in self.redis.mget(keys) if v] if keys else []

@@ -1,0 +1,95 @@
+"""``genq worker``: a real Celery worker whose bootstep runs the batching consumer.
+
+The Celery worker keeps what operators expect (``celery inspect ping``, heartbeats, remote
+control, events; solo pool, consuming only ``genq.control``); the ``GenerationStep`` loads the
+engine and runs ``BatchingConsumer`` in a thread, stopping it gracefully on warm shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import structlog
+from celery import bootsteps
+
+from worker.ops.logging import configure_logging
+from worker.ops.settings import get_settings
+
+log = structlog.get_logger(__name__)
+
+
+def pin_device(gpu: str | None) -> str:
+    """Set ``CUDA_VISIBLE_DEVICES`` before torch loads; return the worker's name prefix."""
+    if gpu is None or gpu == "none":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    if not gpu.isdigit():
+        raise ValueError(f"--gpu takes a GPU index or 'none', not {gpu!r}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return f"gpu{gpu}"
+
+
+class GenerationStep(bootsteps.StartStopStep):
+    """Worker bootstep: load the engine, then run the batching consumer in a thread."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.consumer = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker) -> None:
+        from worker.engine import load_engine
+        from worker.ops.metrics import WorkerMetrics
+        from worker.queue.consumer import BatchingConsumer
+
+        settings = get_settings()
+        engine = load_engine(
+            settings.model, backend=settings.backend, dtype=settings.dtype,
+            adapters=settings.adapters, worker_name=worker.hostname,
+            **settings.model_dump(include={"max_batch_size", "max_batch_tokens",
+                                           "max_prompt_tokens", "max_new_tokens_limit",
+                                           "cache_dir", "load_in_4bit"}),
+        )
+        metrics = WorkerMetrics.start(settings.metrics_port, worker.hostname)
+        self.consumer = BatchingConsumer(engine, settings, worker.hostname, metrics=metrics)
+        self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-batcher")
+        self.thread.start()
+        log.info("worker_ready", worker=worker.hostname, backend=engine.backend,
+                 model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token)
+
+    def _run(self, worker) -> None:
+        try:
+            self.consumer.run()
+        except BaseException:
+            log.exception("batcher_crashed", worker=worker.hostname)
+            os._exit(1)  # unacked requests are redelivered to the next worker
+
+    def stop(self, worker) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def run_worker(gpu: str | None = None, name: str | None = None, threads: int | None = None) -> int:
+    """Start one worker in the foreground (CUDA pinned first); return its exit code."""
+    prefix = pin_device(gpu)
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from worker.queue.app import CONTROL_QUEUE, make_app
+
+    app = make_app(settings)
+    app.steps["worker"].add(GenerationStep)
+    hostname = name or f"{prefix}@{socket.gethostname()}"
+    worker = app.Worker(hostname=hostname, pool="solo", concurrency=1, queues=[CONTROL_QUEUE],
+                        loglevel=settings.log_level, without_mingle=True, without_gossip=True)
+    worker.start()
+    return worker.exitcode or 0

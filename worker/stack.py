@@ -1,0 +1,129 @@
+"""The one-machine stack behind ``genq run`` and ``genq up``: an embedded Redis (when no
+broker answers) and worker processes, started and stopped in order.
+
+The embedded Redis is a ``redis-server`` from PATH with append-only persistence in a data
+directory (reused across runs, so queued requests survive), bound to 127.0.0.1 with a
+generated password kept in that directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def data_dir() -> Path:
+    """Where the embedded Redis keeps its data (``GENQ_DATA_DIR`` or ~/.local/share)."""
+    base = os.environ.get("GENQ_DATA_DIR") or Path(
+        os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "genqueue"
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broker_answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Redis answers PING at ``url``."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                         socket_timeout=timeout).ping())
+    except redis.RedisError:
+        return False
+
+
+class EmbeddedRedis:
+    """A private ``redis-server`` with append-only persistence and a password."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        secret = self.dir / "password"
+        if not secret.exists():
+            secret.write_text(secrets.token_urlsafe(24))
+            secret.chmod(0o600)
+        self.password = secret.read_text().strip()
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start it and wait until it answers."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+             "--requirepass", self.password, "--maxmemory-policy", "noeviction",
+             "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not broker_answers(self.url, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
+            time.sleep(0.05)
+        log.info("embedded_redis_started", port=self.port, dir=str(self.dir))
+        return self
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM: Redis flushes its append-only file first)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def spawn_worker(env: dict[str, str], gpu: str = "none", name: str | None = None,
+                 log_file: Path | None = None) -> subprocess.Popen:
+    """Start ``genq worker`` as a child process with ``env`` (the GENQ_ settings)."""
+    cmd = [sys.executable, "-m", "worker.cli", "worker", "--gpu", gpu]
+    if name:
+        cmd += ["--name", name]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=out)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (Celery's warm shutdown: the batch in flight finishes), then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def count_gpus() -> int:
+    """GPUs visible to ``nvidia-smi -L`` (CUDA is never initialised here)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
