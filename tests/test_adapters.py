@@ -34,7 +34,7 @@ def adapter_engine(cache_dir, tmp_path_factory):
 def test_adapter_changes_output_and_batched_equals_alone(adapter_engine):
     base_reqs = example_requests(6, max_new_tokens=16)
     lora_reqs = [{**r, "adapter": "a"} for r in base_reqs]
-    mixed = adapter_engine.generate([x for pair in zip(base_reqs, lora_reqs) for x in pair])
+    mixed = adapter_engine.generate([x for pair in zip(base_reqs, lora_reqs, strict=True) for x in pair])
     base_out, lora_out = mixed[0::2], mixed[1::2]
     assert all(r["adapter"] == "a" for r in lora_out)
     assert all(r["batch"]["size"] == 6 for r in mixed), "adapters must not share a batch"

@@ -13,12 +13,25 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(help="genqueue: batched LLM generation on a Celery/Redis queue.",
                   no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _setup() -> None:
+    from worker.ops.logging import configure_logging
+
+    configure_logging(os.environ.get("GENQ_LOG_LEVEL", "WARNING"))
 console = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -76,7 +89,10 @@ def submit(text: str,
             _show({"id": rid, "status": "queued"}, as_json)
             return
         result = client.wait(rid)
-    _show(result, as_json) if as_json else typer.echo(result.get("text") or json.dumps(result))
+    if as_json:
+        _show(result, True)
+    else:
+        typer.echo(result["text"] if result["status"] == "succeeded" else json.dumps(result))
 
 
 @app.command()
@@ -122,11 +138,9 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
     """Run a JSONL file through the engine in this process (no queue)."""
     from worker.batchfile import read_lines
     from worker.engine import load_engine
-    from worker.ops.logging import configure_logging
     from worker.ops.settings import Settings
 
     settings = Settings()
-    configure_logging("WARNING")
     lines = list(read_lines(input_path.open(encoding="utf-8", errors="surrogateescape")))
     for bad in (ln for ln in lines if ln.error):
         console.print(f"[red]line {bad.number}[/red]: {bad.error}")
@@ -144,8 +158,9 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
 
 
 @app.command()
-def run(input_path: Annotated[Path, typer.Argument(help="JSONL: request objects or OpenAI Batch lines.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Results JSONL.")] = Path("results.jsonl"),
+def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or OpenAI Batch lines.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Results JSONL.")] = Path(
+            "results.jsonl"),
         resume: Annotated[bool, typer.Option(help="Keep finished lines of an earlier OUTPUT.")] = False,
         timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
         ) -> None:
@@ -214,7 +229,7 @@ def _stack_for_run():
     configured = os.environ.get("GENQ_BROKER_URL")
     if configured:
         if not broker_answers(configured):
-            console.print(f"[red]GENQ_BROKER_URL does not answer[/red]")
+            console.print("[red]GENQ_BROKER_URL does not answer[/red]")
             raise typer.Exit(2)
         yield
         return

@@ -14,7 +14,6 @@ though a batch may run for longer than that timeout.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from typing import Any
@@ -108,7 +107,7 @@ class BatchingConsumer:
     def _drain(conn: Connection, timeout: float) -> bool:
         try:
             conn.drain_events(timeout=timeout)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         return True
 
@@ -141,7 +140,7 @@ class BatchingConsumer:
     def _run_batch(self, batch: list[Pending]) -> None:
         now = time.time()
         ids = [p.envelope.id for p in batch]
-        cancelled = self.store.cancelled(ids)
+        cancelled = self._is_cancelled(ids)
         runnable: list[Pending] = []
         closing: list[dict[str, Any]] = []
         for pending, flag in zip(batch, cancelled, strict=True):
