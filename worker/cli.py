@@ -74,6 +74,25 @@ def worker(gpu: Annotated[str, typer.Option(help="GPU index to pin, or 'none' fo
 
 
 @app.command()
+def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
+    """Run the HTTP gateway alone."""
+    from worker.api import serve
+
+    serve(host, port)
+
+
+@app.command()
+def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list like 0,1.")] = "all",
+       port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+       host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1") -> None:
+    """Run the whole stack here: Redis (embedded if none answers), workers, gateway."""
+    from worker.stack import run_stack
+
+    raise typer.Exit(run_stack(gpus, host, port, console))
+
+
+@app.command()
 def submit(text: str,
            system: Annotated[str | None, typer.Option(help="System message.")] = None,
            max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,

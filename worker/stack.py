@@ -127,3 +127,73 @@ def count_gpus() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def select_gpus(gpus: str) -> list[str]:
+    """``all`` -> every visible GPU (none: the CPU), ``none`` -> CPU, ``0,1`` -> those."""
+    if gpus == "none":
+        return ["none"]
+    if gpus == "all":
+        return [str(i) for i in range(count_gpus())] or ["none"]
+    chosen = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not chosen or not all(g.isdigit() for g in chosen):
+        raise ValueError(f"--gpus takes all, none or indices like 0,1; not {gpus!r}")
+    return chosen
+
+
+def run_stack(gpus: str, host: str, port: int, console) -> int:
+    """``genq up``: broker, one worker per GPU (restarted if it dies), gateway; Ctrl-C stops
+    the workers gracefully, then the gateway, then the embedded Redis."""
+    import threading
+
+    import uvicorn
+
+    from worker.ops.settings import get_settings
+
+    devices = select_gpus(gpus)
+    configured = os.environ.get("GENQ_BROKER_URL")
+    server = None
+    if configured and broker_answers(configured):
+        console.print(f"broker: {configured.split('@')[-1]} (GENQ_BROKER_URL)")
+    else:
+        server = EmbeddedRedis(data_dir() / "redis").start()
+        os.environ["GENQ_BROKER_URL"] = server.url
+        get_settings.cache_clear()
+        console.print(f"broker: embedded Redis on 127.0.0.1:{server.port}, data in {server.dir}")
+    env = {"GENQ_BROKER_URL": os.environ["GENQ_BROKER_URL"]}
+    logs = data_dir() / "logs"
+    logs.mkdir(exist_ok=True)
+    workers: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+
+    def start(dev: str) -> None:
+        name = f"{'cpu' if dev == 'none' else 'gpu' + dev}@{socket.gethostname()}"
+        workers[dev] = spawn_worker(env, gpu=dev, name=name, log_file=logs / f"{name}.log")
+        console.print(f"worker {name}: pid {workers[dev].pid}, log {logs / (name + '.log')}")
+
+    def supervise() -> None:
+        while not stopping.wait(2.0):
+            for dev, proc in list(workers.items()):
+                if proc.poll() is not None and not stopping.is_set():
+                    console.print(f"[yellow]worker on {dev} exited ({proc.returncode}); restarting")
+                    start(dev)
+
+    for dev in devices:
+        start(dev)
+    threading.Thread(target=supervise, name="genq-supervisor", daemon=True).start()
+    console.print(f"gateway: http://{host}:{port} (Ctrl-C stops everything)")
+    from worker.api import create_app
+
+    try:
+        uvicorn.run(create_app(), host=host, port=port, log_config=None)
+    finally:
+        stopping.set()
+        for proc in workers.values():  # all warm shutdowns at once, then wait for each
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in workers.values():
+            stop_process(proc)
+        if server is not None:
+            server.stop()
+        console.print("stopped")
+    return 0

@@ -1,0 +1,156 @@
+"""The HTTP gateway under uvicorn on a free port, against a real Redis and a real worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+import uvicorn
+
+from worker.ops.settings import Settings
+from worker.stack import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gateway(redis_url):
+    """Start the gateway for given settings; yields a factory returning an httpx client."""
+    servers = []
+
+    def start(**overrides) -> httpx.Client:
+        from worker.api import create_app
+
+        app = create_app(Settings(broker_url=redis_url, **overrides))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(5)
+
+
+def poll(http: httpx.Client, path: str, **kw) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        body = http.get(path, **kw).json()
+        if body["status"] in ("succeeded", "failed", "cancelled", "expired", "completed"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def test_generation_lifecycle_and_errors(gateway, start_worker):
+    http = gateway()
+    assert http.get("/readyz").status_code == 503  # no worker yet
+    start_worker()
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"][0]["name"] == "w1@test"
+    r = http.post("/v1/generations", json={"prompt": "Hello", "max_new_tokens": 8,
+                                           "custom_id": "c1", "metadata": {"k": [1, 2]}})
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    result = poll(http, f"/v1/generations/{r.json()['id']}")
+    assert result["status"] == "succeeded" and result["custom_id"] == "c1"
+    assert result["metadata"] == {"k": [1, 2]} and result["usage"]["completion_tokens"] >= 1
+    assert http.delete(f"/v1/generations/{r.json()['id']}").json()["cancelled"] is False
+
+    bad = http.post("/v1/generations", json={"prompt": "x", "temperature": -1, "oops": 1})
+    assert bad.status_code == 422
+    locs = {tuple(e["loc"]) for e in bad.json()["detail"]}
+    assert ("body", "temperature") in locs and ("body", "oops") in locs
+    assert http.get("/v1/generations/nope").status_code == 404
+    assert http.delete("/v1/generations/nope").status_code == 404
+    assert http.get("/v1/batches/nope").status_code == 404
+    big = http.post("/v1/generations", content=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+                    headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    metrics = http.get("/metrics").text
+    assert 'genq_queue_depth{queue="genq.interactive"}' in metrics
+    assert "genq_workers_alive 1.0" in metrics
+
+
+def test_openai_batch_upload_streams_results_in_order(gateway, start_worker):
+    http = gateway()
+    start_worker()
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"messages": [{"role": "user", "content": f"Count to {i}"}],
+                                  "max_tokens": 6}}) for i in range(12)]
+    lines.insert(5, json.dumps({"prompt": "plain request line", "max_new_tokens": 4,
+                                "custom_id": "plain"}))
+    r = http.post("/v1/batches", content="\n".join(lines).encode(),
+                  headers={"content-type": "application/jsonl"})
+    assert r.status_code == 202, r.text
+    batch = r.json()
+    assert batch["counts"]["total"] == 13
+    done = poll(http, f"/v1/batches/{batch['id']}")
+    assert done["counts"]["succeeded"] == 13
+    out = [json.loads(x) for x in http.get(f"/v1/batches/{batch['id']}/results").text.splitlines()]
+    assert [o["custom_id"] for o in out] == [json.loads(x)["custom_id"] for x in lines]
+    bad = http.post("/v1/batches", content=b'{"prompt": "ok"}\nnot json\n{"prompt": ""}',
+                    headers={"content-type": "application/jsonl"})
+    assert bad.status_code == 422
+    assert "line 2" in bad.json()["detail"] and "line 3" in bad.json()["detail"]
+    as_list = http.post("/v1/batches", json=[{"prompt": "a"}, {"prompt": "b"}])
+    assert as_list.status_code == 202 and as_list.json()["counts"]["total"] == 2
+    assert http.delete(f"/v1/batches/{as_list.json()['id']}").status_code == 200
+
+
+def test_api_keys(gateway):
+    http = gateway(api_keys="k1,k2")
+    body = {"prompt": "hi", "max_new_tokens": 2}
+    assert http.post("/v1/generations", json=body).status_code == 401
+    assert http.post("/v1/generations", json=body,
+                     headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = http.post("/v1/generations", json=body, headers={"Authorization": "Bearer k2"})
+    assert ok.status_code == 202
+    assert http.get(f"/v1/generations/{ok.json()['id']}").status_code == 401
+    assert http.get(f"/v1/generations/{ok.json()['id']}",
+                    headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert http.get("/healthz").status_code == 200
+    assert "k1" not in http.get("/openapi.json").text
+
+
+def test_queue_full_is_429_with_retry_after(gateway):
+    http = gateway(max_pending=3)
+    for _ in range(3):
+        assert http.post("/v1/generations", json={"prompt": "x"}).status_code == 202
+    full = http.post("/v1/generations", json={"prompt": "x"})
+    assert full.status_code == 429 and int(full.headers["Retry-After"]) > 0
+    assert http.post("/v1/batches", json=[{"prompt": "x"}]).status_code == 429
+
+
+def test_openapi_fuzzing_finds_no_server_error(redis_url):
+    from worker.api import create_app
+
+    app = create_app(Settings(broker_url=redis_url, max_pending=10_000))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    tried: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(max_examples=25, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        def check(case):
+            response = case.call()
+            tried.append(operation.label)
+            not_ready = operation.label == "GET /readyz" and response.status_code == 503
+            assert response.status_code < 500 or not_ready, (operation.label, response.text[:300])
+
+        check()
+    assert len(set(tried)) >= 10 and len(tried) >= 100
+    print(f"schemathesis: {len(tried)} generated requests over {len(set(tried))} operations")

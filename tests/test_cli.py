@@ -1,0 +1,71 @@
+"""The CLI as a user runs it: `genq run` brings up its own stack, `--resume`, bad lines,
+`genq config`, and the client importing no model library."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, ROOT, example_requests
+
+
+def genq(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+def test_client_imports_no_model_library():
+    code = ("import sys, worker.client, worker.api; "
+            "bad = [m for m in ('torch', 'transformers', 'unsloth', 'peft') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_config_masks_secrets():
+    out = genq("config", "--json", env={"GENQ_BROKER_URL": "rediss://user:s3cret@redis.example:6380/1",
+                                        "GENQ_API_KEYS": "key-one,key-two"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert "s3cret" not in out.stdout and "key-one" not in out.stdout
+    assert shown["broker_url"] == "rediss://user:***@redis.example:6380/1"
+    assert shown["result_url"] == shown["broker_url"] and shown["api_keys"] == ["***", "***"]
+
+
+@pytest.mark.slow
+def test_genq_run_embedded_stack_equals_the_engine(tmp_path, demo_engine, cache_dir):
+    """The README's main job: no broker configured, OpenAI Batch input, default backend."""
+    subset = tmp_path / "in.jsonl"
+    lines = []
+    for raw in EXAMPLES.read_text().splitlines()[:24]:
+        line = json.loads(raw)
+        line["body"]["max_tokens"] = 16
+        lines.append(json.dumps(line))
+    bad_line = '{"custom_id": "bad", "body": {"messages": []}, "url": "/v1/chat/completions"}'
+    subset.write_text("\n".join(lines[:10] + [bad_line, "{oops"] + lines[10:]) + "\n")
+    out_path = tmp_path / "out.jsonl"
+    env = {"GENQ_DATA_DIR": str(tmp_path / "data"), "GENQ_CACHE_DIR": str(cache_dir)}
+    env_without_broker = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(subset), "-o", str(out_path)],
+                         capture_output=True, text=True, env={**env_without_broker, **env},
+                         timeout=900, cwd=ROOT)
+    assert run.returncode == 1, run.stderr[-3000:]  # two bad lines -> non-zero, good ones ran
+    errors = [json.loads(x) for x in Path(f"{out_path}.errors").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [11, 12]
+    results = [json.loads(x) for x in out_path.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == [f"req-{i:03d}" for i in range(1, 25)]
+    assert all(r["status"] == "succeeded" for r in results)
+    requests = example_requests(24, max_new_tokens=16)
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
+    assert "embedded Redis" in run.stderr
+
+    again = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(subset), "-o", str(out_path),
+                            "--resume"], capture_output=True, text=True,
+                           env={**env_without_broker, **env}, timeout=300, cwd=ROOT)
+    assert "24 kept from before" in again.stderr and "embedded Redis" not in again.stderr
+    assert [json.loads(x) for x in out_path.read_text().splitlines()] == results

@@ -1,0 +1,285 @@
+"""The HTTP gateway (FastAPI; ``genq api``): a thin shell over ``GenerationClient``.
+
+Routes are the contract's. Bad input gets 422 with field-level messages, a full queue 429
+with ``Retry-After``, unknown ids 404. With ``GENQ_API_KEYS`` set, every route but the health
+and metrics routes needs ``Authorization: Bearer <key>`` (constant-time comparison).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel
+
+from worker.batchfile import to_request
+from worker.client import GenerationClient
+from worker.errors import GenqError, InvalidRequest, NotFound, QueueFull
+from worker.ops.settings import Settings, get_settings
+from worker.queue.app import REQUEST_QUEUES
+from worker.schema import GenerationRequest
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one batch upload, streamed to a spool file
+MAX_UPLOAD_LINES = 200_000
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+class Accepted(BaseModel):
+    id: str
+    status: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Result(BaseModel):
+    """A result exactly as the contract states it."""
+
+    id: str
+    status: str
+    custom_id: str | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: dict[str, float | None] | None = None
+    batch: dict[str, float] | None = None
+    worker: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    metadata: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+
+class Cancelled(BaseModel):
+    id: str
+    cancelled: bool
+
+
+class Counts(BaseModel):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    expired: int
+
+
+class Batch(BaseModel):
+    id: str
+    status: str
+    counts: Counts
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway app for these settings (tests build one per Redis)."""
+    settings = settings or get_settings()
+    client = GenerationClient(settings=settings)
+    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    registry = CollectorRegistry()
+    http_requests = Counter("genq_http_requests", "HTTP requests by route and status",
+                            ["route", "status"], registry=registry)
+    depth = Gauge("genq_queue_depth", "Requests waiting per queue", ["queue"], registry=registry)
+    workers_up = Gauge("genq_workers_alive", "Workers with a fresh heartbeat", registry=registry)
+
+    app = FastAPI(title="genqueue", version="0.1.0",
+                  description="Batched LLM generation on a Celery/Redis queue.")
+    app.state.client = client
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        path = request.url.path
+        length = request.headers.get("content-length")
+        limit = MAX_UPLOAD_BYTES if path == "/v1/batches" else MAX_BODY_BYTES
+        if length and length.isdigit() and int(length) > limit:
+            return JSONResponse({"detail": f"body larger than {limit} bytes"}, status_code=413)
+        if keys and path not in OPEN_PATHS and not path.startswith(("/docs", "/openapi")):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            given = token.strip().encode()
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
+                return JSONResponse({"detail": "missing or invalid API key"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_requests.labels(route=getattr(route, "path", "unmatched"),
+                             status=response.status_code).inc()
+        return response
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_: Request, exc: InvalidRequest):
+        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def full(_: Request, exc: QueueFull):
+        return JSONResponse({"detail": exc.message, "code": "queue_full"}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound):
+        return JSONResponse({"detail": exc.message}, status_code=404)
+
+    @app.exception_handler(GenqError)
+    async def other(_: Request, exc: GenqError):
+        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=400)
+
+    @app.post("/v1/generations", status_code=202, response_model=Accepted)
+    def create_generation(body: GenerationRequest) -> Accepted:
+        """Queue one generation request."""
+        rid = client.submit(**body.model_dump(exclude_none=True))
+        return Accepted(id=rid, status="queued")
+
+    @app.get("/v1/generations/{request_id}", response_model=Result)
+    def get_generation(request_id: str) -> dict:
+        """The result as it stands (queued, running or final)."""
+        return client.get(request_id)
+
+    @app.delete("/v1/generations/{request_id}", response_model=Cancelled)
+    def cancel_generation(request_id: str) -> Cancelled:
+        """Cancel a queued or running request."""
+        return Cancelled(id=request_id, cancelled=client.cancel(request_id))
+
+    @app.post("/v1/batches", status_code=202, response_model=Batch,
+              openapi_extra={"requestBody": {"content": {
+                  "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                  "application/jsonl": {"schema": {"type": "string"}}}, "required": True}})
+    async def create_batch(request: Request) -> dict:
+        """Queue a bulk job: a JSON list, or JSONL (request objects or OpenAI Batch lines)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_UPLOAD_BYTES:
+                raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
+            spool.write(chunk)
+        spool.seek(0)
+        requests = await run_in_threadpool(_parse_batch, spool, request.headers.get("content-type", ""))
+        job_id = await run_in_threadpool(client.submit_many, requests)
+        return await run_in_threadpool(client.job, job_id)
+
+    @app.get("/v1/batches/{job_id}", response_model=Batch)
+    def get_batch(job_id: str) -> dict:
+        """A bulk job's status and counts."""
+        return client.job(job_id)
+
+    @app.get("/v1/batches/{job_id}/results", response_class=StreamingResponse,
+             responses={200: {"content": {"application/jsonl": {}}}})
+    def batch_results(job_id: str) -> StreamingResponse:
+        """Every result of the job as JSONL, in submission order."""
+        client.job(job_id)  # 404 before streaming starts
+
+        def lines() -> Iterator[bytes]:
+            for res in client.job_results(job_id):
+                yield (json.dumps(res, ensure_ascii=False) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/jsonl")
+
+    @app.delete("/v1/batches/{job_id}", response_model=Batch)
+    def cancel_batch(job_id: str) -> dict:
+        """Cancel every unfinished request of the job."""
+        client.cancel_job(job_id)
+        return client.job(job_id)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """The gateway process answers."""
+        return {"ok": True}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict:
+        """Ready when the broker answers and at least one worker heartbeat is fresh."""
+        try:
+            broker = bool(client.broker.ping())
+            workers = client.store.workers()
+        except Exception as exc:  # redis down: not ready, say why
+            response.status_code = 503
+            return {"ready": False, "broker": False, "workers": [], "error": str(exc)[:200]}
+        ready = broker and bool(workers)
+        response.status_code = 200 if ready else 503
+        return {"ready": ready, "broker": broker, "workers": workers}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus metrics of the gateway, with queue depth and live workers."""
+        try:
+            pipe = client.broker.pipeline(transaction=False)
+            for q in REQUEST_QUEUES:
+                pipe.llen(q)
+            for q, n in zip(REQUEST_QUEUES, pipe.execute(), strict=True):
+                depth.labels(queue=q).set(n)
+            workers_up.set(len(client.store.workers()))
+        except Exception:  # scrape still answers while Redis is down
+            workers_up.set(0)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": jsonable_errors(exc)}, status_code=422)
+
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Field-level validation errors without the offending input (it may be huge)."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()]
+
+
+def _parse_batch(spool, content_type: str) -> list[dict[str, Any]]:
+    """Validate every line (or list item); ``InvalidRequest`` lists the bad ones."""
+    requests: list[dict[str, Any]] = []
+    errors: list[str] = []
+    if "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type:
+        try:
+            items = json.load(spool)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"body is not JSON: {exc}") from None
+        if not isinstance(items, list):
+            raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
+        numbered = enumerate(items, start=1)
+    else:
+        numbered = _jsonl(spool)
+    for number, item in numbered:
+        if len(requests) + len(errors) >= MAX_UPLOAD_LINES:
+            raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
+        if isinstance(item, Exception):
+            errors.append(f"line {number}: {item}")
+            continue
+        try:
+            requests.append(to_request(item))
+        except InvalidRequest as exc:
+            errors.append(f"line {number}: {exc.message}")
+    if errors:
+        more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
+        raise InvalidRequest("; ".join(errors[:20]) + more)
+    if not requests:
+        raise InvalidRequest("the batch is empty")
+    return requests
+
+
+def _jsonl(spool) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(spool, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            yield number, ValueError(f"not JSON ({exc.__class__.__name__})")
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the gateway under uvicorn."""
+    import uvicorn
+
+    uvicorn.run(create_app(), host=host, port=port, log_config=None)
