@@ -204,3 +204,30 @@ def test_example_prompts_through_the_service_equal_the_engine(client, start_work
     results = list(client.job_results(job))
     assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
     assert all(r["batch"]["size"] > 1 for r in results)
+
+
+def test_worker_metrics_match_what_was_done(client, start_worker):
+    import urllib.request
+
+    from worker.stack import free_port
+
+    port = free_port()
+    start_worker(GENQ_METRICS_PORT=str(port))
+    job = client.submit_many([chat(i) for i in range(20)])
+    bad = client.submit(prompt="word " * 9000, max_new_tokens=4)
+    client.wait_job(job, timeout=300)
+    assert client.wait(bad, timeout=60)["status"] == "failed"
+    results = list(client.job_results(job))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def value(name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(name + " ") or x.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('genq_requests_total{status="succeeded",worker="w1@test"}') == 20
+    assert value('genq_requests_total{status="failed",worker="w1@test"}') == 1
+    assert value("genq_generated_tokens_total") == sum(r["usage"]["completion_tokens"] for r in results)
+    batches = {(r["batch"]["size"], r["timings"]["generate_ms"]) for r in results}
+    assert value("genq_batch_size_count") == len(batches)
+    assert value("genq_batch_size_sum") == 20
+    assert value("genq_worker_up") == 1

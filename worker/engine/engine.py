@@ -65,6 +65,7 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens
         self.eos_ids = eos_ids(tokenizer, model.config) | _generation_eos(model)
         self.device = next(model.parameters()).device
+        self.padding_side = "left"  # set on every batch: Unsloth's for_training flips it
 
     # -- public API -------------------------------------------------------------------
 
@@ -172,9 +173,9 @@ class Engine:
         ids = [p.id for _, p in items]
         adapter = requests[0].adapter
         t0 = time.perf_counter()
-        self.tokenizer.padding_side = "left"  # Unsloth's for_training/generate flip it
+        self.tokenizer.padding_side = self.padding_side
         enc = self.tokenizer.pad({"input_ids": [p.prompt_ids for _, p in items]},
-                                 padding=True, padding_side="left", return_tensors="pt")
+                                 padding=True, padding_side=self.padding_side, return_tensors="pt")
         input_ids = enc["input_ids"].to(self.device)
         attention_mask = enc["attention_mask"].to(self.device)
         prompt_len = input_ids.shape[1]

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: str = "INFO"
+    self_check: Literal["strict", "warn", "off"] = "strict"
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -36,11 +36,13 @@ log = structlog.get_logger(__name__)
 class BatchingConsumer:
     """Pulls requests from the genqueue queues and runs them on ``engine`` in batches."""
 
-    def __init__(self, engine, settings: Settings, name: str, metrics=None):
+    def __init__(self, engine, settings: Settings, name: str, metrics=None,
+                 self_check: dict | None = None):
         self.engine = engine
         self.settings = settings
         self.name = name
         self.metrics = metrics
+        self.self_check = self_check
         self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
         self.pool = Pool()
         self.pool_size = settings.pool_size or max(64, 2 * settings.max_batch_size)
@@ -241,7 +243,8 @@ class BatchingConsumer:
                 self.store.heartbeat(self.name, {
                     "name": self.name, "pid": os.getpid(), "model": self.engine.model_name,
                     "backend": self.engine.backend, "batches": self.batches,
-                    "busy": bool(self.running), "held": len(held)})
+                    "busy": bool(self.running), "held": len(held),
+                    "self_check": self.self_check})
             except redis.RedisError as exc:
                 log.warning("keep_alive_failed", worker=self.name, error=str(exc))
             if self._stop.wait(every):

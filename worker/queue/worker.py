@@ -43,6 +43,7 @@ class GenerationStep(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         from worker.engine import load_engine
+        from worker.engine.selfcheck import enforce
         from worker.ops.metrics import WorkerMetrics
         from worker.queue.consumer import BatchingConsumer
 
@@ -54,12 +55,15 @@ class GenerationStep(bootsteps.StartStopStep):
                                            "max_prompt_tokens", "max_new_tokens_limit",
                                            "cache_dir", "load_in_4bit"}),
         )
+        check = enforce(engine, settings.self_check, log)
         metrics = WorkerMetrics.start(settings.metrics_port, worker.hostname)
-        self.consumer = BatchingConsumer(engine, settings, worker.hostname, metrics=metrics)
+        self.consumer = BatchingConsumer(engine, settings, worker.hostname, metrics=metrics,
+                                         self_check=check)
         self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-batcher")
         self.thread.start()
         log.info("worker_ready", worker=worker.hostname, backend=engine.backend,
-                 model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token)
+                 model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token,
+                 self_check=check)
 
     def _run(self, worker) -> None:
         try:
