@@ -270,5 +270,43 @@ def _stack_for_run():
         redis_server.stop()
 
 
+@app.command()
+def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
+              "bench/out"),
+          parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
+              "engine,padding,overhead,control,scaling"),
+          quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
+    """Run the benchmarks; print a table, write JSON and plots."""
+    from worker.bench import run_all
+    from worker.ops.settings import Settings
+
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    results = run_all(out, Settings().cache_dir, chosen, quick, say=console.print)
+    table = Table("measure", "figure", "target")
+    for row in results.get("engine", []):
+        table.add_row(f"engine {row['dtype']} batch {row['batch']}",
+                      f"{row['tok_s']:.1f} tok/s ({row['vs_fp32_alone']:.1f}x fp32 alone)",
+                      ">= 7x at best" if row["batch"] > 1 else "")
+    for row in results.get("padding", []):
+        table.add_row(f"pad fraction, batch {row['batch']}, {row['pending']} pending",
+                      f"arrival {row['arrival_pad']:.1%} -> genqueue {row['genqueue_pad']:.1%}",
+                      "< 10%")
+    if "overhead" in results:
+        o = results["overhead"]
+        table.add_row(f"service vs engine, {o['requests']} requests",
+                      f"{o['ratio']:.1%} ({o['identical_texts']}/{o['requests']} identical)", ">= 90%")
+    if "control" in results:
+        c = results["control"]
+        table.add_row("submit rate", f"{c['submit_per_s']:.0f}/s", ">= 1000/s")
+        table.add_row("submit to stored", f"{c['completed_per_s']:.0f}/s", ">= 500/s")
+        table.add_row("added latency p50 / p99",
+                      f"{c['added_ms_p50']:.1f} / {c['added_ms_p99']:.1f} ms", "< wait + 30 ms")
+    if "scaling" in results:
+        s = results["scaling"]
+        table.add_row("two workers vs one", f"{s['ratio']:.2f}x", ">= 1.8x")
+    Console().print(table)
+    console.print(f"results: {out / 'results.json'}")
+
+
 if __name__ == "__main__":
     app()
