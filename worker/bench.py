@@ -166,7 +166,6 @@ def bench_overhead(cache_dir: Path, n: int, new_tokens: int, batch: int, workdir
                          max_batch_size=batch)
     engine.generate(requests[:2])
     direct, direct_s = _timed(lambda: engine.generate(requests))
-    del engine
     svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
                    "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": str(batch)}, workdir)
     try:
