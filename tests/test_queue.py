@@ -231,3 +231,27 @@ def test_worker_metrics_match_what_was_done(client, start_worker):
     assert value("genq_batch_size_count") == len(batches)
     assert value("genq_batch_size_sum") == 20
     assert value("genq_worker_up") == 1
+
+
+def test_sigterm_finishes_the_batch_and_hands_back_the_rest(client, start_worker):
+    import signal
+
+    first = start_worker("leaving@test", GENQ_MAX_BATCH_SIZE="4")
+    job = client.submit_many([chat(i, n=32) for i in range(24)])
+    deadline = time.monotonic() + 60
+    while client.job(job)["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    running = {r["id"] for r in client.job_results(job) if r["status"] == "running"}
+    first.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert first.wait(60) == 0
+    stopped_in = time.monotonic() - t0
+    after = {r["id"]: r for r in client.job_results(job)}
+    assert all(after[i]["status"] == "succeeded" for i in running)  # the batch in flight finished
+    counts = client.job(job)["counts"]
+    assert counts["running"] == 0 and counts["succeeded"] < 24
+    start_worker("arriving@test")
+    info = client.wait_job(job, timeout=300)
+    assert info["counts"]["succeeded"] == 24 and info["counts"]["total"] == 24
+    assert stopped_in < 30
