@@ -157,3 +157,17 @@ def test_openapi_fuzzing_finds_no_server_error(redis_url):
         fuzz(result.ok())
     assert len(set(tried)) >= 10 and len(tried) >= 100
     print(f"schemathesis: {len(tried)} generated requests over {len(set(tried))} operations")
+
+
+def test_idempotency_key_over_http(gateway):
+    http = gateway(api_keys="tenant-a,tenant-b")
+    a = {"Authorization": "Bearer tenant-a"}
+    body = {"prompt": "hi", "max_new_tokens": 2, "idempotency_key": "order-42"}
+    first = http.post("/v1/generations", json=body, headers=a)
+    again = http.post("/v1/generations", json=body, headers=a)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    clash = http.post("/v1/generations", json={**body, "prompt": "other"}, headers=a)
+    assert clash.status_code == 409
+    other_tenant = http.post("/v1/generations", json=body, headers={"Authorization": "Bearer tenant-b"})
+    assert other_tenant.json()["id"] != first.json()["id"]

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from worker.batchfile import to_request
 from worker.client import GenerationClient
-from worker.errors import GenqError, InvalidRequest, NotFound, QueueFull
+from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import REQUEST_QUEUES
 from worker.schema import GenerationRequest
@@ -126,6 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": exc.message, "code": "queue_full"}, status_code=429,
                             headers={"Retry-After": str(exc.retry_after_s)})
 
+    @app.exception_handler(IdempotencyConflict)
+    async def conflict(_: Request, exc: IdempotencyConflict):
+        return JSONResponse({"detail": exc.message, "code": "idempotency_conflict"},
+                            status_code=409)
+
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound):
         return JSONResponse({"detail": exc.message}, status_code=404)
@@ -135,9 +140,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=400)
 
     @app.post("/v1/generations", status_code=202, response_model=Accepted)
-    def create_generation(body: GenerationRequest) -> Accepted:
-        """Queue one generation request."""
-        rid = client.submit(**body.model_dump(exclude_none=True))
+    def create_generation(body: GenerationRequest, request: Request) -> Accepted:
+        """Queue one generation request (repeats with the same ``idempotency_key`` return
+        the first id; keys are scoped per API key)."""
+        scope = request.headers.get("authorization", "") if keys else ""
+        rid = client.submit(**body.model_dump(exclude_none=True), idempotency_scope=scope)
         return Accepted(id=rid, status="queued")
 
     @app.get("/v1/generations/{request_id}", response_model=Result)

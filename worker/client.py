@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -16,7 +18,7 @@ from typing import Any
 import redis
 from pydantic import SecretStr
 
-from worker.errors import InvalidRequest, NotFound, QueueFull
+from worker.errors import IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import REQUEST_QUEUES, TASK_NAME, make_app, queue_for
 from worker.queue.messages import headers_for
@@ -41,17 +43,47 @@ class GenerationClient:
 
     # -- submitting -------------------------------------------------------------------
 
-    def submit(self, prompt: str | None = None, messages: list[dict] | None = None,
-               **params: Any) -> str:
-        """Validate and enqueue one request (interactive unless ``priority="bulk"``); its id."""
+    def submit(self, prompt: str | None = None, messages: list[dict] | None = None, *,
+               idempotency_scope: str = "", **params: Any) -> str:
+        """Validate and enqueue one request (interactive unless ``priority="bulk"``); its id.
+
+        With an ``idempotency_key`` (scoped by ``idempotency_scope``, e.g. the API key), a
+        repeat returns the first request's id and generates nothing; the same key with another
+        body raises ``IdempotencyConflict``. Races are settled by one Redis ``SET NX``.
+        """
         body = {k: v for k, v in {"prompt": prompt, "messages": messages, **params}.items()
                 if v is not None}
         request = self._validated(body)
         self._check_capacity(1)
         request_id = str(uuid.uuid4())
-        self.store.record_queued([(request_id, request)])
-        self._publish([(request_id, request)], job_id=None)
+        idem_key = None
+        if request.get("idempotency_key"):
+            idem_key, existing = self._claim(request, request_id, idempotency_scope)
+            if existing is not None:
+                return existing
+        try:
+            self.store.record_queued([(request_id, request)])
+            self._publish([(request_id, request)], job_id=None)
+        except BaseException:
+            if idem_key:
+                self.store.redis.delete(idem_key)
+            raise
         return request_id
+
+    def _claim(self, request: dict, request_id: str, scope: str) -> tuple[str, str | None]:
+        """Claim the idempotency key for ``request_id``: (key, id of an earlier twin or None)."""
+        scope_hash = hashlib.sha256(scope.encode()).hexdigest()[:16]
+        key = f"genq:idem:{scope_hash}:{request['idempotency_key']}"
+        body = {k: v for k, v in request.items() if k != "idempotency_key"}
+        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        claim = json.dumps({"id": request_id, "fp": fingerprint})
+        if self.store.redis.set(key, claim, nx=True, ex=self.settings.result_ttl_s):
+            return key, None
+        earlier = json.loads(self.store.redis.get(key) or claim)
+        if earlier["fp"] != fingerprint:
+            raise IdempotencyConflict(
+                f"idempotency_key {request['idempotency_key']!r} was used with another request")
+        return key, earlier["id"]
 
     def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk") -> str:
         """Validate every request, then enqueue them all as one job; the job id.
@@ -63,6 +95,9 @@ class GenerationClient:
         for i, body in enumerate(requests):
             try:
                 request = self._validated(body)
+                if request.get("idempotency_key"):
+                    raise InvalidRequest("idempotency_key: not supported in bulk jobs yet; "
+                                         "use submit(), or `genq run --resume`")
             except InvalidRequest as exc:
                 raise InvalidRequest(f"request {i}: {exc.message}") from None
             request.setdefault("priority", priority)

@@ -51,3 +51,9 @@ class OutOfMemory(GenqError):
     """A single row still ran out of memory after its batch was split down to it."""
 
     code: ErrorCode = "out_of_memory"
+
+
+class IdempotencyConflict(GenqError):
+    """The idempotency key was used before with a different request body."""
+
+    code: ErrorCode = "invalid_request"
