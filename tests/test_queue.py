@@ -158,7 +158,9 @@ def test_poison_requests_fail_alone(client, start_worker, redis_url):
 
     start_worker(GENQ_BATCH_WAIT_MS="500")
     good = [client.submit(**chat(i)) for i in range(3)]
-    too_long = client.submit(prompt="word " * 9000, max_new_tokens=8)
+    too_long = "too-long"  # sent by a foreign producer: the client would refuse it
+    client.app.send_task(TASK_NAME, args=[{"prompt": "word " * 9000, "max_new_tokens": 8}],
+                         task_id=too_long, queue="genq.interactive")
     client.app.send_task(TASK_NAME, args=[{"prompt": 5}], task_id="foreign-bad",
                          queue="genq.interactive")
     client.app.send_task(TASK_NAME, args=["not a dict", 2], task_id="foreign-args",
@@ -214,7 +216,9 @@ def test_worker_metrics_match_what_was_done(client, start_worker):
     port = free_port()
     start_worker(GENQ_METRICS_PORT=str(port))
     job = client.submit_many([chat(i) for i in range(20)])
-    bad = client.submit(prompt="word " * 9000, max_new_tokens=4)
+    bad = "too-long"
+    client.app.send_task("genq.generate", args=[{"prompt": "word " * 9000}], task_id=bad,
+                         queue="genq.bulk")
     client.wait_job(job, timeout=300)
     assert client.wait(bad, timeout=60)["status"] == "failed"
     results = list(client.job_results(job))
@@ -255,3 +259,22 @@ def test_sigterm_finishes_the_batch_and_hands_back_the_rest(client, start_worker
     info = client.wait_job(job, timeout=300)
     assert info["counts"]["succeeded"] == 24 and info["counts"]["total"] == 24
     assert stopped_in < 30
+
+
+def test_enqueue_time_token_count_equals_the_workers(client, start_worker, redis_url):
+    from worker.errors import PromptTooLong
+
+    start_worker()
+    counter = client.counter.get()
+    assert counter is not None and counter.model == "SmolLM2-135M-Instruct"
+    requests = [*example_requests(6, max_new_tokens=4),
+                {"prompt": "Raw text, no template: ünïcödé and emoji 🚀", "max_new_tokens": 4},
+                {"prompt": "short", "max_new_tokens": 4}]
+    ids = [client.submit(**r) for r in requests]
+    for request, rid in zip(requests, ids, strict=True):
+        expected = counter.count(client._validated(request))
+        assert client.wait(rid, timeout=120)["usage"]["prompt_tokens"] == expected
+    before = redis.Redis.from_url(redis_url).llen("genq.interactive")
+    with pytest.raises(PromptTooLong, match="context 8192"):
+        client.submit(prompt="word " * 8190, max_new_tokens=8)
+    assert redis.Redis.from_url(redis_url).llen("genq.interactive") == before

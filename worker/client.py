@@ -24,6 +24,7 @@ from worker.queue.app import REQUEST_QUEUES, TASK_NAME, make_app, queue_for
 from worker.queue.messages import headers_for
 from worker.queue.results import FINAL, ResultStore
 from worker.schema import validate_request
+from worker.tokencount import CounterCache
 
 
 class GenerationClient:
@@ -40,6 +41,7 @@ class GenerationClient:
         self.app = make_app(settings)
         self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
         self.broker = redis.Redis.from_url(settings.broker_url.get_secret_value())
+        self.counter = CounterCache(self.store.redis)
 
     # -- submitting -------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ class GenerationClient:
                     raise InvalidRequest("idempotency_key: not supported in bulk jobs yet; "
                                          "use submit(), or `genq run --resume`")
             except InvalidRequest as exc:
-                raise InvalidRequest(f"request {i}: {exc.message}") from None
+                raise type(exc)(f"request {i}: {exc.message}") from None
             request.setdefault("priority", priority)
             checked.append((str(uuid.uuid4()), request))
         if not checked:
@@ -114,8 +116,19 @@ class GenerationClient:
         return job_id
 
     def _validated(self, body: Any) -> dict[str, Any]:
+        """Validate the schema, then count prompt tokens exactly as the workers will (when a
+        worker has published its tokenizer) and raise ``PromptTooLong`` before queueing."""
         request = validate_request(body, max_new_tokens_limit=self.settings.max_new_tokens_limit)
-        return request.model_dump(exclude_none=True, exclude_defaults=False)
+        data = request.model_dump(exclude_none=True, exclude_defaults=False)
+        counter = self.counter.get()
+        if counter is not None:
+            try:
+                counter.check(data)
+            except ValueError as exc:
+                if isinstance(exc, InvalidRequest):
+                    raise
+                # a template error: the worker reports it for this request alone
+        return data
 
     def _check_capacity(self, n: int) -> None:
         pipe = self.broker.pipeline(transaction=False)

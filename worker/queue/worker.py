@@ -46,6 +46,7 @@ class GenerationStep(bootsteps.StartStopStep):
         from worker.engine.selfcheck import enforce
         from worker.ops.metrics import WorkerMetrics
         from worker.queue.consumer import BatchingConsumer
+        from worker.tokencount import publish as publish_tokenizer
 
         settings = get_settings()
         engine = load_engine(
@@ -59,6 +60,7 @@ class GenerationStep(bootsteps.StartStopStep):
         metrics = WorkerMetrics.start(settings.metrics_port, worker.hostname)
         self.consumer = BatchingConsumer(engine, settings, worker.hostname, metrics=metrics,
                                          self_check=check)
+        publish_tokenizer(self.consumer.store.redis, engine, settings.result_ttl_s)
         self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-batcher")
         self.thread.start()
         log.info("worker_ready", worker=worker.hostname, backend=engine.backend,

