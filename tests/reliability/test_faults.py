@@ -1,0 +1,186 @@
+"""Reliability under faults and load, on real processes (tiny random-weight model, so the
+faults, not the model, dominate). Figures printed here go into RELIABILITY.md."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_env(tiny_model_dir: Path, **extra: str) -> dict[str, str]:
+    return {"GENQ_MODEL": str(tiny_model_dir), "GENQ_MAX_BATCH_SIZE": "8",
+            "GENQ_VISIBILITY_TIMEOUT_S": "4", "GENQ_SELF_CHECK": "strict", **extra}
+
+
+def rss_peak_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_five_sigkills_during_a_500_request_job(client, start_worker, tiny_model_dir, cache_dir):
+    from worker.engine import load_engine
+
+    requests = [{"prompt": f"request {i}: " + "lorem " * (i % 40), "max_new_tokens": 48}
+                for i in range(500)]
+    job = client.submit_many(requests)
+    rng = random.Random(5)
+    worker = start_worker("storm0@test", **tiny_env(tiny_model_dir))
+    kills = []
+    for k in range(1, 6):
+        time.sleep(rng.uniform(0.3, 1.5))
+        counts = client.job(job)["counts"]
+        worker.kill()
+        worker.wait()
+        kills.append({"at_finished": counts["succeeded"], "running": counts["running"]})
+        worker = start_worker(f"storm{k}@test", **tiny_env(tiny_model_dir))
+    t_last_kill = time.monotonic()
+    info = client.wait_job(job, timeout=600)
+    drained_s = time.monotonic() - t_last_kill
+    assert info["counts"] == {"total": 500, "queued": 0, "running": 0, "succeeded": 500,
+                              "failed": 0, "cancelled": 0, "expired": 0}
+    results = list(client.job_results(job))
+    engine = load_engine(str(tiny_model_dir), backend="transformers", dtype="float32",
+                         cache_dir=cache_dir)
+    clean = engine.generate(requests)
+    assert [r["text"] for r in results] == [c["text"] for c in clean]
+    workers = {r["worker"] for r in results}
+    assert len(workers) >= 2
+    print(json.dumps({"scenario": "sigkill x5", "kills": kills, "lost": 0,
+                      "finished_after_last_kill_s": round(drained_s, 1),
+                      "workers_that_finished_requests": sorted(workers)}))
+
+
+def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_dir, redis_url):
+    import httpx
+    import uvicorn
+
+    from worker.api import create_app
+    from worker.ops.settings import Settings
+    from worker.stack import free_port
+
+    r = redis.Redis.from_url(redis_url)
+    baseline = r.info("memory")["used_memory"]
+    worker = start_worker("load@test", **tiny_env(tiny_model_dir, GENQ_MAX_BATCH_SIZE="64",
+                                                  GENQ_BATCH_WAIT_MS="10", GENQ_RESULT_TTL_S="20"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings(broker_url=redis_url)),
+                                           host="127.0.0.1", port=port, log_config=None))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+
+    from worker.client import GenerationClient
+
+    jobs: list[str] = []
+
+    def produce(k: int) -> None:
+        own = GenerationClient(settings=Settings(broker_url=redis_url, result_ttl_s=20))
+        for chunk in range(5):
+            jobs.append(own.submit_many([{"prompt": f"p{k}-{chunk}-{i}", "max_new_tokens": 2}
+                                         for i in range(500)]))
+
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll_gateway() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            while not stop.is_set():
+                if not jobs:
+                    time.sleep(0.01)
+                    continue
+                t = time.perf_counter()
+                assert http.get(f"/v1/batches/{jobs[0]}").status_code == 200
+                latencies.append((time.perf_counter() - t) * 1000)
+                time.sleep(0.01)
+
+    poller = threading.Thread(target=poll_gateway)
+    poller.start()
+    t0 = time.monotonic()
+    producers = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
+    for p in producers:
+        p.start()
+    for p in producers:
+        p.join()
+    submitted_s = time.monotonic() - t0
+    for job in jobs:
+        client.wait_job(job, timeout=900, poll_s=0.5)
+    total_s = time.monotonic() - t0
+    stop.set()
+    poller.join()
+    server.should_exit = True
+    assert len(jobs) == 40
+    finished = sum(client.job(j)["counts"]["succeeded"] for j in jobs)
+    assert finished == 20_000
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)]
+    assert p99 < 50, p99
+    peak_rss_mb = rss_peak_kb(worker.pid) / 1024
+    deadline = time.monotonic() + 60  # results expire (TTL 20 s): memory goes back down
+    while r.info("memory")["used_memory"] > baseline + 2_000_000:
+        assert time.monotonic() < deadline, r.info("memory")["used_memory"] - baseline
+        time.sleep(1)
+    print(json.dumps({"scenario": "load 20k", "submitted_s": round(submitted_s, 1),
+                      "completed_s": round(total_s, 1), "completed_per_s": round(20_000 / total_s),
+                      "gateway_poll_p99_ms": round(p99, 1), "polls": len(latencies),
+                      "worker_peak_rss_mb": round(peak_rss_mb), "lost": 0,
+                      "redis_used_memory_after_expiry_delta_kb":
+                          round((r.info("memory")["used_memory"] - baseline) / 1024)}))
+
+
+def test_raw_queue_fuzz_never_hurts_valid_requests(client, start_worker, tiny_model_dir):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from worker.queue.app import TASK_NAME
+
+    start_worker("fuzz@test", **tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="20"))
+    junk = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+        | st.text(max_size=50),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                     max_size=4),
+        max_leaves=12)
+    fields = st.fixed_dictionaries({}, optional={
+        "prompt": junk | st.text(max_size=200), "messages": junk,
+        "max_new_tokens": junk | st.integers(-5, 10**9), "temperature": junk, "stop": junk,
+        "adapter": junk, "metadata": junk, "seed": junk, "top_k": junk})
+    sent: list[str] = []
+    valid: list[str] = []
+
+    @given(args=st.one_of(st.lists(junk, max_size=3), st.tuples(fields)))
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def publish(args):
+        task_id = f"fuzz-{len(sent)}"
+        try:
+            client.app.send_task(TASK_NAME, args=list(args), task_id=task_id,
+                                 queue="genq.interactive")
+        except (TypeError, ValueError, OverflowError):
+            return  # not even JSON-encodable: a producer cannot send it
+        sent.append(task_id)
+        if len(sent) % 10 == 0:
+            valid.append(client.submit(prompt=f"valid {len(valid)}", max_new_tokens=2))
+
+    publish()
+    for rid in valid:
+        assert client.wait(rid, timeout=120)["status"] == "succeeded"
+    outcomes = {}
+    for task_id in sent:
+        res = client.wait(task_id, timeout=120)
+        outcomes[res["status"]] = outcomes.get(res["status"], 0) + 1
+        assert res["status"] in ("succeeded", "failed")
+        if res["status"] == "failed":
+            assert res["error"]["code"] in ("invalid_request", "prompt_too_long")
+    assert client.get(valid[-1])["worker"] == "fuzz@test"  # the same worker never crashed
+    print(json.dumps({"scenario": "raw queue fuzz", "inputs": len(sent), "outcomes": outcomes,
+                      "valid_alongside": len(valid)}))
