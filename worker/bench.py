@@ -166,21 +166,27 @@ def bench_overhead(cache_dir: Path, n: int, new_tokens: int, batch: int, workdir
                          max_batch_size=batch)
     engine.generate(requests[:2])
     direct, direct_s = _timed(lambda: engine.generate(requests))
-    svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
-                   "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": str(batch)}, workdir)
-    try:
-        svc.start_worker("bench@overhead")
-        client = svc.client()
-        _run_job(client, requests[:4])  # warm-up
-        served, service_s = _run_job(client, requests)
-    finally:
-        svc.stop()
-    same = sum(a["text"] == b["text"] for a, b in zip(direct, served, strict=True))
+    runs = {}
+    for pool in (2 * batch, n):  # the worker's pool of pending requests it sorts by length
+        svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
+                       "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": str(batch),
+                       "GENQ_POOL_SIZE": str(pool)}, workdir / f"pool{pool}")
+        try:
+            svc.start_worker(f"bench@pool{pool}")
+            client = svc.client()
+            _run_job(client, requests[:4])  # warm-up
+            served, service_s = _run_job(client, requests)
+        finally:
+            svc.stop()
+        pads = [r["batch"]["pad_fraction"] for r in served]
+        runs[pool] = {"pool": pool, "service_tok_s": tokens_per_s(served, service_s),
+                      "ratio": direct_s / service_s, "mean_pad_fraction": sum(pads) / n,
+                      "identical_texts": sum(a["text"] == b["text"]
+                                             for a, b in zip(direct, served, strict=True))}
+    direct_pads = [r["batch"]["pad_fraction"] for r in direct]
     return {"requests": n, "new_tokens": new_tokens, "batch": batch,
             "direct_tok_s": tokens_per_s(direct, direct_s),
-            "service_tok_s": tokens_per_s(served, service_s),
-            "ratio": direct_s / service_s, "identical_texts": same,
-            "service_mean_batch": sum(r["batch"]["size"] for r in served) / n}
+            "direct_mean_pad_fraction": sum(direct_pads) / n, "runs": list(runs.values())}
 
 
 # -- 4./5. control plane and latency (tiny model) -----------------------------------------------
@@ -239,7 +245,8 @@ def bench_scaling(cache_dir: Path, n: int, new_tokens: int, workdir: Path) -> di
     """Two workers vs one on the same queue, each pinned to one core with one torch thread."""
     requests = [example_requests(new_tokens)[i % 64] for i in range(n)]
     env = {"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
-           "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": "16", "OMP_NUM_THREADS": "1"}
+           "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": "16", "GENQ_POOL_SIZE": "16",
+           "OMP_NUM_THREADS": "1"}
     rates = {}
     for workers in (1, 2):
         svc = Service(env, workdir / f"scale{workers}")
@@ -321,7 +328,8 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
         if "overhead" in parts:
             results["overhead"] = bench_overhead(cache_dir, 32 if quick else 256,
                                                  8 if quick else 32, 32, work)
-            say(f"queue overhead: service/direct = {results['overhead']['ratio']:.2f}")
+            for run in results["overhead"]["runs"]:
+                say(f"queue overhead, pool {run['pool']}: service/direct = {run['ratio']:.2f}")
         if "control" in parts:
             results["control"] = bench_control_plane(cache_dir, 200 if quick else 2000,
                                                      10 if quick else 50, work)

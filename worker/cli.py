@@ -272,7 +272,7 @@ def _stack_for_run():
 
 @app.command()
 def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
-              "bench/out"),
+              "bench/results"),
           parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
               "engine,padding,overhead,control,scaling"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
@@ -293,8 +293,10 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
                       "< 10%")
     if "overhead" in results:
         o = results["overhead"]
-        table.add_row(f"service vs engine, {o['requests']} requests",
-                      f"{o['ratio']:.1%} ({o['identical_texts']}/{o['requests']} identical)", ">= 90%")
+        for run in o["runs"]:
+            table.add_row(f"service vs engine, {o['requests']} requests, pool {run['pool']}",
+                          f"{run['ratio']:.1%} ({run['identical_texts']}/{o['requests']} identical)",
+                          ">= 90%")
     if "control" in results:
         c = results["control"]
         table.add_row("submit rate", f"{c['submit_per_s']:.0f}/s", ">= 1000/s")

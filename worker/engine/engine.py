@@ -210,9 +210,8 @@ class Engine:
         lengths = [len(p.prompt_ids) for _, p in items]
         batch = {"size": len(items), "pad_fraction": round(pad_fraction(lengths), 4)}
         generate_ms = (t1 - t0) * 1000
-        log.info("batch_generated", batch_size=len(items), pad_fraction=batch["pad_fraction"],
-                 prompt_len=prompt_len, adapter=adapter, generate_ms=round(generate_ms, 1),
-                 request_ids=ids)
+        log.debug("batch_generated", batch_size=len(items), pad_fraction=batch["pad_fraction"],
+                 prompt_len=prompt_len, adapter=adapter, generate_ms=round(generate_ms, 1))
         results = []
         for row, ((index, p), text) in enumerate(zip(items, texts, strict=True)):
             reason = stopper.reasons[row] or "length"

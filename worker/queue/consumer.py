@@ -45,7 +45,7 @@ class BatchingConsumer:
         self.self_check = self_check
         self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
         self.pool = Pool()
-        self.pool_size = settings.pool_size or 2 * settings.max_batch_size
+        self.pool_size = settings.pool_size or 8 * settings.max_batch_size
         self.wait_s = settings.batch_wait_ms / 1000
         self.running: list[Pending] = []
         self.batches = 0

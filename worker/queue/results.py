@@ -37,12 +37,13 @@ local function is_final(raw)
   return s == 'succeeded' or s == 'failed' or s == 'cancelled' or s == 'expired'
 end
 """
-# KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id, meta json
+# KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id, meta json.
+# An expired job is never resurrected by a late finish.
 FINISH = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
-if ARGV[4] ~= '' then
+if ARGV[4] ~= '' and redis.call('EXISTS', 'genq:job:' .. ARGV[4]) == 1 then
   local job = 'genq:job:' .. ARGV[4]
   redis.call('SREM', job .. ':running', ARGV[5])
   if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
