@@ -137,3 +137,38 @@ def start_worker(redis_url, cache_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def gateway(redis_url):
+    """Start the gateway under uvicorn on a free port; a factory returning an httpx client."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from worker.ops.settings import Settings
+    from worker.stack import free_port
+
+    servers = []
+
+    def start(**overrides) -> httpx.Client:
+        from worker.api import create_app
+
+        app = create_app(Settings(broker_url=redis_url, **overrides))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(5)

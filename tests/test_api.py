@@ -3,45 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 
 from worker.ops.settings import Settings
-from worker.stack import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def gateway(redis_url):
-    """Start the gateway for given settings; yields a factory returning an httpx client."""
-    servers = []
-
-    def start(**overrides) -> httpx.Client:
-        from worker.api import create_app
-
-        app = create_app(Settings(broker_url=redis_url, **overrides))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        servers.append((server, thread))
-        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(5)
 
 
 def poll(http: httpx.Client, path: str, **kw) -> dict:

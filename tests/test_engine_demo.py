@@ -115,7 +115,9 @@ def test_out_of_memory_splits_the_batch(demo_engine, monkeypatch):
 
     monkeypatch.setattr(demo_engine, "_generate_tensors", fail_above_two)
     reqs = example_requests(5, max_new_tokens=4)
+    splits = demo_engine.oom_splits
     out = demo_engine.generate(reqs)
+    assert demo_engine.oom_splits - splits == 2  # 5 -> 2 + 3, then 3 -> 1 + 2
     assert all(r["status"] == "succeeded" for r in out)
     assert sizes[0] == 5 and max(r["batch"]["size"] for r in out) <= 2
 

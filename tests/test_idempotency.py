@@ -31,8 +31,25 @@ def test_racing_submitters_get_one_request(client, redis_url):
                          idempotency_scope="another tenant") != ids[0]
 
 
-def test_bulk_jobs_refuse_idempotency_keys_for_now(client):
-    from worker.errors import InvalidRequest
-
-    with pytest.raises(InvalidRequest, match="request 0: idempotency_key"):
-        client.submit_many([{"prompt": "a", "idempotency_key": "x"}])
+@pytest.mark.slow
+def test_bulk_resubmission_generates_nothing_twice(client, start_worker, redis_url):
+    r = redis.Redis.from_url(redis_url)
+    reqs = [{"prompt": f"line {i}", "max_new_tokens": 4, "idempotency_key": f"run-1:{i}"}
+            for i in range(12)]
+    first = client.submit_many(reqs[:8])
+    second = client.submit_many(reqs)  # 8 repeats and 4 new lines
+    assert r.llen("genq.bulk") == 12
+    ids1 = [x["id"] for x in client.job_results(first)]
+    ids2 = [x["id"] for x in client.job_results(second)]
+    assert ids2[:8] == ids1 and not set(ids2[8:]) & set(ids1)
+    start_worker()
+    assert client.wait_job(first, timeout=120)["counts"]["succeeded"] == 8
+    assert client.wait_job(second, timeout=120)["counts"]["succeeded"] == 12
+    third = client.submit_many(reqs)  # everything finished before: nothing to run
+    assert r.llen("genq.bulk") == 0
+    done = client.job(third)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 12
+    assert [x["text"] for x in client.job_results(third)] == [
+        x["text"] for x in client.job_results(second)]
+    with pytest.raises(IdempotencyConflict):
+        client.submit_many([{**reqs[0], "prompt": "changed"}])

@@ -46,3 +46,29 @@ def test_adapters_never_mix():
         pool.add(pending(10 + i, adapter="a" if i % 2 else None))
     batch = pool.take_batch(8, 10**6)
     assert len(batch) == 3 and len({p.envelope.adapter for p in batch}) == 1
+
+
+def test_a_lone_long_bulk_prompt_is_served_within_the_bound():
+    """A stream of short interactive requests never starves one long bulk request."""
+    pool = Pool()
+    lone = pending(900, priority="bulk")
+    pool.add(lone)
+    clock = lone.arrived
+    served_at = None
+    for _step in range(200):  # each step: 8 short interactive arrivals, one batch served
+        for _ in range(8):
+            clock += 0.01
+            p = pending(12, priority="interactive")
+            p.arrived = clock
+            pool.add(p)
+        batch = pool.take_batch(8, 10**6, max_wait_s=0.5, now=clock)
+        if lone in batch:
+            served_at = clock
+            break
+        assert all(p.prompt_tokens == 12 for p in batch)
+    assert served_at is not None and served_at - lone.arrived <= 0.5 + 0.08
+    without_bound = Pool()
+    without_bound.add(pending(900, priority="bulk"))
+    for _ in range(8):
+        without_bound.add(pending(12, priority="interactive"))
+    assert all(p.prompt_tokens == 12 for p in without_bound.take_batch(8, 10**6))

@@ -234,7 +234,10 @@ def test_worker_metrics_match_what_was_done(client, start_worker):
     batches = {(r["batch"]["size"], r["timings"]["generate_ms"]) for r in results}
     assert value("genq_batch_size_count") == len(batches)
     assert value("genq_batch_size_sum") == 20
-    assert value("genq_worker_up") == 1
+    assert value("genq_worker_up") == 1 and value("genq_worker_busy") == 0
+    assert value("genq_oom_splits_total") == 0
+    log = (start_worker.log_dir / "w1@test.log").read_text()
+    assert "broker_may_evict" not in log  # the test Redis runs with noeviction
 
 
 def test_sigterm_finishes_the_batch_and_hands_back_the_rest(client, start_worker):

@@ -3,6 +3,7 @@ run a model (``worker``, ``generate``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -202,6 +203,12 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
             if rec.get("status") == "succeeded":
                 done[rec["line"]] = rec
     todo = [ln for ln in lines if ln.request and ln.number not in done]
+    if resume:  # per-line keys: a line submitted by an earlier, interrupted run is not redone
+        source = hashlib.sha256(str(input_path.resolve()).encode()).hexdigest()[:12]
+        for ln in todo:
+            body = json.dumps(ln.request, sort_keys=True).encode()
+            ln.request["idempotency_key"] = (
+                f"run:{source}:{ln.number}:{hashlib.sha256(body).hexdigest()[:16]}")
     results: dict[int, dict] = dict(done)
     if todo:
         with _stack_for_run():

@@ -58,48 +58,69 @@ class GenerationClient:
         request = self._validated(body)
         self._check_capacity(1)
         request_id = str(uuid.uuid4())
-        idem_key = None
-        if request.get("idempotency_key"):
-            idem_key, existing = self._claim(request, request_id, idempotency_scope)
-            if existing is not None:
-                return existing
+        earlier = self._claim([(request_id, request)], idempotency_scope)[0]
+        if earlier is not None:
+            return earlier
         try:
             self.store.record_queued([(request_id, request)])
             self._publish([(request_id, request)], job_id=None)
         except BaseException:
-            if idem_key:
-                self.store.redis.delete(idem_key)
+            self._release([request], idempotency_scope)
             raise
         return request_id
 
-    def _claim(self, request: dict, request_id: str, scope: str) -> tuple[str, str | None]:
-        """Claim the idempotency key for ``request_id``: (key, id of an earlier twin or None)."""
+    @staticmethod
+    def _idem_key(request: dict, scope: str) -> str:
         scope_hash = hashlib.sha256(scope.encode()).hexdigest()[:16]
-        key = f"genq:idem:{scope_hash}:{request['idempotency_key']}"
-        body = {k: v for k, v in request.items() if k != "idempotency_key"}
-        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        claim = json.dumps({"id": request_id, "fp": fingerprint})
-        if self.store.redis.set(key, claim, nx=True, ex=self.settings.result_ttl_s):
-            return key, None
-        earlier = json.loads(self.store.redis.get(key) or claim)
-        if earlier["fp"] != fingerprint:
-            raise IdempotencyConflict(
-                f"idempotency_key {request['idempotency_key']!r} was used with another request")
-        return key, earlier["id"]
+        return f"genq:idem:{scope_hash}:{request['idempotency_key']}"
 
-    def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk") -> str:
+    def _claim(self, items: list[tuple[str, dict]], scope: str) -> list[str | None]:
+        """Claim each request's idempotency key (one ``SET NX`` each, pipelined): per item the
+        id of an earlier twin, or None where this id now owns the key (or there is no key)."""
+        keyed = [(i, rid, req) for i, (rid, req) in enumerate(items) if req.get("idempotency_key")]
+        earlier: list[str | None] = [None] * len(items)
+        if not keyed:
+            return earlier
+        claims = []
+        pipe = self.store.redis.pipeline(transaction=False)
+        for _, rid, req in keyed:
+            body = {k: v for k, v in req.items() if k != "idempotency_key"}
+            fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            claims.append(fingerprint)
+            pipe.set(self._idem_key(req, scope), json.dumps({"id": rid, "fp": fingerprint}),
+                     nx=True, ex=self.settings.result_ttl_s)
+        won = pipe.execute()
+        lost = [(k, fp) for k, fp, ok in zip(keyed, claims, won, strict=True) if not ok]
+        if lost:
+            values = self.store.redis.mget([self._idem_key(req, scope) for (_, _, req), _ in lost])
+            for ((i, _, req), fp), raw in zip(lost, values, strict=True):
+                twin = json.loads(raw) if raw else None
+                if twin is None:  # expired between SET and GET: treat as new
+                    continue
+                if twin["fp"] != fp:
+                    raise IdempotencyConflict(f"idempotency_key {req['idempotency_key']!r} "
+                                              "was used with another request")
+                earlier[i] = twin["id"]
+        return earlier
+
+    def _release(self, requests: list[dict], scope: str) -> None:
+        keys = [self._idem_key(r, scope) for r in requests if r.get("idempotency_key")]
+        if keys:
+            self.store.redis.delete(*keys)
+
+    def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk",
+                    idempotency_scope: str = "") -> str:
         """Validate every request, then enqueue them all as one job; the job id.
 
         Nothing is queued if any request is invalid (``InvalidRequest`` names its index) or
-        the queue cannot take them all (``QueueFull``). Publishing is pipelined.
+        the queue cannot take them all (``QueueFull``). Publishing is pipelined. A request
+        whose ``idempotency_key`` was seen before joins the job with its earlier id and is
+        not generated again (finished ones count as finished at once).
         """
         checked = []
         for i, body in enumerate(requests):
             try:
                 request = self._validated(body)
-                if request.get("idempotency_key"):
-                    raise InvalidRequest("idempotency_key: not supported in bulk jobs yet; "
-                                         "use submit(), or `genq run --resume`")
             except InvalidRequest as exc:
                 raise type(exc)(f"request {i}: {exc.message}") from None
             request.setdefault("priority", priority)
@@ -107,12 +128,18 @@ class GenerationClient:
         if not checked:
             raise InvalidRequest("submit_many needs at least one request")
         self._check_capacity(len(checked))
+        earlier = self._claim(checked, idempotency_scope)
+        ids = [twin or rid for (rid, _), twin in zip(checked, earlier, strict=True)]
+        fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
         job_id = f"job-{uuid.uuid4()}"
         pipe = self.store.redis.pipeline(transaction=False)
-        self.store.create_job(job_id, [rid for rid, _ in checked], pipe)
-        self.store.record_queued(checked, job_id=job_id, pipe=pipe)
+        self.store.create_job(job_id, ids, pipe)
+        self.store.record_queued(fresh, job_id=job_id, pipe=pipe)
         pipe.execute()
-        self._publish(checked, job_id=job_id)
+        # requests submitted before with the same key join this job instead of running again
+        self.store.link([twin for twin in earlier if twin is not None], job_id)
+        if fresh:
+            self._publish(fresh, job_id=job_id)
         return job_id
 
     def _validated(self, body: Any) -> dict[str, Any]:

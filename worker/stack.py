@@ -77,6 +77,7 @@ class EmbeddedRedis:
              "--requirepass", self.password, "--maxmemory-policy", "noeviction",
              "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us only: we stop Redis last
         )
         deadline = time.monotonic() + timeout
         while not broker_answers(self.url, 0.2):
@@ -104,7 +105,9 @@ def spawn_worker(env: dict[str, str], gpu: str = "none", name: str | None = None
     if name:
         cmd += ["--name", name]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=out)
+    # its own session: a terminal's Ctrl-C reaches `genq up`/`genq run`, which stop it in order
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=out,
+                            start_new_session=True)
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:

@@ -186,3 +186,31 @@ def test_raw_queue_fuzz_never_hurts_valid_requests(client, start_worker, tiny_mo
     assert client.get(valid[-1])["worker"] == "fuzz@test"  # the same worker never crashed
     print(json.dumps({"scenario": "raw queue fuzz", "inputs": len(sent), "outcomes": outcomes,
                       "valid_alongside": len(valid)}))
+
+
+def test_broker_restart_with_300_requests_queued_and_running(client, start_worker, gateway,
+                                                           tiny_model_dir, redis_server):
+    http = gateway()
+    start_worker("steady@test", **tiny_env(tiny_model_dir))
+    assert http.get("/readyz").status_code == 200
+    job = client.submit_many([{"prompt": f"item {i} " + "x " * (i % 30), "max_new_tokens": 48}
+                              for i in range(300)])
+    deadline = time.monotonic() + 120
+    while (c := client.job(job)["counts"])["succeeded"] == 0 or c["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    at_stop = client.job(job)["counts"]
+    redis_server.stop()
+    down = http.get("/readyz")
+    time.sleep(2)
+    redis_server.start()
+    deadline = time.monotonic() + 60
+    while http.get("/readyz").status_code != 200:  # the worker's heartbeat comes back
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    info = client.wait_job(job, timeout=300)
+    assert down.status_code == 503 and down.json()["ready"] is False
+    assert info["counts"] == {"total": 300, "queued": 0, "running": 0, "succeeded": 300,
+                              "failed": 0, "cancelled": 0, "expired": 0}
+    print(json.dumps({"scenario": "redis restart", "at_stop": at_stop, "lost": 0,
+                      "readyz_while_down": down.status_code}))

@@ -66,6 +66,7 @@ class Engine:
         self.eos_ids = eos_ids(tokenizer, model.config) | _generation_eos(model)
         self.device = next(model.parameters()).device
         self.padding_side = "left"  # set on every batch: Unsloth's for_training flips it
+        self.oom_splits = 0  # batches split after out-of-memory (exported by workers)
 
     # -- public API -------------------------------------------------------------------
 
@@ -91,8 +92,10 @@ class Engine:
                 checked, self._encode([c[2] for c in checked]), strict=True
             ):
                 try:
+                    if isinstance(ids, GenqError):
+                        raise ids
                     self._check_length(len(ids), request.max_new_tokens)
-                except PromptTooLong as exc:
+                except GenqError as exc:
                     results[i] = self._failed(request_id, request.model_dump(), exc)
                     continue
                 pending[i] = _Pending(request_id, request, ids)
@@ -111,9 +114,11 @@ class Engine:
         Raises the ``GenqError`` that ``generate`` would store for it.
         """
         checked = self._validate(request)
-        tokens = len(self._encode([checked])[0])
-        self._check_length(tokens, checked.max_new_tokens)
-        return tokens
+        ids = self._encode([checked])[0]
+        if isinstance(ids, GenqError):
+            raise ids
+        self._check_length(len(ids), checked.max_new_tokens)
+        return len(ids)
 
     # -- internals --------------------------------------------------------------------
 
@@ -125,20 +130,19 @@ class Engine:
                                  f"configured: {sorted(self.adapters) or 'none'}")
         return request
 
-    def _encode(self, requests: list[GenerationRequest]) -> list[list[int]]:
+    def _encode(self, requests: list[GenerationRequest]) -> list[list[int] | InvalidRequest]:
+        """Token ids per request; a request the template or tokenizer rejects gets an error
+        instead, and never fails its batch-mates."""
         try:
             return encode(self.tokenizer, requests)
         except Exception:
-            if len(requests) == 1:
-                raise
-            # one bad row (say, a template error) must not fail its batch-mates: go row by row
             return [self._encode_one(r) for r in requests]
 
-    def _encode_one(self, request: GenerationRequest) -> list[int]:
+    def _encode_one(self, request: GenerationRequest) -> list[int] | InvalidRequest:
         try:
             return encode(self.tokenizer, [request])[0]
-        except Exception:
-            return []  # fails the length check below as an empty prompt
+        except Exception as exc:
+            return InvalidRequest(f"the prompt cannot be rendered: {type(exc).__name__}: {exc}")
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -164,6 +168,7 @@ class Engine:
                 err = OutOfMemory(f"out of memory on a single row: {exc}")
                 return [(index, self._failed(p.id, p.request.model_dump(), err))]
             half = len(items) // 2
+            self.oom_splits += 1
             log.warning("oom_split", batch_size=len(items), halves=[half, len(items) - half])
             return (self._run_splitting(items[:half], is_cancelled, started)
                     + self._run_splitting(items[half:], is_cancelled, started))

@@ -31,6 +31,9 @@ class WorkerMetrics:
         self.tokens = Counter("generated_tokens", "Completion tokens generated", ["worker"],
                               **kw).labels(**labels)
         self.up = Gauge("worker_up", "1 while the worker runs", ["worker"], **kw).labels(**labels)
+        self.busy = Gauge("worker_busy", "1 while a batch runs", ["worker"], **kw).labels(**labels)
+        self.oom_splits = Counter("oom_splits", "Batches split in halves after out-of-memory",
+                                  ["worker"], **kw).labels(**labels)
         self.worker = worker
         self.up.set(1)
 

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(32768, ge=1)
     batch_wait_ms: int = Field(50, ge=0)
+    max_wait_ms_for_bucket: int = Field(30_000, ge=0)
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
     max_pending: int = Field(100_000, ge=1)

@@ -35,6 +35,9 @@ def transport_options(settings: Settings) -> dict:
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
+        # kombu holds this lock while it restores expired messages; its default (300 s) means a
+        # worker killed while holding it blocks every redelivery for five minutes
+        "unacked_mutex_expire": 10,
         "queue_order_strategy": "priority",
         "socket_keepalive": True,
         "retry_on_timeout": True,

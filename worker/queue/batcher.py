@@ -2,8 +2,10 @@
 rule that picks the next batch from it.
 
 The rule: interactive before bulk; the oldest request of that class is always in the next
-batch (so nothing starves); its batch-mates are the requests of the same adapter closest to it
-in prompt length, planned by the engine's own length-sorted packer under the row and token caps.
+batch; its batch-mates are the requests of the same adapter closest to it in prompt length,
+planned by the engine's own length-sorted packer under the row and token caps. A request that
+has waited longer than ``max_wait_s`` (``GENQ_MAX_WAIT_MS_FOR_BUCKET``) is served next whatever
+its priority, adapter or length, so nothing starves under a stream of other requests.
 """
 
 from __future__ import annotations
@@ -44,13 +46,19 @@ class Pool:
         items, self.items = self.items, []
         return items
 
-    def take_batch(self, max_size: int, max_tokens: int) -> list[Pending]:
+    def take_batch(self, max_size: int, max_tokens: int, max_wait_s: float | None = None,
+                   now: float | None = None) -> list[Pending]:
         """Remove and return the next batch by the rule above."""
         if not self.items:
             return []
-        interactive = [p for p in self.items if p.envelope.priority == "interactive"]
-        candidates = interactive or self.items
-        oldest = min(candidates, key=lambda p: p.arrived)
+        now = time.monotonic() if now is None else now
+        overall = min(self.items, key=lambda p: p.arrived)
+        if max_wait_s is not None and now - overall.arrived > max_wait_s:
+            candidates, oldest = self.items, overall  # overdue: served first, any priority
+        else:
+            interactive = [p for p in self.items if p.envelope.priority == "interactive"]
+            candidates = interactive or self.items
+            oldest = min(candidates, key=lambda p: p.arrived)
         group = [p for p in candidates if p.envelope.adapter == oldest.envelope.adapter]
         rows = [Row(i, p.prompt_tokens, p.envelope.max_new_tokens, p.envelope.adapter)
                 for i, p in enumerate(group)]

@@ -59,8 +59,21 @@ class BatchingConsumer:
         """Finish the batch in progress, hand back the rest, then return from ``run``."""
         self._stop.set()
 
+    def check_broker(self) -> None:
+        """Warn unless Redis evicts nothing (``noeviction``): eviction would drop requests."""
+        try:
+            policy = self._lease_client.config_get("maxmemory-policy").get(b"maxmemory-policy",
+                                                                          b"").decode()
+        except redis.RedisError as exc:  # managed Redis may forbid CONFIG
+            log.warning("broker_policy_unknown", worker=self.name, error=str(exc))
+            return
+        if policy != "noeviction":
+            log.warning("broker_may_evict", worker=self.name, maxmemory_policy=policy,
+                        advice="set maxmemory-policy noeviction: evicted keys are lost requests")
+
     def run(self) -> None:
         """Consume until stopped, reconnecting after broker failures."""
+        self.check_broker()
         keeper = threading.Thread(target=self._keep_alive, name="genq-lease", daemon=True)
         keeper.start()
         backoff = 0.5
@@ -88,8 +101,9 @@ class BatchingConsumer:
             while not self._stop.is_set():
                 self._fill(conn)
                 if len(self.pool):
-                    self._run_batch(self.pool.take_batch(self.settings.max_batch_size,
-                                                         self.settings.max_batch_tokens))
+                    self._run_batch(self.pool.take_batch(
+                        self.settings.max_batch_size, self.settings.max_batch_tokens,
+                        max_wait_s=self.settings.max_wait_ms_for_bucket / 1000))
             for pending in self.pool.drain():  # warm shutdown: unstarted requests go back
                 pending.envelope.message.requeue()
 
@@ -162,6 +176,9 @@ class BatchingConsumer:
         results: list[dict[str, Any]] = []
         if runnable:
             self.running = runnable
+            if self.metrics is not None:
+                self.metrics.busy.set(1)
+            splits_before = self.engine.oom_splits
             started = time.time()
             results = self.engine.generate(
                 [{**p.envelope.request, "id": p.envelope.id} for p in runnable],
@@ -185,6 +202,9 @@ class BatchingConsumer:
             pending.envelope.message.ack()
         self.running = []
         if self.metrics is not None:
+            self.metrics.busy.set(0)
+            if runnable:
+                self.metrics.oom_splits.inc(self.engine.oom_splits - splits_before)
             self.metrics.observe_batch(runnable, results, closing, duplicates)
 
     def _finish_with_retry(self, results: list[dict[str, Any]]) -> None:

@@ -8,7 +8,8 @@ so ``AsyncResult(id)`` and Flower see them too.
 Keys (all expire after ``GENQ_RESULT_TTL_S``):
 ``genq:r:<id>`` result JSON · ``genq:cancel:<id>`` cancel flag · ``genq:job:<jid>`` counts
 (hash) · ``genq:job:<jid>:ids`` submission order (list) · ``genq:job:<jid>:done`` and
-``:running`` (sets) · ``genq:worker:<name>`` heartbeat.
+``:running`` (sets) · ``genq:rjobs:<id>`` other jobs a request belongs to (idempotency keys) ·
+``genq:idem:<scope>:<key>`` idempotency claims · ``genq:worker:<name>`` heartbeat.
 """
 
 from __future__ import annotations
@@ -38,17 +39,38 @@ local function is_final(raw)
 end
 """
 # KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id, meta json.
-# An expired job is never resurrected by a late finish.
+# Every job the request belongs to is counted (its own and any linked by idempotency keys);
+# an expired job is never resurrected by a late finish.
 FINISH = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
-if ARGV[4] ~= '' and redis.call('EXISTS', 'genq:job:' .. ARGV[4]) == 1 then
-  local job = 'genq:job:' .. ARGV[4]
-  redis.call('SREM', job .. ':running', ARGV[5])
-  if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
-    redis.call('HINCRBY', job, ARGV[2], 1)
+local jobs = redis.call('SMEMBERS', 'genq:rjobs:' .. ARGV[5])
+if ARGV[4] ~= '' then table.insert(jobs, ARGV[4]) end
+for _, jid in ipairs(jobs) do
+  local job = 'genq:job:' .. jid
+  if redis.call('EXISTS', job) == 1 then
+    redis.call('SREM', job .. ':running', ARGV[5])
+    if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
+      redis.call('HINCRBY', job, ARGV[2], 1)
+    end
   end
+end
+return 1
+"""
+# KEYS: result. ARGV: job id, request id, ttl. Adds a request submitted earlier (same
+# idempotency key) to another job: counted at once if final, else when it finishes.
+LINK = _IS_FINAL + """
+local raw = redis.call('GET', KEYS[1])
+local job = 'genq:job:' .. ARGV[1]
+if is_final(raw) then
+  if redis.call('SADD', job .. ':done', ARGV[2]) == 1 then
+    redis.call('HINCRBY', job, cjson.decode(raw)['status'], 1)
+  end
+  redis.call('EXPIRE', job .. ':done', ARGV[3])
+else
+  redis.call('SADD', 'genq:rjobs:' .. ARGV[2], ARGV[1])
+  redis.call('EXPIRE', 'genq:rjobs:' .. ARGV[2], ARGV[3])
 end
 return 1
 """
@@ -99,6 +121,7 @@ class ResultStore:
         self.ttl = ttl_s
         self._finish = self.redis.register_script(FINISH)
         self._start = self.redis.register_script(START)
+        self._link = self.redis.register_script(LINK)
 
     # -- producers --------------------------------------------------------------------
 
@@ -123,6 +146,16 @@ class ResultStore:
         for suffix in ("", ":ids"):
             pipe.expire(key + suffix, self.ttl)
 
+    def link(self, ids: list[str], job_id: str) -> None:
+        """Make requests submitted earlier (same idempotency key) members of ``job_id``."""
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in ids:
+            self._link(keys=[result_key(request_id)], args=[job_id, request_id, self.ttl],
+                       client=pipe)
+        pipe.execute()
+
     # -- workers ----------------------------------------------------------------------
 
     def start(self, records: list[dict[str, Any]]) -> list[bool]:
@@ -132,12 +165,9 @@ class ResultStore:
             self._start(keys=[result_key(rec["id"])],
                         args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"]],
                         client=pipe)
-        flags = [bool(x) for x in pipe.execute()]
-        for rec in records:
-            if rec.get("job_id"):
-                self.redis.expire(f"{job_key(rec['job_id'])}:running", self.ttl)
-                break
-        return flags
+        for job_id in {rec["job_id"] for rec in records if rec.get("job_id")}:
+            pipe.expire(f"{job_key(job_id)}:running", self.ttl)
+        return [bool(x) for x in pipe.execute()[:len(records)]]
 
     def finish(self, results: list[dict[str, Any]]) -> list[bool]:
         """Store final results (first final state wins); True where this call stored it."""
