@@ -250,7 +250,7 @@ def _run_job(todo, timeout) -> dict[int, dict]:
 @contextmanager
 def _stack_for_run():
     """Use GENQ_BROKER_URL if it answers; else bring up Redis and a worker for the run."""
-    from worker.stack import EmbeddedRedis, broker_answers, data_dir, spawn_worker, stop_process
+    from worker.stack import broker_answers, data_dir, embedded_broker, spawn_worker, stop_process
 
     configured = os.environ.get("GENQ_BROKER_URL")
     if configured:
@@ -259,22 +259,15 @@ def _stack_for_run():
             raise typer.Exit(2)
         yield
         return
-    directory = data_dir()
-    redis_server = EmbeddedRedis(directory / "redis").start()
-    env = {"GENQ_BROKER_URL": redis_server.url}
-    os.environ.update(env)
-    from worker.ops.settings import get_settings
-
-    get_settings.cache_clear()
-    log_file = directory / "worker.log"
-    console.print(f"embedded Redis on 127.0.0.1:{redis_server.port} (data in {directory}); "
-                  f"worker log: {log_file}")
-    proc = spawn_worker(env, log_file=log_file)
-    try:
-        yield
-    finally:
-        stop_process(proc)
-        redis_server.stop()
+    with embedded_broker() as server:
+        log_file = data_dir() / "worker.log"
+        console.print(f"embedded Redis on 127.0.0.1:{server.port} (data in {data_dir()}); "
+                      f"worker log: {log_file}")
+        proc = spawn_worker({"GENQ_BROKER_URL": server.url}, log_file=log_file)
+        try:
+            yield
+        finally:
+            stop_process(proc)
 
 
 @app.command()

@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import redis
@@ -98,6 +100,20 @@ class EmbeddedRedis:
         self.proc = None
 
 
+@contextmanager
+def embedded_broker() -> Iterator[EmbeddedRedis]:
+    """An embedded Redis in the data directory, this process's broker until the block ends."""
+    from worker.ops.settings import get_settings
+
+    server = EmbeddedRedis(data_dir() / "redis").start()
+    os.environ["GENQ_BROKER_URL"] = server.url
+    get_settings.cache_clear()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def spawn_worker(env: dict[str, str], gpu: str = "none", name: str | None = None,
                  log_file: Path | None = None) -> subprocess.Popen:
     """Start ``genq worker`` as a child process with ``env`` (the GENQ_ settings)."""
@@ -151,17 +167,13 @@ def run_stack(gpus: str, host: str, port: int, console) -> int:
 
     import uvicorn
 
-    from worker.ops.settings import get_settings
-
     devices = select_gpus(gpus)
     configured = os.environ.get("GENQ_BROKER_URL")
-    server = None
+    broker = ExitStack()
     if configured and broker_answers(configured):
         console.print(f"broker: {configured.split('@')[-1]} (GENQ_BROKER_URL)")
     else:
-        server = EmbeddedRedis(data_dir() / "redis").start()
-        os.environ["GENQ_BROKER_URL"] = server.url
-        get_settings.cache_clear()
+        server = broker.enter_context(embedded_broker())
         console.print(f"broker: embedded Redis on 127.0.0.1:{server.port}, data in {server.dir}")
     env = {"GENQ_BROKER_URL": os.environ["GENQ_BROKER_URL"]}
     logs = data_dir() / "logs"
@@ -196,7 +208,6 @@ def run_stack(gpus: str, host: str, port: int, console) -> int:
                 proc.send_signal(signal.SIGTERM)
         for proc in workers.values():
             stop_process(proc)
-        if server is not None:
-            server.stop()
+        broker.close()  # the embedded Redis, if any, stops last
         console.print("stopped")
     return 0

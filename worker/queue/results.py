@@ -189,14 +189,9 @@ class ResultStore:
             self._finish(keys=[result_key(res["id"]), f"celery-task-meta-{res['id']}"],
                          args=[_dumps(res), status, self.ttl, res.get("job_id") or "",
                                res["id"], _dumps(meta)], client=pipe)
-        stored = [bool(x) for x in pipe.execute()]
-        job_ids = {r["job_id"] for r in results if r.get("job_id")}
-        if job_ids:
-            pipe = self.redis.pipeline(transaction=False)
-            for jid in job_ids:
-                pipe.expire(f"{job_key(jid)}:done", self.ttl)
-            pipe.execute()
-        return stored
+        for job_id in {r["job_id"] for r in results if r.get("job_id")}:
+            pipe.expire(f"{job_key(job_id)}:done", self.ttl)
+        return [bool(x) for x in pipe.execute()[:len(results)]]
 
     def cancelled(self, ids: list[str]) -> list[bool]:
         """Which of these requests have a cancel flag."""
