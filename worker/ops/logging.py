@@ -8,9 +8,21 @@ import sys
 import structlog
 
 
-def configure_logging(level: str = "INFO", *, stream=None) -> None:
-    """Route structlog and the standard library (Celery, transformers) to JSON lines."""
-    stream = stream or sys.stderr
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (it may be swapped, e.g. by a test
+    runner capturing output, and a stream bound once would then be a closed file)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Route structlog and the standard library (Celery, transformers) to stderr as JSON lines."""
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -19,10 +31,10 @@ def configure_logging(level: str = "INFO", *, stream=None) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

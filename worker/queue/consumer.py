@@ -62,8 +62,9 @@ class BatchingConsumer:
     def check_broker(self) -> None:
         """Warn unless Redis evicts nothing (``noeviction``): eviction would drop requests."""
         try:
-            policy = self._lease_client.config_get("maxmemory-policy").get(b"maxmemory-policy",
-                                                                          b"").decode()
+            found = self._lease_client.config_get("maxmemory-policy")
+            policy = next(iter(found.values()), b"")
+            policy = policy.decode() if isinstance(policy, bytes) else policy
         except redis.RedisError as exc:  # managed Redis may forbid CONFIG
             log.warning("broker_policy_unknown", worker=self.name, error=str(exc))
             return
