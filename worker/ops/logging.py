@@ -8,17 +8,10 @@ import sys
 import structlog
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at each record (it may be swapped, e.g. by a test
-    runner capturing output, and a stream bound once would then be a closed file)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+def _stderr():
+    """The process's real stderr: Celery redirects ``sys.stderr`` into logging (a loop), and
+    test runners swap it for a file they later close."""
+    return sys.__stderr__ or sys.stderr
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -31,10 +24,10 @@ def configure_logging(level: str = "INFO") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        logger_factory=lambda *_: structlog.PrintLogger(_stderr()),
         cache_logger_on_first_use=False,
     )
-    handler = _StderrHandler()
+    handler = logging.StreamHandler(_stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -1,5 +1,6 @@
-"""The batching consumer: one thread that owns its own kombu connection, fills a pool of
-pending requests, runs the next batch on the engine, stores every result, then acks.
+"""The batching consumer: one thread that fills a pool of pending requests from Redis
+(``delivery.Inbox``: popped and recorded as unacked atomically), runs the next batch on the
+engine, stores every result, then acks.
 
 Why not celery-batches: it flushes in arrival order on a timer that cuts batches short, cannot
 choose among pending requests by length or priority, and needs workarounds for revoke, acks
@@ -21,12 +22,14 @@ from typing import Any
 import redis
 import structlog
 from celery.worker import state as celery_state
-from kombu import Connection, Consumer
+from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from worker.errors import GenqError
 from worker.ops.settings import Settings
 from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
 from worker.queue.batcher import Pending, Pool
+from worker.queue.delivery import Delivery, Inbox, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, parse
 from worker.queue.results import ResultStore, empty_result
 
@@ -50,8 +53,9 @@ class BatchingConsumer:
         self.running: list[Pending] = []
         self.batches = 0
         self._stop = threading.Event()
-        self._lease_client = redis.Redis.from_url(settings.broker_url.get_secret_value())
-        self._lease_key = transport_options(settings).get("unacked_index_key", "unacked_index")
+        self.broker = redis.Redis.from_url(settings.broker_url.get_secret_value(),
+                                           health_check_interval=10)
+        self.inbox = Inbox(self.broker, REQUEST_QUEUES, transport_options(settings))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -62,7 +66,7 @@ class BatchingConsumer:
     def check_broker(self) -> None:
         """Warn unless Redis evicts nothing (``noeviction``): eviction would drop requests."""
         try:
-            found = self._lease_client.config_get("maxmemory-policy")
+            found = self.broker.config_get("maxmemory-policy")
             policy = next(iter(found.values()), b"")
             policy = policy.decode() if isinstance(policy, bytes) else policy
         except redis.RedisError as exc:  # managed Redis may forbid CONFIG
@@ -80,11 +84,11 @@ class BatchingConsumer:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                with Connection(self.settings.broker_url.get_secret_value(),
-                                transport_options=transport_options(self.settings)) as conn:
-                    self._consume(conn)
+                self._declare_queues()
+                self._consume()
                 backoff = 0.5
-            except Exception as exc:  # broker gone: our unacked messages come back by themselves
+            except (redis.RedisError, OperationalError, OSError) as exc:
+                # broker gone: the messages we held come back by themselves
                 dropped = len(self.pool.drain())
                 log.warning("broker_connection_lost", worker=self.name, error=repr(exc),
                             dropped_unacked=dropped, retry_in_s=backoff)
@@ -92,63 +96,73 @@ class BatchingConsumer:
                 backoff = min(backoff * 2, 5.0)
         log.info("consumer_stopped", worker=self.name, batches=self.batches)
 
-    def _consume(self, conn: Connection) -> None:
-        queues = [kombu_queue(q) for q in REQUEST_QUEUES]
-        consumer = Consumer(conn, queues=queues, callbacks=[self._on_message], accept=["json"],
-                            on_decode_error=self._on_decode_error, prefetch_count=self.pool_size)
-        with consumer:
-            log.info("consumer_ready", worker=self.name, queues=list(REQUEST_QUEUES),
-                     pool_size=self.pool_size, batch_wait_ms=self.settings.batch_wait_ms)
-            while not self._stop.is_set():
-                self._fill(conn)
-                if len(self.pool):
-                    self._run_batch(self.pool.take_batch(
-                        self.settings.max_batch_size, self.settings.max_batch_tokens,
-                        max_wait_s=self.settings.max_wait_ms_for_bucket / 1000))
-            for pending in self.pool.drain():  # warm shutdown: unstarted requests go back
-                pending.envelope.message.requeue()
+    def _declare_queues(self) -> None:
+        """Declare the request queues as Celery does (kombu restores through their bindings)."""
+        with Connection(self.settings.broker_url.get_secret_value(),
+                        transport_options=transport_options(self.settings)) as conn:
+            for name in REQUEST_QUEUES:
+                kombu_queue(name)(conn.default_channel).declare()
+
+    def _consume(self) -> None:
+        log.info("consumer_ready", worker=self.name, queues=list(REQUEST_QUEUES),
+                 pool_size=self.pool_size, batch_wait_ms=self.settings.batch_wait_ms)
+        while not self._stop.is_set():
+            self._fill()
+            if len(self.pool):
+                self._run_batch(self.pool.take_batch(
+                    self.settings.max_batch_size, self.settings.max_batch_tokens,
+                    max_wait_s=self.settings.max_wait_ms_for_bucket / 1000))
+        # warm shutdown: unstarted requests go back to the head of their queues
+        self.inbox.requeue([p.envelope.delivery for p in self.pool.drain()])
 
     # -- receiving --------------------------------------------------------------------
 
-    def _fill(self, conn: Connection) -> None:
-        """Receive until the pool is full or the oldest request has waited ``batch_wait_ms``."""
-        while not len(self.pool) and not self._stop.is_set():
-            self._drain(conn, 1.0)
-        while len(self.pool) < self.pool_size and not self._stop.is_set():
+    def _fill(self) -> None:
+        """Receive until the pool is full or the oldest request has waited ``batch_wait_ms``;
+        while nothing arrives, poll every 2-20 ms (never past that deadline)."""
+        idle = 0.002
+        while not self._stop.is_set():
+            got = self._receive(self.pool_size - len(self.pool))
             oldest = self.pool.oldest_arrival()
-            remaining = (oldest + self.wait_s - time.monotonic()) if oldest else 0
-            if not self._drain(conn, max(remaining, 0.001)):
-                break
+            if len(self.pool) >= self.pool_size:
+                return
+            if oldest is not None and time.monotonic() - oldest >= self.wait_s:
+                return
+            if got:
+                idle = 0.002
+                continue
+            pause = idle if oldest is None else min(idle, oldest + self.wait_s - time.monotonic())
+            self._stop.wait(max(pause, 0))
+            idle = min(idle * 2, 0.02)
 
-    @staticmethod
-    def _drain(conn: Connection, timeout: float) -> bool:
+    def _receive(self, room: int) -> int:
+        """Take up to ``room`` messages; the valid ones join the pool. How many were taken."""
+        deliveries = self.inbox.fetch(room)
+        for delivery in deliveries:
+            self._on_delivery(delivery)
+        return len(deliveries)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
         try:
-            conn.drain_events(timeout=timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _on_decode_error(self, message, exc) -> None:
-        log.error("message_rejected", worker=self.name, reason="undecodable or not JSON",
-                  content_type=message.content_type, error=str(exc)[:200])
-        message.ack()  # never executed; a poison message must not come back forever
-
-    def _on_message(self, body: Any, message) -> None:
-        try:
-            envelope = parse(body, message)
+            body, headers = delivery.decode()
+            envelope = parse(body, headers, delivery)
+        except Undecodable as exc:  # never executed; a poison message must not come back
+            log.error("message_rejected", worker=self.name, reason=str(exc), queue=delivery.queue)
+            self.inbox.ack([delivery])
+            return
         except MalformedMessage as exc:
             log.error("message_rejected", worker=self.name, reason=str(exc),
                       request_id=exc.request_id)
             if exc.request_id:
                 self._store_failure(exc.request_id, {}, None,
                                     {"code": "invalid_request", "message": str(exc)})
-            message.ack()
+            self.inbox.ack([delivery])
             return
         try:
             tokens = self.engine.prepare(envelope.request)
         except GenqError as exc:
             self._store_failure(envelope.id, envelope.request, envelope.job_id, exc.as_error())
-            message.ack()
+            self.inbox.ack([delivery])
             return
         self.pool.add(Pending(envelope, tokens))
 
@@ -199,8 +213,7 @@ class BatchingConsumer:
             self._finish_with_retry(results)
             self.batches += 1
             self._log_batch(runnable, results, finished - started)
-        for pending in batch:
-            pending.envelope.message.ack()
+        self.inbox.ack([p.envelope.delivery for p in batch])
         self.running = []
         if self.metrics is not None:
             self.metrics.busy.set(0)
@@ -256,11 +269,9 @@ class BatchingConsumer:
         """Renew the visibility lease of held messages; publish this worker's heartbeat."""
         every = max(1.0, min(5.0, self.settings.visibility_timeout_s / 4))
         while True:
-            held = [p.envelope.message.delivery_tag for p in [*self.pool.items, *self.running]]
+            held = [p.envelope.delivery for p in [*self.pool.items, *self.running]]
             try:
-                if held:
-                    now = time.time()
-                    self._lease_client.zadd(self._lease_key, dict.fromkeys(held, now), xx=True)
+                self.inbox.renew(held)
                 self.store.heartbeat(self.name, {
                     "name": self.name, "pid": os.getpid(), "model": self.engine.model_name,
                     "backend": self.engine.backend, "batches": self.batches,

@@ -32,7 +32,7 @@ class Envelope:
     job_id: str | None
     submitted_at: float
     expires_at: float | None
-    message: Any = field(repr=False, default=None)
+    delivery: Any = field(repr=False, default=None)  # the held message (queue.delivery.Delivery)
 
     @property
     def priority(self) -> str:
@@ -57,9 +57,8 @@ def headers_for(job_id: str | None, submitted_at: float, expires_in_s: float | N
     return headers
 
 
-def parse(body: Any, message) -> Envelope:
+def parse(body: Any, headers: dict[str, Any], delivery=None) -> Envelope:
     """Read a decoded Celery protocol-2 message; ``MalformedMessage`` if it is not one."""
-    headers = message.headers or {}
     request_id = headers.get("id")
     if not isinstance(request_id, str) or not request_id:
         raise MalformedMessage("message has no task id header (not Celery protocol 2)")
@@ -86,5 +85,5 @@ def parse(body: Any, message) -> Envelope:
         job_id=job_id if isinstance(job_id, str) else None,
         submitted_at=number("genq_submitted") or time.time(),
         expires_at=number("genq_expires"),
-        message=message,
+        delivery=delivery,
     )
