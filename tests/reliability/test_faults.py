@@ -61,65 +61,84 @@ def test_five_sigkills_during_a_500_request_job(client, start_worker, tiny_model
                       "workers_that_finished_requests": sorted(workers)}))
 
 
-def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_dir, redis_url):
-    import httpx
-    import uvicorn
+PRODUCER = """
+import sys
+from worker.client import GenerationClient
+from worker.ops.settings import Settings
+own = GenerationClient(settings=Settings(broker_url=sys.argv[1], result_ttl_s=int(sys.argv[3])))
+for chunk in range(5):
+    print(own.submit_many([{"prompt": f"p{sys.argv[2]}-{chunk}-{i}", "max_new_tokens": 2}
+                           for i in range(500)]), flush=True)
+"""
 
-    from worker.api import create_app
-    from worker.ops.settings import Settings
+
+def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_dir, redis_url):
+    """Deployed shape: gateway, worker and 8 producers are separate processes. The worker and
+    producers run at nice 10 so that, on this 2-core box, the gateway gets the CPU share it
+    would have on its own host; what is measured is the gateway answering under load."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
     from worker.stack import free_port
 
     r = redis.Redis.from_url(redis_url)
     baseline = r.info("memory")["used_memory"]
     worker = start_worker("load@test", **tiny_env(tiny_model_dir, GENQ_MAX_BATCH_SIZE="64",
                                                   GENQ_BATCH_WAIT_MS="10", GENQ_RESULT_TTL_S=str(TTL)))
+    os.setpriority(os.PRIO_PROCESS, worker.pid, 10)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(broker_url=redis_url)),
-                                           host="127.0.0.1", port=port, log_config=None))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.02)
-
-    from worker.client import GenerationClient
+    env = {**os.environ, "GENQ_BROKER_URL": redis_url, "GENQ_LOG_LEVEL": "WARNING"}
+    gateway = subprocess.Popen([sys.executable, "-m", "worker.cli", "api", "--port", str(port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            http.get("/healthz")
+            break
+        except httpx.TransportError:
+            assert gateway.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
 
     jobs: list[str] = []
-
-    def produce(k: int) -> None:
-        own = GenerationClient(settings=Settings(broker_url=redis_url, result_ttl_s=TTL))
-        for chunk in range(5):
-            jobs.append(own.submit_many([{"prompt": f"p{k}-{chunk}-{i}", "max_new_tokens": 2}
-                                         for i in range(500)]))
-
     latencies: list[float] = []
     statuses: set[int] = set()
     stop = threading.Event()
 
     def poll_gateway() -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-            while not stop.is_set():
-                if not jobs:
-                    time.sleep(0.01)
-                    continue
-                t = time.perf_counter()
-                statuses.add(http.get(f"/v1/batches/{jobs[0]}").status_code)
-                latencies.append((time.perf_counter() - t) * 1000)
+        while not stop.is_set():
+            if not jobs:
                 time.sleep(0.01)
+                continue
+            t = time.perf_counter()
+            statuses.add(http.get(f"/v1/batches/{jobs[0]}").status_code)
+            latencies.append((time.perf_counter() - t) * 1000)
+            time.sleep(0.01)
 
     poller = threading.Thread(target=poll_gateway)
     poller.start()
     t0 = time.monotonic()
-    producers = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
-    for p in producers:
-        p.start()
-    for p in producers:
-        p.join()
+    producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, redis_url, str(k), str(TTL)],
+                                  stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10))
+                 for k in range(8)]
+    readers = [threading.Thread(target=lambda p=p: jobs.extend(line.strip() for line in p.stdout))
+               for p in producers]
+    for t in readers:
+        t.start()
+    for p, t in zip(producers, readers):
+        assert p.wait() == 0
+        t.join()
     submitted_s = time.monotonic() - t0
     for job in jobs:
         client.wait_job(job, timeout=900, poll_s=0.5)
     total_s = time.monotonic() - t0
     stop.set()
     poller.join()
-    server.should_exit = True
+    gateway.terminate()
+    gateway.wait(10)
     assert len(jobs) == 40 and statuses == {200}
     finished = sum(client.job(j)["counts"]["succeeded"] for j in jobs)
     assert finished == 20_000
