@@ -142,3 +142,34 @@ def test_idempotency_key_over_http(gateway):
     assert clash.status_code == 409
     other_tenant = http.post("/v1/generations", json=body, headers={"Authorization": "Bearer tenant-b"})
     assert other_tenant.json()["id"] != first.json()["id"]
+
+
+def test_10000_line_upload_is_never_held_in_memory_whole(gateway, redis_url):
+    """A 30 MB JSONL upload goes through a spool file and is queued 1,000 lines at a time:
+    the gateway's traced Python memory stays well under the upload's size."""
+    import tracemalloc
+
+    from worker.client import GenerationClient
+
+    http = gateway(max_pending=20_000)
+    filler = "x" * 3000
+
+    def body():
+        for i in range(10_000):
+            yield (json.dumps({"custom_id": f"line-{i}", "prompt": f"{i} {filler}",
+                               "max_new_tokens": 1}) + "\n").encode()
+
+    upload_mb = 10_000 * len(next(body())) / 2**20
+    tracemalloc.start()
+    try:
+        r = http.post("/v1/batches", content=body(), headers={"content-type": "application/jsonl"})
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 202, r.text[:500]
+    assert r.json()["counts"] == {"total": 10_000, "queued": 10_000, "running": 0,
+                                  "succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0}
+    results = GenerationClient(redis_url).job_results(r.json()["id"])
+    assert [res["custom_id"] for res in results] == [f"line-{i}" for i in range(10_000)]
+    print(f"upload {upload_mb:.1f} MB, gateway traced peak {peak_mb:.1f} MB")
+    assert peak_mb < upload_mb / 2, (peak_mb, upload_mb)

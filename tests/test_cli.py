@@ -69,3 +69,42 @@ def test_genq_run_embedded_stack_equals_the_engine(tmp_path, demo_engine, cache_
                            env={**env_without_broker, **env}, timeout=300, cwd=ROOT)
     assert "24 kept from before" in again.stderr and "embedded Redis" not in again.stderr
     assert [json.loads(x) for x in out_path.read_text().splitlines()] == results
+
+
+def test_help_names_every_command_in_one_line():
+    out = genq("--help", env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for command in ("worker", "api", "up", "submit", "status", "result", "cancel", "job", "config",
+                    "run", "generate", "bench"):
+        line = next((x for x in out.stdout.splitlines() if f" {command} " in x), "")
+        assert len(line.split(command, 1)[1].strip(" │")) > 10, (command, out.stdout)
+
+
+@pytest.mark.slow
+def test_submit_status_result_cancel_job(redis_url, client, start_worker, tiny_model_dir):
+    """Each request command against a real Redis and worker, as JSON and as a table."""
+    env = {"GENQ_BROKER_URL": redis_url}
+    queued = genq("submit", "cancel me before any worker runs", "--json", env=env)
+    assert queued.returncode == 0, queued.stderr
+    rid = json.loads(queued.stdout)["id"]
+    assert json.loads(genq("status", rid, "--json", env=env).stdout)["status"] == "queued"
+    cancelled = genq("cancel", rid, "--json", env=env)
+    assert json.loads(cancelled.stdout) == {"id": rid, "cancelled": True}
+    assert "cancelled" in genq("status", rid, env=env).stdout  # the table form
+
+    start_worker(GENQ_MODEL=str(tiny_model_dir))
+    done = genq("submit", "Hello", "--max-new-tokens", "4", "--wait", "--json", env=env)
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] >= 1
+    assert json.loads(genq("result", result["id"], "--json", env=env).stdout) == result
+    table = genq("result", result["id"], env=env).stdout
+    assert result["id"] in table and "succeeded" in table and "{" not in table.splitlines()[0]
+
+    job_id = client.submit_many([{"prompt": f"p{i}", "max_new_tokens": 2} for i in range(5)])
+    client.wait_job(job_id, timeout=120)
+    shown = json.loads(genq("job", job_id, "--json", env=env).stdout)
+    assert shown["status"] == "completed" and shown["counts"]["succeeded"] == 5
+    assert "completed" in genq("job", job_id, env=env).stdout
+
+    missing = genq("status", "no-such-id", env=env)
+    assert missing.returncode == 2 and "unknown or expired" in missing.stderr

@@ -170,9 +170,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if size > MAX_UPLOAD_BYTES:
                 raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
             spool.write(chunk)
-        spool.seek(0)
-        requests = await run_in_threadpool(_parse_batch, spool, request.headers.get("content-type", ""))
-        job_id = await run_in_threadpool(client.submit_many, requests)
+        content_type = request.headers.get("content-type", "")
+        await run_in_threadpool(_check_batch, spool, content_type)
+
+        def requests() -> Iterator[dict[str, Any]]:
+            spool.seek(0)
+            return (to_request(item) for _, item in _batch_items(spool, content_type))
+
+        job_id = await run_in_threadpool(client.submit_stream, requests)
         return await run_in_threadpool(client.job, job_id)
 
     @app.get("/v1/batches/{job_id}", response_model=Batch)
@@ -243,10 +248,9 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
             for e in exc.errors()]
 
 
-def _parse_batch(spool, content_type: str) -> list[dict[str, Any]]:
-    """Validate every line (or list item); ``InvalidRequest`` lists the bad ones."""
-    requests: list[dict[str, Any]] = []
-    errors: list[str] = []
+def _batch_items(spool, content_type: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed item or the parse error) for a JSON list or JSONL upload."""
+    spool.seek(0)
     if "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type:
         try:
             items = json.load(spool)
@@ -254,25 +258,30 @@ def _parse_batch(spool, content_type: str) -> list[dict[str, Any]]:
             raise InvalidRequest(f"body is not JSON: {exc}") from None
         if not isinstance(items, list):
             raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
-        numbered = enumerate(items, start=1)
-    else:
-        numbered = _jsonl(spool)
-    for number, item in numbered:
-        if len(requests) + len(errors) >= MAX_UPLOAD_LINES:
+        return enumerate(items, start=1)
+    return _jsonl(spool)
+
+
+def _check_batch(spool, content_type: str) -> None:
+    """Validate every line (or list item), keeping none; ``InvalidRequest`` lists the bad ones."""
+    count = 0
+    errors: list[str] = []
+    for number, item in _batch_items(spool, content_type):
+        count += 1
+        if count > MAX_UPLOAD_LINES:
             raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
         if isinstance(item, Exception):
             errors.append(f"line {number}: {item}")
             continue
         try:
-            requests.append(to_request(item))
+            to_request(item)
         except InvalidRequest as exc:
             errors.append(f"line {number}: {exc.message}")
     if errors:
         more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
         raise InvalidRequest("; ".join(errors[:20]) + more)
-    if not requests:
+    if not count:
         raise InvalidRequest("the batch is empty")
-    return requests
 
 
 def _jsonl(spool) -> Iterator[tuple[int, Any]]:

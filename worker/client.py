@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
@@ -117,29 +118,50 @@ class GenerationClient:
         whose ``idempotency_key`` was seen before joins the job with its earlier id and is
         not generated again (finished ones count as finished at once).
         """
-        checked = []
-        for i, body in enumerate(requests):
-            try:
-                request = self._validated(body)
-            except InvalidRequest as exc:
-                raise type(exc)(f"request {i}: {exc.message}") from None
-            request.setdefault("priority", priority)
-            checked.append((str(uuid.uuid4()), request))
-        if not checked:
+        checked = [self._validated_at(i, body) for i, body in enumerate(requests)]
+        return self._enqueue_job([checked], len(checked), priority, idempotency_scope)
+
+    def submit_stream(self, source: Callable[[], Iterable[dict[str, Any]]], *,
+                      priority: str = "bulk", idempotency_scope: str = "",
+                      chunk: int = 1000) -> str:
+        """``submit_many`` for inputs too big to hold: ``source()`` is read twice, once to
+        validate every request (keeping none), once to enqueue them ``chunk`` at a time."""
+        total = sum(1 for i, body in enumerate(source()) if self._validated_at(i, body))
+
+        def chunks() -> Iterator[list[dict[str, Any]]]:
+            bodies = iter(source())
+            while part := [self._validated_at(0, b) for b in itertools.islice(bodies, chunk)]:
+                yield part
+
+        return self._enqueue_job(chunks(), total, priority, idempotency_scope)
+
+    def _validated_at(self, index: int, body: Any) -> dict[str, Any]:
+        try:
+            return self._validated(body)
+        except InvalidRequest as exc:
+            raise type(exc)(f"request {index}: {exc.message}") from None
+
+    def _enqueue_job(self, chunks: Iterable[list[dict[str, Any]]], total: int, priority: str,
+                     idempotency_scope: str) -> str:
+        if not total:
             raise InvalidRequest("submit_many needs at least one request")
-        self._check_capacity(len(checked))
-        earlier = self._claim(checked, idempotency_scope)
-        ids = [twin or rid for (rid, _), twin in zip(checked, earlier, strict=True)]
-        fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
+        self._check_capacity(total)
         job_id = f"job-{uuid.uuid4()}"
         pipe = self.store.redis.pipeline(transaction=False)
-        self.store.create_job(job_id, ids, pipe)
-        self.store.record_queued(fresh, job_id=job_id, pipe=pipe)
-        pipe.execute()
-        # requests submitted before with the same key join this job instead of running again
-        self.store.link([twin for twin in earlier if twin is not None], job_id)
-        if fresh:
-            self._publish(fresh, job_id=job_id)
+        self.store.create_job(job_id, total, pipe)
+        for requests in chunks:
+            checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
+                       for r in requests]
+            earlier = self._claim(checked, idempotency_scope)
+            self.store.add_job_ids(job_id, [twin or rid for (rid, _), twin
+                                            in zip(checked, earlier, strict=True)], pipe)
+            fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
+            self.store.record_queued(fresh, job_id=job_id, pipe=pipe)
+            pipe.execute()
+            # requests submitted before with the same key join this job instead of running again
+            self.store.link([twin for twin in earlier if twin is not None], job_id)
+            if fresh:
+                self._publish(fresh, job_id=job_id)
         return job_id
 
     def _validated(self, body: Any) -> dict[str, Any]:

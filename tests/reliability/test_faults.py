@@ -128,7 +128,7 @@ def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_d
                for p in producers]
     for t in readers:
         t.start()
-    for p, t in zip(producers, readers):
+    for p, t in zip(producers, readers, strict=True):
         assert p.wait() == 0
         t.join()
     submitted_s = time.monotonic() - t0

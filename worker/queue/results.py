@@ -136,15 +136,19 @@ class ResultStore:
         if own:
             pipe.execute()
 
-    def create_job(self, job_id: str, ids: list[str], pipe) -> None:
-        """Add the job's counters and its ids in submission order to ``pipe``."""
+    def create_job(self, job_id: str, total: int, pipe) -> None:
+        """Add the job's counters to ``pipe``; its ids follow with ``add_job_ids``."""
         key = job_key(job_id)
-        pipe.hset(key, mapping={"total": len(ids), "created": time.time(), "succeeded": 0,
+        pipe.hset(key, mapping={"total": total, "created": time.time(), "succeeded": 0,
                                 "failed": 0, "cancelled": 0, "expired": 0})
+        pipe.expire(key, self.ttl)
+
+    def add_job_ids(self, job_id: str, ids: list[str], pipe) -> None:
+        """Append request ids to the job, in submission order, to ``pipe``."""
+        key = f"{job_key(job_id)}:ids"
         for start in range(0, len(ids), 10_000):
-            pipe.rpush(f"{key}:ids", *ids[start:start + 10_000])
-        for suffix in ("", ":ids"):
-            pipe.expire(key + suffix, self.ttl)
+            pipe.rpush(key, *ids[start:start + 10_000])
+        pipe.expire(key, self.ttl)
 
     def link(self, ids: list[str], job_id: str) -> None:
         """Make requests submitted earlier (same idempotency key) members of ``job_id``."""
