@@ -45,3 +45,13 @@ def test_defaults_and_single_stop_string():
     req = validate_request({"prompt": "a", "stop": "\n"})
     assert req.stop == ["\n"] and req.max_new_tokens == 256 and req.temperature == 0
     assert not req.samples
+
+
+def test_thousands_deep_metadata_is_refused_not_a_recursion_error():
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):  # deeper than Python's recursion limit
+        node["m"] = {}
+        node = node["m"]
+    with pytest.raises(InvalidRequest, match="deeper than"):
+        validate_request({"prompt": "x", "metadata": deep})

@@ -36,11 +36,12 @@ def _check_utf8(text: str) -> str:
 
 
 def _depth(value: Any, level: int = 0) -> int:
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level + 1)
-    return level
+    """Nesting depth of ``value``, counted no further than one past the limit (so a
+    thousands-deep document cannot exhaust the stack)."""
+    if level > MAX_METADATA_DEPTH or not isinstance(value, dict | list):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in children), default=level + 1)
 
 
 class GenerationRequest(BaseModel):

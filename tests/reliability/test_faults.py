@@ -233,3 +233,117 @@ def test_broker_restart_with_300_requests_queued_and_running(client, start_worke
                               "failed": 0, "cancelled": 0, "expired": 0}
     print(json.dumps({"scenario": "redis restart", "at_stop": at_stop, "lost": 0,
                       "readyz_while_down": down.status_code}))
+
+
+def nasty_bodies():
+    """hypothesis strategy: request bodies as users get them wrong (see RELIABILITY.md)."""
+    from hypothesis import strategies as st
+
+    deep = {"m": {}}
+    node = deep["m"]
+    for _ in range(200):
+        node["m"] = {}
+        node = node["m"]
+    text = st.text(max_size=300) | st.sampled_from(
+        ["", " ", "\x00\x01\x1b[31m\u202e", "\ud800 lone surrogate", "a" * 1_000_001, "z" * 10 * 2**20,
+         "word " * 40_000, "\u0000" * 100])
+    number = st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+        [10**30, -1, 0, 2**63, 1e308])
+    junk = st.recursive(st.none() | st.booleans() | number | text,
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    message = st.fixed_dictionaries({"role": st.sampled_from(
+        ["user", "system", "assistant", "tool", "robot", "", "USER"]) | junk,
+        "content": text | junk})
+    fields = {
+        "prompt": text | junk, "messages": st.lists(message, max_size=3) | junk,
+        "max_new_tokens": st.integers(-5, 10**12) | junk, "temperature": number | junk,
+        "top_p": number, "top_k": number, "stop": st.lists(text, max_size=6) | junk,
+        "seed": number, "adapter": st.sampled_from(["no-such-adapter", "", "../../etc"]) | junk,
+        "metadata": junk | st.just(deep) | st.just({"blob": "x" * 20_000}),
+        "custom_id": text, "expires_in_s": number, "priority": text, "surprise": junk}
+    anything = st.fixed_dictionaries({}, optional=fields)
+    # a good request with one field made nasty: gets past the schema more often
+    nearly_valid = st.builds(
+        lambda prompt, extra: {"prompt": prompt or "?", "max_new_tokens": 3, **extra},
+        st.text(max_size=200), st.sampled_from(sorted(fields)).flatmap(
+            lambda name: st.fixed_dictionaries({name: fields[name]})))
+    return anything | nearly_valid
+
+
+def test_client_and_gateway_fuzz_never_hurt_valid_requests(client, start_worker, gateway,
+                                                          tiny_model_dir):
+    """Fuzzed bodies through the Python client and the HTTP gateway (plus raw bytes: invalid
+    UTF-8, 10 MB, 5,000-deep nesting): each is refused with a clear error (an ``InvalidRequest``
+    / 4xx) or ends ``failed`` with a code; valid requests sent in between all succeed."""
+    from hypothesis import HealthCheck, given, settings
+
+    from worker.errors import GenqError
+
+    worker = start_worker("fuzz2@test", **tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="20"))
+    http = gateway()
+    accepted: list[str] = []
+    valid: list[str] = []
+    refused = {"client": 0, "http": 0}
+    codes: dict[int, int] = {}
+    tried = 0
+
+    def alongside() -> None:
+        if tried % 10 == 0:
+            valid.append(client.submit(prompt=f"valid {tried}", max_new_tokens=2))
+            r = http.post("/v1/generations", json={"prompt": f"valid http {tried}",
+                                                   "max_new_tokens": 2})
+            assert r.status_code == 202, r.text
+            valid.append(r.json()["id"])
+
+    @given(body=nasty_bodies())
+    @settings(max_examples=120, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(body):
+        nonlocal tried
+        tried += 2
+        try:
+            accepted.append(next(client.job_results(client.submit_many([body])))["id"])
+        except GenqError as exc:
+            assert exc.code in ("invalid_request", "prompt_too_long") and exc.message
+            refused["client"] += 1
+        try:
+            raw = json.dumps(body, allow_nan=True)
+        except ValueError:
+            raw = "{not json"  # not JSON-encodable: the gateway must say so
+        r = http.post("/v1/generations", content=raw.encode("utf-8", "surrogatepass"),
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 202 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+        if r.status_code == 202:
+            accepted.append(r.json()["id"])
+        else:
+            assert r.json()["detail"]
+            refused["http"] += 1
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+        alongside()
+
+    fuzz()
+    raw_bodies = [b'{"prompt": "\xff\xfe\xfd"}', b'{"prompt": "ok", "metadata": ' + b"[" * 100_000,
+                  b'{"prompt": "' + b"y" * (10 * 1024 * 1024) + b'"}', b"\x00" * 1000,
+                  b'{"prompt": "a", "metadata": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+                  b'[' * 50_000 + b']' * 50_000]
+    for raw in raw_bodies:
+        tried += 1
+        r = http.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500 and r.json()["detail"], (r.status_code, r.text[:300])
+        refused["http"] += 1
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+    for rid in valid:
+        assert client.wait(rid, timeout=120)["status"] == "succeeded"
+    outcomes: dict[str, int] = {}
+    for rid in accepted:
+        res = client.wait(rid, timeout=300)
+        outcomes[res["status"]] = outcomes.get(res["status"], 0) + 1
+        if res["status"] == "failed":
+            assert res["error"]["code"] in ("invalid_request", "prompt_too_long")
+        else:
+            assert res["status"] == "succeeded"
+    assert worker.poll() is None and client.get(valid[-1])["worker"] == "fuzz2@test"
+    print(json.dumps({"scenario": "client+gateway fuzz", "inputs": tried, "refused": refused,
+                      "http_refusals_by_status": codes,
+                      "accepted_outcomes": outcomes, "valid_alongside": len(valid)}))
