@@ -39,13 +39,10 @@ def test_config_masks_secrets():
 
 @pytest.mark.slow
 def test_genq_run_embedded_stack_equals_the_engine(tmp_path, demo_engine, cache_dir):
-    """The README's main job: no broker configured, OpenAI Batch input, default backend."""
+    """The README's main job over all of examples/prompts.jsonl (OpenAI Batch lines, 64 tokens
+    each) with two bad lines slipped in: no broker configured, default backend."""
     subset = tmp_path / "in.jsonl"
-    lines = []
-    for raw in EXAMPLES.read_text().splitlines()[:24]:
-        line = json.loads(raw)
-        line["body"]["max_tokens"] = 16
-        lines.append(json.dumps(line))
+    lines = EXAMPLES.read_text().splitlines()
     bad_line = '{"custom_id": "bad", "body": {"messages": []}, "url": "/v1/chat/completions"}'
     subset.write_text("\n".join(lines[:10] + [bad_line, "{oops"] + lines[10:]) + "\n")
     out_path = tmp_path / "out.jsonl"
@@ -58,16 +55,16 @@ def test_genq_run_embedded_stack_equals_the_engine(tmp_path, demo_engine, cache_
     errors = [json.loads(x) for x in Path(f"{out_path}.errors").read_text().splitlines()]
     assert [e["line"] for e in errors] == [11, 12]
     results = [json.loads(x) for x in out_path.read_text().splitlines()]
-    assert [r["custom_id"] for r in results] == [f"req-{i:03d}" for i in range(1, 25)]
+    assert [r["custom_id"] for r in results] == [f"req-{i:03d}" for i in range(1, 65)]
     assert all(r["status"] == "succeeded" for r in results)
-    requests = example_requests(24, max_new_tokens=16)
+    requests = example_requests(max_new_tokens=64)
     assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
     assert "embedded Redis" in run.stderr
 
     again = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(subset), "-o", str(out_path),
                             "--resume"], capture_output=True, text=True,
                            env={**env_without_broker, **env}, timeout=300, cwd=ROOT)
-    assert "24 kept from before" in again.stderr and "embedded Redis" not in again.stderr
+    assert "64 kept from before" in again.stderr and "embedded Redis" not in again.stderr
     assert [json.loads(x) for x in out_path.read_text().splitlines()] == results
 
 
