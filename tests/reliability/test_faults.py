@@ -121,8 +121,8 @@ def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_d
     poller = threading.Thread(target=poll_gateway)
     poller.start()
     t0 = time.monotonic()
-    producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, redis_url, str(k), str(TTL)],
-                                  stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10))
+    producers = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", PRODUCER, redis_url,
+                                   str(k), str(TTL)], stdout=subprocess.PIPE, text=True)
                  for k in range(8)]
     readers = [threading.Thread(target=lambda p=p: jobs.extend(line.strip() for line in p.stdout))
                for p in producers]
