@@ -174,7 +174,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(_check_batch, spool, content_type)
 
         def requests() -> Iterator[dict[str, Any]]:
-            spool.seek(0)
             return (to_request(item) for _, item in _batch_items(spool, content_type))
 
         job_id = await run_in_threadpool(client.submit_stream, requests)

@@ -125,12 +125,17 @@ class GenerationClient:
                       priority: str = "bulk", idempotency_scope: str = "",
                       chunk: int = 1000) -> str:
         """``submit_many`` for inputs too big to hold: ``source()`` is read twice, once to
-        validate every request (keeping none), once to enqueue them ``chunk`` at a time."""
-        total = sum(1 for i, body in enumerate(source()) if self._validated_at(i, body))
+        validate every request and count its prompt tokens (keeping none), once to enqueue
+        them ``chunk`` at a time (schema only: the tokens were counted)."""
+        total = 0
+        for i, body in enumerate(source()):
+            self._validated_at(i, body)
+            total += 1
 
         def chunks() -> Iterator[list[dict[str, Any]]]:
             bodies = iter(source())
-            while part := [self._validated_at(0, b) for b in itertools.islice(bodies, chunk)]:
+            while part := [self._validated(b, count_tokens=False)
+                           for b in itertools.islice(bodies, chunk)]:
                 yield part
 
         return self._enqueue_job(chunks(), total, priority, idempotency_scope)
@@ -164,12 +169,12 @@ class GenerationClient:
                 self._publish(fresh, job_id=job_id)
         return job_id
 
-    def _validated(self, body: Any) -> dict[str, Any]:
+    def _validated(self, body: Any, count_tokens: bool = True) -> dict[str, Any]:
         """Validate the schema, then count prompt tokens exactly as the workers will (when a
         worker has published its tokenizer) and raise ``PromptTooLong`` before queueing."""
         request = validate_request(body, max_new_tokens_limit=self.settings.max_new_tokens_limit)
         data = request.model_dump(exclude_none=True, exclude_defaults=False)
-        counter = self.counter.get()
+        counter = self.counter.get() if count_tokens else None
         if counter is not None:
             try:
                 counter.check(data)
