@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import example_requests
 
@@ -103,39 +104,74 @@ def test_seeded_sampling_is_reproducible_and_per_row(demo_engine):
     assert len({mixed[0]["text"], mixed[2]["text"]}) == 2
 
 
-def test_out_of_memory_splits_the_batch(demo_engine, monkeypatch):
-    real = demo_engine._generate_tensors
-    sizes = []
+class OutOfMemoryInside:
+    """Raises out-of-memory from inside the model's last decoder layer (after every earlier
+    layer has appended this step's keys and values to the cache) when ``fail(hidden)``."""
 
-    def fail_above_two(**kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 2:
-            raise MemoryError("injected")
-        return real(**kwargs)
+    def __init__(self, model, fail):
+        self.fail = fail
+        self.raised = 0
+        self.handle = model.model.layers[-1].register_forward_pre_hook(self)
 
-    monkeypatch.setattr(demo_engine, "_generate_tensors", fail_above_two)
-    reqs = example_requests(5, max_new_tokens=4)
-    splits = demo_engine.oom_splits
-    out = demo_engine.generate(reqs)
-    assert demo_engine.oom_splits - splits == 2  # 5 -> 2 + 3, then 3 -> 1 + 2
-    assert all(r["status"] == "succeeded" for r in out)
-    assert sizes[0] == 5 and max(r["batch"]["size"] for r in out) <= 2
+    def __call__(self, _module, args):
+        if self.fail(args[0]):
+            self.raised += 1
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    def remove(self):
+        self.handle.remove()
 
 
-def test_out_of_memory_on_a_single_row_fails_only_that_row(demo_engine, monkeypatch):
-    real = demo_engine._generate_tensors
+def test_out_of_memory_inside_a_decode_step_evicts_the_youngest_rows(demo_engine):
+    requests = example_requests(6, max_new_tokens=12)
+    alone = [demo_engine.generate([r])[0]["text"] for r in requests]
+    loop = demo_engine.scheduler()
+    for i, request in enumerate(requests):
+        loop.add(demo_engine.sequence(request, str(i)))
+    # decode steps (one new token per row) of more than 3 rows run out of memory
+    oom = OutOfMemoryInside(demo_engine.model, lambda h: h.shape[1] == 1 and h.shape[0] > 3)
+    widest, results = 0, {}
+    try:
+        while not loop.idle:
+            for seq in loop.step():
+                results[int(seq.id)] = demo_engine.result(seq)
+            widest = max([widest, *(len(lane) for lane in loop.lanes.values())])
+    finally:
+        oom.remove()
+    assert oom.raised >= 1 and loop.ooms == oom.raised and loop.evictions >= 1
+    assert all(results[i]["status"] == "succeeded" for i in range(6))
+    assert [results[i]["text"] for i in range(6)] == alone  # evicted rows restarted cleanly
 
-    def fail_long_prompts(**kwargs):
-        if kwargs["input_ids"].shape[1] > 60:
-            raise MemoryError("injected")
-        return real(**kwargs)
 
-    monkeypatch.setattr(demo_engine, "_generate_tensors", fail_long_prompts)
+def test_out_of_memory_on_a_single_row_fails_only_that_row(demo_engine):
     short = {"prompt": "Hello there", "max_new_tokens": 4}
     long = {"prompt": "tell me more " * 40, "max_new_tokens": 4}
-    out = demo_engine.generate([short, long])
+    # any forward pass over a long prompt runs out of memory, alone too
+    oom = OutOfMemoryInside(demo_engine.model, lambda h: h.shape[1] > 60)
+    try:
+        out = demo_engine.generate([short, long])
+    finally:
+        oom.remove()
     assert out[0]["status"] == "succeeded"
+    assert out[0]["text"] == demo_engine.generate([short])[0]["text"]
     assert out[1]["status"] == "failed" and out[1]["error"]["code"] == "out_of_memory"
+
+
+def test_static_scheduler_computes_finished_rows_continuous_does_not(demo_engine):
+    requests = [{**r, "max_new_tokens": n} for r, n in
+                zip(example_requests(6), [4, 40, 8, 40, 4, 16], strict=True)]
+    ratios, texts = {}, {}
+    for mode in ("static", "continuous"):
+        loop = demo_engine.scheduler(mode)
+        for i, request in enumerate(requests):
+            loop.add(demo_engine.sequence(request, str(i)))
+        done = {}
+        while not loop.idle:
+            done.update({int(s.id): demo_engine.result(s)["text"] for s in loop.step()})
+        ratios[mode] = loop.useful_row_steps / loop.row_steps
+        texts[mode] = [done[i] for i in range(6)]
+    assert texts["static"] == texts["continuous"]
+    assert ratios["continuous"] == 1.0 and ratios["static"] < 0.8
 
 
 def test_cancel_check_stops_a_running_row(demo_engine):

@@ -141,3 +141,19 @@ def validate_request(data: Any, *, max_new_tokens_limit: int | None = None) -> G
             f"max_new_tokens: {req.max_new_tokens} is above the limit {max_new_tokens_limit}"
         )
     return req
+
+
+def result_record(request_id: str, status: str, request: Any = None, *, job_id: str | None = None,
+                  worker: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """A result with every contract field (the one definition of its shape), for ``request``
+    as received (only well-typed ``custom_id``, ``adapter`` and ``metadata`` are echoed)."""
+    body = request if isinstance(request, dict) else {}
+    custom_id, adapter, metadata = body.get("custom_id"), body.get("adapter"), body.get("metadata")
+    return {
+        "id": request_id, "status": status,
+        "custom_id": custom_id if isinstance(custom_id, str) else None,
+        "text": None, "finish_reason": None, "usage": None, "timings": None, "batch": None,
+        "worker": worker, "model": model, "adapter": adapter if isinstance(adapter, str) else None,
+        "metadata": metadata if isinstance(metadata, dict) else None, "error": None,
+        "job_id": job_id,
+    }

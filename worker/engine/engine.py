@@ -1,44 +1,38 @@
-"""The engine: a list of requests in, one result per request out, in order.
+"""The engine: a loaded model with its tokenizer rules, and one generation path.
 
-No queue here. ``Engine.generate`` validates each request (a bad one fails alone), tokenizes,
-plans length-sorted sub-batches per adapter, runs each as one left-padded, attention-masked
-``generate`` call with a pad distinct from EOS, slices every row after the padded prompt and
-``batch_decode``s it. An out-of-memory batch is split in halves down to single rows.
+No queue here. ``Engine.sequence`` validates and tokenizes a request once (a bad one raises
+and fails alone); ``Engine.scheduler`` returns the step loop that runs sequences in lanes of
+left-padded, attention-masked rows that join and leave between decode steps;
+``Engine.generate(list)`` is that loop run to the end over a list, results in input order.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from worker.engine.batching import Row, pad_fraction, plan_batches
 from worker.engine.loading import load_adapters, load_model, select_adapter
 from worker.engine.padding import PadChoice, apply_pad_token, eos_ids
+from worker.engine.policy import Limits
 from worker.engine.prompts import encode
+from worker.engine.running import FastDecodeBuffers
 from worker.engine.sampling import RowSampler
-from worker.engine.stopping import CancelCheck, RowStopper, cut_at_stop
-from worker.errors import GenqError, InvalidRequest, OutOfMemory, PromptTooLong
-from worker.schema import GenerationRequest, validate_request
+from worker.engine.scheduler import OOM_ERRORS, Scheduler
+from worker.engine.sequence import Sequence
+from worker.engine.stopping import StopStrings
+from worker.errors import GenqError, InvalidRequest, PromptTooLong
+from worker.schema import GenerationRequest, result_record, validate_request
+
+__all__ = ["OOM_ERRORS", "Engine", "load_engine"]
 
 log = structlog.get_logger(__name__)
-
-OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
-
-
-@dataclass
-class _Pending:
-    """A valid request on its way through the engine."""
-
-    id: str
-    request: GenerationRequest
-    prompt_ids: list[int]
+SCHEDULERS = ("continuous", "static")
 
 
 class Engine:
@@ -48,6 +42,8 @@ class Engine:
                  pad: PadChoice, adapters: dict[str, str] | None = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 32768,
                  max_prompt_tokens: int | None = None, max_new_tokens_limit: int = 2048,
+                 max_prefill_tokens: int = 8192, max_bulk_pause_ms: int = 1000,
+                 max_wait_ms_for_bucket: int = 30_000, scheduler: str = "continuous",
                  worker_name: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -58,67 +54,108 @@ class Engine:
         self.adapters = dict(adapters or {})
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_bulk_pause_ms = max_bulk_pause_ms
+        self.max_wait_ms_for_bucket = max_wait_ms_for_bucket
         self.max_new_tokens_limit = max_new_tokens_limit
         self.worker_name = worker_name
         context = getattr(model.config, "max_position_embeddings", None) or 4096
         self.context_length = int(context)
         self.max_prompt_tokens = max_prompt_tokens
-        self.eos_ids = eos_ids(tokenizer, model.config) | _generation_eos(model)
+        self.eos_ids = frozenset(eos_ids(tokenizer, model.config) | _generation_eos(model))
         self.device = next(model.parameters()).device
-        self.padding_side = "left"  # set on every batch: Unsloth's for_training flips it
-        self.oom_splits = 0  # batches split after out-of-memory (exported by workers)
+        self.padding_side = "left"  # used by every prefill: Unsloth's for_training flips it
+        self.fast_buffers = FastDecodeBuffers(model, enabled=backend == "unsloth"
+                                              and self.device.type == "cuda")
+        self.continuous_ok = _plain_kv_cache(model)
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
+        if scheduler == "continuous" and not self.continuous_ok:
+            log.warning("continuous_unsupported", model=model_name,
+                        reason="the model's cache has sliding-window or other non-plain layers")
+            scheduler = "static"
+        self.scheduler_mode = scheduler
+        self._adapter: tuple[str | None] | None = None  # the adapter active now (None: base)
 
     # -- public API -------------------------------------------------------------------
 
-    def generate(self, requests: list[dict[str, Any]], *,
-                 is_cancelled: CancelCheck | None = None) -> list[dict[str, Any]]:
+    def generate(self, requests: list[dict[str, Any]], *, is_cancelled=None,
+                 scheduler: str | None = None) -> list[dict[str, Any]]:
         """Run every request; return results in the same order (``succeeded`` or ``failed``).
 
         ``is_cancelled`` (request ids -> flags) is polled every few decode steps; a
         cancelled row stops with ``finish_reason: cancelled`` and the text so far.
         """
-        started = time.perf_counter()
         results: list[dict[str, Any] | None] = [None] * len(requests)
-        pending: dict[int, _Pending] = {}
-        checked: list[tuple[int, str, GenerationRequest]] = []
+        loop = self.scheduler(scheduler)
+        index: dict[str, int] = {}
+        started = time.time()
         for i, raw in enumerate(requests):
-            request_id = str(raw.get("id") or uuid.uuid4()) if isinstance(raw, dict) else str(uuid.uuid4())
+            request_id = _request_id(raw)
             try:
-                checked.append((i, request_id, self._validate(raw)))
+                seq = self.sequence(raw, request_id, submitted_at=started)
             except GenqError as exc:
-                results[i] = self._failed(request_id, raw, exc)
-        if checked:
-            for (i, request_id, request), ids in zip(
-                checked, self._encode([c[2] for c in checked]), strict=True
-            ):
-                try:
-                    if isinstance(ids, GenqError):
-                        raise ids
-                    self._check_length(len(ids), request.max_new_tokens)
-                except GenqError as exc:
-                    results[i] = self._failed(request_id, request.model_dump(), exc)
-                    continue
-                pending[i] = _Pending(request_id, request, ids)
-
-        rows = [Row(i, len(p.prompt_ids), p.request.max_new_tokens, p.request.adapter)
-                for i, p in pending.items()]
-        for batch in plan_batches(rows, self.max_batch_size, self.max_batch_tokens):
-            items = [(row.index, pending[row.index]) for row in batch]
-            for index, result in self._run_splitting(items, is_cancelled, started):
-                results[index] = result
+                results[i] = self.failed(request_id, raw, exc)
+                continue
+            loop.add(seq)
+            index[seq.handle] = i
+        iteration = 0
+        while not loop.idle:
+            finished = loop.step()
+            iteration += 1
+            if is_cancelled is not None and iteration % 4 == 0:
+                rows = [*loop.running, *loop.waiting.values()]
+                flags = is_cancelled([s.id for s in rows])
+                finished += loop.stop([s.id for s, flag in zip(rows, flags, strict=True) if flag])
+            for seq in finished:
+                results[index[seq.handle]] = self.result(seq)
         return results  # type: ignore[return-value]
 
-    def prepare(self, request: dict[str, Any]) -> int:
-        """Check one request as ``generate`` will; its prompt token count (no padding).
+    def scheduler(self, mode: str | None = None) -> Scheduler:
+        """A new step loop on this engine (``continuous`` or ``static``; default: settings)."""
+        mode = mode or self.scheduler_mode
+        if mode not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {mode!r}; use one of {SCHEDULERS}")
+        if mode == "continuous" and not self.continuous_ok:
+            mode = "static"
+        return Scheduler(self, Limits(
+            max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
+            max_bulk_pause_s=self.max_bulk_pause_ms / 1000,
+            max_wait_s=self.max_wait_ms_for_bucket / 1000, static=mode == "static"))
 
-        Raises the ``GenqError`` that ``generate`` would store for it.
-        """
-        checked = self._validate(request)
-        ids = self._encode([checked])[0]
-        if isinstance(ids, GenqError):
-            raise ids
-        self._check_length(len(ids), checked.max_new_tokens)
-        return len(ids)
+    def sequence(self, raw: Any, request_id: str | None = None, *, submitted_at: float | None = None,
+                 expires_at: float | None = None, suspect: bool = False) -> Sequence:
+        """Validate and tokenize one request, once; raises the ``GenqError`` it fails with."""
+        request = self._validate(raw)
+        ids = self._encode_one(request)
+        self._check_length(len(ids), request.max_new_tokens)
+        body = raw if isinstance(raw, dict) else {}
+        return Sequence(
+            id=request_id or _request_id(raw), request=request, prompt_ids=ids, body=body,
+            submitted_at=time.time() if submitted_at is None else submitted_at,
+            expires_at=expires_at, suspect=suspect, sampler=RowSampler.for_request(request),
+            stops=StopStrings(request.stop) if request.stop else None)
+
+    def prepare(self, request: dict[str, Any]) -> int:
+        """Check one request as ``generate`` will; its prompt token count (no padding)."""
+        return self.sequence(request).prompt_tokens
+
+    def result(self, seq: Sequence) -> dict[str, Any]:
+        """The contract's result for a finished sequence."""
+        return seq.result(self.tokenizer, worker=self.worker_name, model=self.model_name)
+
+    def failed(self, request_id: str, body: Any, exc: GenqError) -> dict[str, Any]:
+        """The result of a request that failed before it ran."""
+        log.info("request_failed", request_id=request_id, code=exc.code, message=exc.message)
+        return {**result_record(request_id, "failed", body, worker=self.worker_name,
+                                model=self.model_name), "error": exc.as_error()}
+
+    def select_adapter(self, adapter: str | None) -> None:
+        """Make ``adapter`` (None: the base model) the active weights for the next forward."""
+        if self._adapter != (adapter,):
+            select_adapter(self.model, adapter, bool(self.adapters))
+            self._adapter = (adapter,)
 
     # -- internals --------------------------------------------------------------------
 
@@ -130,19 +167,11 @@ class Engine:
                                  f"configured: {sorted(self.adapters) or 'none'}")
         return request
 
-    def _encode(self, requests: list[GenerationRequest]) -> list[list[int] | InvalidRequest]:
-        """Token ids per request; a request the template or tokenizer rejects gets an error
-        instead, and never fails its batch-mates."""
-        try:
-            return encode(self.tokenizer, requests)
-        except Exception:
-            return [self._encode_one(r) for r in requests]
-
-    def _encode_one(self, request: GenerationRequest) -> list[int] | InvalidRequest:
+    def _encode_one(self, request: GenerationRequest) -> list[int]:
         try:
             return encode(self.tokenizer, [request])[0]
         except Exception as exc:
-            return InvalidRequest(f"the prompt cannot be rendered: {type(exc).__name__}: {exc}")
+            raise InvalidRequest(f"the prompt cannot be rendered: {type(exc).__name__}: {exc}") from None
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -155,116 +184,18 @@ class Engine:
                 f"prompt has {prompt_tokens} tokens + max_new_tokens {max_new_tokens} > "
                 f"context {self.context_length}")
 
-    def _run_splitting(self, items, is_cancelled, started):
-        """Run a sub-batch; on out-of-memory split it in halves, down to single rows."""
-        try:
-            return self._run_batch(items, is_cancelled, started)
-        except OOM_ERRORS as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(items) == 1:
-                index, p = items[0]
-                log.warning("oom_single_row", request_id=p.id)
-                err = OutOfMemory(f"out of memory on a single row: {exc}")
-                return [(index, self._failed(p.id, p.request.model_dump(), err))]
-            half = len(items) // 2
-            self.oom_splits += 1
-            log.warning("oom_split", batch_size=len(items), halves=[half, len(items) - half])
-            return (self._run_splitting(items[:half], is_cancelled, started)
-                    + self._run_splitting(items[half:], is_cancelled, started))
 
-    def _run_batch(self, items, is_cancelled, started):
-        requests = [p.request for _, p in items]
-        ids = [p.id for _, p in items]
-        adapter = requests[0].adapter
-        t0 = time.perf_counter()
-        self.tokenizer.padding_side = self.padding_side
-        enc = self.tokenizer.pad({"input_ids": [p.prompt_ids for _, p in items]},
-                                 padding=True, padding_side=self.padding_side, return_tensors="pt")
-        input_ids = enc["input_ids"].to(self.device)
-        attention_mask = enc["attention_mask"].to(self.device)
-        prompt_len = input_ids.shape[1]
-        stopper = RowStopper(
-            prompt_len=prompt_len,
-            max_new_tokens=[r.max_new_tokens for r in requests],
-            eos_ids=self.eos_ids,
-            stops=[r.stop for r in requests],
-            tokenizer=self.tokenizer,
-            request_ids=ids,
-            is_cancelled=is_cancelled,
-        )
-        sampler = RowSampler.for_requests(requests)
-        select_adapter(self.model, adapter, bool(self.adapters))
-        with torch.inference_mode():
-            out = self._generate_tensors(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pad_token_id=self.pad.token_id,
-                eos_token_id=sorted(self.eos_ids),
-                max_new_tokens=max(r.max_new_tokens for r in requests),
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                stopping_criteria=StoppingCriteriaList([stopper]),
-                logits_processor=LogitsProcessorList([sampler] if sampler else []),
-            )
-        texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False)
-        t1 = time.perf_counter()
-        lengths = [len(p.prompt_ids) for _, p in items]
-        batch = {"size": len(items), "pad_fraction": round(pad_fraction(lengths), 4)}
-        generate_ms = (t1 - t0) * 1000
-        log.debug("batch_generated", batch_size=len(items), pad_fraction=batch["pad_fraction"],
-                 prompt_len=prompt_len, adapter=adapter, generate_ms=round(generate_ms, 1))
-        results = []
-        for row, ((index, p), text) in enumerate(zip(items, texts, strict=True)):
-            reason = stopper.reasons[row] or "length"
-            text, cut = cut_at_stop(text, p.request.stop)
-            if cut:
-                reason = "stop_sequence"
-            completion = int(stopper.lengths[row]) or int(out.shape[1] - prompt_len)
-            results.append((index, {
-                **self._base_result(p.id, p.request.model_dump()),
-                "status": "cancelled" if reason == "cancelled" else "succeeded",
-                "text": text,
-                "finish_reason": reason,
-                "usage": {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion},
-                "timings": {
-                    "queued_ms": round((t0 - started) * 1000, 1),
-                    "generate_ms": round(generate_ms, 1),
-                    "total_ms": round((t1 - started) * 1000, 1),
-                },
-                "batch": batch,
-            }))
-        return results
+def _request_id(raw: Any) -> str:
+    return str(raw.get("id") or uuid.uuid4()) if isinstance(raw, dict) else str(uuid.uuid4())
 
-    def _generate_tensors(self, **kwargs) -> torch.Tensor:
-        """One ``model.generate`` call (the seam tests use to inject failures)."""
-        return self.model.generate(**kwargs)
 
-    def _base_result(self, request_id: str, body: Any) -> dict[str, Any]:
-        body = body if isinstance(body, dict) else {}
-        adapter = body.get("adapter")
-        return {
-            "id": request_id,
-            "status": "failed",
-            "custom_id": body.get("custom_id") if isinstance(body.get("custom_id"), str) else None,
-            "text": None,
-            "finish_reason": None,
-            "usage": None,
-            "timings": None,
-            "batch": None,
-            "worker": self.worker_name,
-            "model": self.model_name,
-            "adapter": adapter if isinstance(adapter, str) else None,
-            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else None,
-            "error": None,
-        }
-
-    def _failed(self, request_id: str, body: Any, exc: GenqError) -> dict[str, Any]:
-        log.info("request_failed", request_id=request_id, code=exc.code, message=exc.message)
-        return {**self._base_result(request_id, body), "error": exc.as_error()}
+def _plain_kv_cache(model) -> bool:
+    """Whether every layer's cache is a plain growing one (rows can be merged and cut)."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config transformers cannot build a cache for: no merging
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _generation_eos(model) -> set[int]:
@@ -280,8 +211,9 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
     """Load a model with its tokenizer rules applied, ready for ``Engine.generate``.
 
     ``settings`` are any of the ``GENQ_`` settings in lower case (``max_batch_size``,
-    ``max_batch_tokens``, ``max_prompt_tokens``, ``max_new_tokens_limit``, ``cache_dir``,
-    ``load_in_4bit``); the rest default from the environment.
+    ``max_batch_tokens``, ``max_prompt_tokens``, ``max_new_tokens_limit``, ``scheduler``,
+    ``max_prefill_tokens``, ``cache_dir``, ``load_in_4bit``, ...); the rest default from the
+    environment.
     """
     from worker.ops.settings import Settings
 
@@ -298,5 +230,8 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
         dtype=loaded.dtype, pad=pad, adapters=config.adapters,
         max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
         max_prompt_tokens=config.max_prompt_tokens,
-        max_new_tokens_limit=config.max_new_tokens_limit, worker_name=worker_name,
+        max_new_tokens_limit=config.max_new_tokens_limit,
+        max_prefill_tokens=config.max_prefill_tokens, max_bulk_pause_ms=config.max_bulk_pause_ms,
+        max_wait_ms_for_bucket=config.max_wait_ms_for_bucket, scheduler=config.scheduler,
+        worker_name=worker_name,
     )

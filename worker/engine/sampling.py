@@ -1,80 +1,75 @@
-"""Per-row sampling inside one batch, so rows never run with another row's settings.
+"""Choosing each row's next token with the row's own settings, inside one batch.
 
-``generate`` runs greedily; this logits processor applies each row's repetition penalty,
-temperature, top-k and top-p, samples the row's token with the row's own generator (seeded
-rows are reproducible whatever their batch-mates) and leaves only that token selectable.
-Greedy rows pass through untouched.
+Greedy rows take the argmax of their logits row, untouched by anything else in the batch.
+A row with a repetition penalty, temperature, top-k or top-p has a ``RowSampler`` that applies
+them (in transformers' order: penalty, temperature, top-k, top-p) to its own logits row and
+samples with its own generator, so a seeded request is reproducible whatever its batch-mates.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
+
+from worker.schema import GenerationRequest
 
 
-class RowSampler(LogitsProcessor):
-    """A logits processor holding one sampling setting per row of the batch."""
+class RowSampler:
+    """One row's sampling settings and random generator."""
 
-    def __init__(self, temperature, top_p, top_k, repetition_penalty, seeds):
-        self.temperature = torch.tensor(temperature, dtype=torch.float32)
-        self.top_p = torch.tensor(top_p, dtype=torch.float32)
-        self.top_k = torch.tensor(top_k, dtype=torch.long)
-        self.penalty = torch.tensor(repetition_penalty, dtype=torch.float32)
-        self.seeds = seeds
-        self.sampled = self.temperature > 0
-        self._generators: list[torch.Generator] | None = None
+    def __init__(self, request: GenerationRequest):
+        self.temperature = request.temperature
+        self.top_p = request.top_p or 1.0
+        self.top_k = request.top_k or 0
+        self.penalty = request.repetition_penalty or 1.0
+        self.seed = request.seed
+        self._generator: torch.Generator | None = None
 
     @classmethod
-    def for_requests(cls, requests) -> RowSampler | None:
-        """A sampler for these requests, or None when every row is plain greedy."""
-        if all(not r.samples and not r.repetition_penalty for r in requests):
+    def for_request(cls, request: GenerationRequest) -> RowSampler | None:
+        """A sampler, or None for a plain greedy row (argmax, nothing else)."""
+        if not request.samples and not request.repetition_penalty:
             return None
-        return cls(
-            temperature=[r.temperature for r in requests],
-            top_p=[r.top_p or 1.0 for r in requests],
-            top_k=[r.top_k or 0 for r in requests],
-            repetition_penalty=[r.repetition_penalty or 1.0 for r in requests],
-            seeds=[r.seed for r in requests],
-        )
+        return cls(request)
 
-    def _generator_for(self, device) -> list[torch.Generator]:
-        if self._generators is None:
-            shared = torch.Generator(device=device)
-            shared.seed()
-            self._generators = [
-                torch.Generator(device=device).manual_seed(s) if s is not None else shared
-                for s in self.seeds
-            ]
-        return self._generators
+    def reset(self) -> None:
+        """Start the random stream again (the row restarts from its prompt)."""
+        self._generator = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        device = scores.device
-        penalty = self.penalty.to(device)
-        if bool((penalty != 1.0).any()):
-            seen = torch.gather(scores, 1, input_ids)
-            factor = penalty[:, None]
-            seen = torch.where(seen < 0, seen * factor, seen / factor)
-            scores = scores.scatter(1, input_ids, seen)
-        if not bool(self.sampled.any()):
-            return scores
+    def _generator_on(self, device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.seed)
+        return self._generator
 
-        rows = self.sampled.nonzero().squeeze(1).tolist()
-        logits = scores[rows].float() / self.temperature[rows, None].to(device)
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        positions = torch.arange(logits.shape[-1], device=device)[None, :]
-        top_k = self.top_k[rows, None].to(device)
-        sorted_logits = sorted_logits.masked_fill((top_k > 0) & (positions >= top_k), float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) > self.top_p[rows, None].to(device)
-        probs = probs.masked_fill(drop, 0.0)
+    def pick(self, logits: torch.Tensor, history: list[int]) -> int:
+        """The next token from this row's logits (1-D) and the ids it has seen so far."""
+        scores = logits.float()
+        if self.penalty != 1.0 and history:
+            seen_ids = torch.tensor(sorted(set(history)), device=scores.device)
+            seen = scores[seen_ids]
+            scores = scores.clone()
+            scores[seen_ids] = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        if self.temperature == 0:
+            return int(scores.argmax())
+        scores = scores / self.temperature
+        sorted_scores, order = torch.sort(scores, descending=True)
+        if self.top_k > 0:
+            sorted_scores[self.top_k:] = float("-inf")
+        probs = sorted_scores.softmax(dim=-1)
+        if self.top_p < 1.0:
+            probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) > self.top_p, 0.0)
+        picked = torch.multinomial(probs, 1, generator=self._generator_on(scores.device))
+        return int(order[picked])
 
-        generators = self._generator_for(device)
-        picked = torch.stack(
-            [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows)]
-        )
-        tokens = order.gather(1, picked).squeeze(1)
-        forced = torch.full_like(scores[rows], float("-inf"))
-        forced.scatter_(1, tokens[:, None], 0.0)
-        scores = scores.clone()
-        scores[rows] = forced
-        return scores
+
+def choose_tokens(logits: torch.Tensor, rows) -> list[int]:
+    """Each row's next token from ``logits`` [rows, vocab]: argmax for greedy rows, the row's
+    sampler for the others (``rows`` are ``Sequence`` objects in batch order)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if row.sampler is not None:
+            tokens[i] = row.sampler.pick(logits[i], row.prompt_ids + row.tokens)
+    return tokens

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(32768, ge=1)
     batch_wait_ms: int = Field(50, ge=0)
     max_wait_ms_for_bucket: int = Field(30_000, ge=0)
+    scheduler: Literal["continuous", "static"] = "continuous"
+    max_prefill_tokens: int = Field(8192, ge=1)
+    max_bulk_pause_ms: int = Field(1000, ge=0)
+    stall_timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(2, ge=1)
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
     max_pending: int = Field(100_000, ge=1)

@@ -9,7 +9,8 @@ Keys (all expire after ``GENQ_RESULT_TTL_S``):
 ``genq:r:<id>`` result JSON · ``genq:cancel:<id>`` cancel flag · ``genq:job:<jid>`` counts
 (hash) · ``genq:job:<jid>:ids`` submission order (list) · ``genq:job:<jid>:done`` and
 ``:running`` (sets) · ``genq:rjobs:<id>`` other jobs a request belongs to (idempotency keys) ·
-``genq:idem:<scope>:<key>`` idempotency claims · ``genq:worker:<name>`` heartbeat.
+``genq:idem:<scope>:<key>`` idempotency claims · ``genq:attempts:<id>`` how many times a
+worker started it · ``genq:worker:<name>`` and the hash ``genq:workers`` heartbeats.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import redis
 
 from worker.errors import NotFound
+from worker.schema import result_record
 
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 JOB_COUNTS = ("total", "queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -74,13 +76,23 @@ else
 end
 return 1
 """
-# KEYS: result. ARGV: running json, ttl, job id or '', request id. 1 = run it, 0 = already final
+# KEYS: result, attempts. ARGV: running json, ttl, job id or '', request id.
+# Returns the attempt number (1 for the first start), or 0 if the request is already final.
 START = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[3] ~= '' then redis.call('SADD', 'genq:job:' .. ARGV[3] .. ':running', ARGV[4]) end
+local n = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return n
+"""
+# KEYS: result. ARGV: running json with the text so far, ttl. Never overwrites a final state.
+PROGRESS = _IS_FINAL + """
+if is_final(redis.call('GET', KEYS[1])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
+WORKERS_KEY = "genq:workers"  # hash: worker name -> its latest heartbeat (JSON)
 
 
 def result_key(request_id: str) -> str:
@@ -91,21 +103,8 @@ def job_key(job_id: str) -> str:
     return f"genq:job:{job_id}"
 
 
-def empty_result(request_id: str, status: str, request: dict[str, Any] | None = None,
-                 job_id: str | None = None) -> dict[str, Any]:
-    """A result record with every contract field, for a request not finished yet."""
-    request = request or {}
-    custom_id = request.get("custom_id")
-    metadata = request.get("metadata")
-    adapter = request.get("adapter")
-    return {
-        "id": request_id, "status": status,
-        "custom_id": custom_id if isinstance(custom_id, str) else None,
-        "text": None, "finish_reason": None, "usage": None, "timings": None, "batch": None,
-        "worker": None, "model": None, "adapter": adapter if isinstance(adapter, str) else None,
-        "metadata": metadata if isinstance(metadata, dict) else None, "error": None,
-        "job_id": job_id,
-    }
+def attempts_key(request_id: str) -> str:
+    return f"genq:attempts:{request_id}"
 
 
 def _dumps(value: Any) -> str:
@@ -121,6 +120,7 @@ class ResultStore:
         self.ttl = ttl_s
         self._finish = self.redis.register_script(FINISH)
         self._start = self.redis.register_script(START)
+        self._progress = self.redis.register_script(PROGRESS)
         self._link = self.redis.register_script(LINK)
 
     # -- producers --------------------------------------------------------------------
@@ -131,7 +131,7 @@ class ResultStore:
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         for request_id, request in items:
-            record = empty_result(request_id, "queued", request, job_id)
+            record = result_record(request_id, "queued", request, job_id=job_id)
             pipe.set(result_key(request_id), _dumps(record), ex=self.ttl)
         if own:
             pipe.execute()
@@ -162,20 +162,46 @@ class ResultStore:
 
     # -- workers ----------------------------------------------------------------------
 
-    def start(self, records: list[dict[str, Any]]) -> list[bool]:
-        """Mark requests running; False for any already final (a redelivered duplicate)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def start(self, records: list[dict[str, Any]], pipe=None) -> list[int] | None:
+        """Mark requests running and count the attempt; per request its attempt number, or 0
+        if it is already final (a redelivered duplicate). With ``pipe``: queued on it."""
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         for rec in records:
-            self._start(keys=[result_key(rec["id"])],
+            self._start(keys=[result_key(rec["id"]), attempts_key(rec["id"])],
                         args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"]],
                         client=pipe)
         for job_id in {rec["job_id"] for rec in records if rec.get("job_id")}:
             pipe.expire(f"{job_key(job_id)}:running", self.ttl)
-        return [bool(x) for x in pipe.execute()[:len(records)]]
+        return [int(x) for x in pipe.execute()[:len(records)]] if own else None
 
-    def finish(self, results: list[dict[str, Any]]) -> list[bool]:
-        """Store final results (first final state wins); True where this call stored it."""
+    def progress(self, records: list[dict[str, Any]], pipe) -> None:
+        """Queue on ``pipe`` running records with the text so far (never over a final one)."""
+        for rec in records:
+            self._progress(keys=[result_key(rec["id"])], args=[_dumps(rec), self.ttl], client=pipe)
+
+    def admission_state(self, ids: list[str]) -> list[tuple[str | None, int]]:
+        """Per request: its stored status (None if unknown) and how many workers started it."""
+        if not ids:
+            return []
         pipe = self.redis.pipeline(transaction=False)
+        pipe.mget([result_key(i) for i in ids])
+        pipe.mget([attempts_key(i) for i in ids])
+        records, attempts = pipe.execute()
+        out = []
+        for raw, n in zip(records, attempts, strict=True):
+            try:
+                status = json.loads(raw).get("status") if raw else None
+            except ValueError:
+                status = None
+            out.append((status, int(n or 0)))
+        return out
+
+    def finish(self, results: list[dict[str, Any]], pipe=None) -> list[bool] | None:
+        """Store final results (first final state wins); True where this call stored it.
+        With ``pipe``: queued on it."""
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         now = datetime.now(UTC).isoformat()
         for res in results:
             status = res["status"]
@@ -195,7 +221,7 @@ class ResultStore:
                                res["id"], _dumps(meta)], client=pipe)
         for job_id in {r["job_id"] for r in results if r.get("job_id")}:
             pipe.expire(f"{job_key(job_id)}:done", self.ttl)
-        return [bool(x) for x in pipe.execute()[:len(results)]]
+        return [bool(x) for x in pipe.execute()[:len(results)]] if own else None
 
     def cancelled(self, ids: list[str]) -> list[bool]:
         """Which of these requests have a cancel flag."""
@@ -270,11 +296,35 @@ class ResultStore:
 
     # -- workers' heartbeats ----------------------------------------------------------
 
-    def heartbeat(self, name: str, info: dict[str, Any], ttl_s: int = 15) -> None:
-        """Say that worker ``name`` is alive (read by ``/readyz``)."""
-        self.redis.set(f"genq:worker:{name}", _dumps({**info, "at": time.time()}), ex=ttl_s)
+    def heartbeat(self, name: str, info: dict[str, Any], ttl_s: int = 15, pipe=None) -> None:
+        """Say that worker ``name`` is alive, with what it holds (read by ``/readyz``, the
+        demand metric and other workers' fair share)."""
+        raw = _dumps({**info, "at": time.time(), "ttl": ttl_s})
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        pipe.set(f"genq:worker:{name}", raw, ex=ttl_s)
+        pipe.hset(WORKERS_KEY, name, raw)
+        if own:
+            pipe.execute()
+
+    def forget_worker(self, name: str) -> None:
+        """Remove a stopping worker's heartbeat."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(f"genq:worker:{name}")
+        pipe.hdel(WORKERS_KEY, name)
+        pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
-        """Heartbeats of the workers alive now."""
-        keys = list(self.redis.scan_iter("genq:worker:*", count=100))
-        return [json.loads(v) for v in self.redis.mget(keys) if v] if keys else []
+        """Heartbeats of the workers alive now (stale entries are removed)."""
+        now = time.time()
+        alive, stale = [], []
+        for name, raw in self.redis.hgetall(WORKERS_KEY).items():
+            try:
+                info = json.loads(raw)
+                fresh = now - float(info["at"]) < float(info.get("ttl", 15))
+            except (ValueError, KeyError, TypeError):
+                fresh = False
+            (alive if fresh else stale).append(info if fresh else name)
+        if stale:
+            self.redis.hdel(WORKERS_KEY, *stale)
+        return alive

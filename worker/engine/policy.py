@@ -1,0 +1,237 @@
+"""The scheduling policy: before each decode step, which lane steps and which waiting
+requests join it. Pure: plain data in, a decision out (no torch, no Redis), so it is tested
+alone, with properties, and the engine and the worker share it.
+
+Lanes. Rows run in lanes keyed by (priority, adapter): one adapter per forward pass (Unsloth's
+GPU fast path ignores PEFT's per-row ``adapter_names``), and interactive rows never decode at
+the pace of a full bulk batch. Each loop iteration serves one lane: admit joiners, step once.
+
+The continuous rules:
+- Interactive first. While an interactive lane has rows or an interactive request waits,
+  interactive lanes are served; bulk lanes are paused (their KV stays), except that a paused
+  bulk lane steps once when it has waited ``max_bulk_pause_s`` (it admits nothing then).
+- A bulk request is admitted only when no interactive request waits, so no interactive request
+  ever waits behind a bulk request admitted after it; if KV room is what an interactive request
+  lacks, the youngest bulk rows are evicted back to the queue (they restart later).
+- Bulk joiners: the oldest waiting request of the lane's adapter (it is always admitted first:
+  anti-starvation by submit time), then the ones closest to it in prompt length. When the
+  oldest bulk request overall cannot join for lack of KV room, other bulk lanes admit nothing
+  until it can, so no adapter starves.
+- Limits: rows per lane (``max_rows``, lower after an out-of-memory error), KV tokens reserved
+  across lanes (prompt + ``max_new_tokens`` per row: ``GENQ_MAX_BATCH_TOKENS``), prompt tokens
+  prefilled per join (``max_prefill_tokens``; one joiner always fits), and at most one
+  *suspect* (a request that was running on a worker that died) per lane.
+
+The static rules (``GENQ_SCHEDULER=static``, kept for comparison): one lane at a time, run until
+its last row finishes; the next batch is the oldest interactive request (or the oldest request
+overall once it has waited ``max_wait_s``) and its closest neighbours in length, same adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.engine.batching import Row, plan_batches
+
+LaneKey = tuple[str, str | None]  # (priority, adapter)
+INTERACTIVE, BULK = "interactive", "bulk"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A request waiting to join a lane."""
+
+    id: str
+    priority: str
+    adapter: str | None
+    prompt_tokens: int
+    max_new_tokens: int
+    submitted_at: float
+    suspect: bool = False
+
+    @property
+    def key(self) -> LaneKey:
+        return (self.priority, self.adapter)
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this request holds at most once admitted."""
+        return self.prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Running:
+    """A row in a lane (what eviction needs to know)."""
+
+    id: str
+    reserve: int
+    admitted_at: float
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A lane as the policy sees it."""
+
+    priority: str
+    adapter: str | None
+    rows: tuple[Running, ...] = ()
+    cap: int | None = None  # fewer rows than max_rows after an out-of-memory error
+    last_step: float = float("-inf")
+    has_suspect: bool = False
+
+    @property
+    def key(self) -> LaneKey:
+        return (self.priority, self.adapter)
+
+    @property
+    def reserved(self) -> int:
+        return sum(r.reserve for r in self.rows)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The budgets (from settings)."""
+
+    max_rows: int = 32
+    max_kv_tokens: int = 32768
+    max_prefill_tokens: int = 8192
+    max_bulk_pause_s: float = 1.0
+    max_wait_s: float = 30.0  # static mode's overdue rule
+    static: bool = False
+
+
+@dataclass
+class Decision:
+    """Serve ``lane``: evict ``evict`` (row ids, back to waiting), admit ``admit``, step."""
+
+    lane: LaneKey | None = None
+    admit: list[str] = field(default_factory=list)
+    evict: list[str] = field(default_factory=list)
+
+
+def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float) -> Decision:
+    """The next lane to serve and its joiners (an empty decision: nothing to do)."""
+    if limits.static:
+        return _decide_static(waiting, lanes, limits, now)
+    by_key = {lane.key: lane for lane in lanes if lane.rows}
+    reserved = sum(lane.reserved for lane in by_key.values())
+    budget = _Budget(limits, limits.max_kv_tokens - reserved, alone=reserved == 0)
+    inter_waiting = sorted((w for w in waiting if w.priority == INTERACTIVE),
+                           key=lambda w: w.submitted_at)
+    running = {key for key in by_key if key[0] == INTERACTIVE}
+    if inter_waiting or running:
+        overdue = [lane for lane in by_key.values()
+                   if lane.priority == BULK and now - lane.last_step >= limits.max_bulk_pause_s]
+        if overdue:  # a paused bulk lane steps once; it admits nothing while interactive runs
+            return Decision(lane=min(overdue, key=lambda lane: lane.last_step).key)
+        return _serve_interactive(inter_waiting, by_key, budget)
+    bulk_waiting = sorted((w for w in waiting if w.priority == BULK), key=lambda w: w.submitted_at)
+    return _serve_bulk(bulk_waiting, by_key, budget)
+
+
+@dataclass
+class _Budget:
+    limits: Limits
+    free_kv: int
+    alone: bool  # nothing runs: one request larger than the whole KV budget may run alone
+
+    def room(self, lane: Lane | None) -> int:
+        max_rows = self.limits.max_rows
+        if lane is None:
+            return max_rows
+        cap = max_rows if lane.cap is None else min(lane.cap, max_rows)
+        return max(cap - len(lane.rows), 0)
+
+    def pick(self, candidates: list[Waiting], lane: Lane | None, free_kv: int) -> list[Waiting]:
+        """Joiners from ``candidates`` (in preference order) within the lane's limits."""
+        room = self.room(lane)
+        prefill = 0
+        suspect = lane is not None and lane.has_suspect
+        chosen: list[Waiting] = []
+        for w in candidates:
+            if len(chosen) >= room:
+                break
+            if w.suspect and suspect:
+                continue
+            if w.reserve > free_kv and not (self.alone and not chosen):
+                continue
+            if chosen and prefill + w.prompt_tokens > self.limits.max_prefill_tokens:
+                continue
+            chosen.append(w)
+            prefill += w.prompt_tokens
+            free_kv -= w.reserve
+            suspect = suspect or w.suspect
+            if free_kv < 0:  # the one oversized request runs alone
+                break
+        return chosen
+
+
+def _least_recent(keys: set[LaneKey], by_key: dict[LaneKey, Lane]) -> LaneKey:
+    """Round robin: the lane stepped longest ago (a new lane first)."""
+    return min(keys, key=lambda k: (by_key[k].last_step if k in by_key else float("-inf"), str(k)))
+
+
+def _serve_interactive(inter_waiting: list[Waiting], by_key: dict[LaneKey, Lane],
+                       budget: _Budget) -> Decision:
+    keys = {key for key in by_key if key[0] == INTERACTIVE}
+    keys |= {w.key for w in inter_waiting if budget.room(by_key.get(w.key)) > 0}
+    if not keys:
+        return Decision()
+    key = _least_recent(keys, by_key)
+    lane = by_key.get(key)
+    evictable = sorted((r for b in by_key.values() if b.priority == BULK for r in b.rows),
+                       key=lambda r: r.admitted_at, reverse=True)  # youngest first
+    reclaimable = sum(r.reserve for r in evictable)
+    chosen = budget.pick([w for w in inter_waiting if w.key == key], lane,
+                         budget.free_kv + reclaimable)
+    need = sum(w.reserve for w in chosen) - budget.free_kv
+    evict: list[str] = []
+    for row in evictable:
+        if need <= 0:
+            break
+        evict.append(row.id)
+        need -= row.reserve
+    return Decision(lane=key, admit=[w.id for w in chosen], evict=evict)
+
+
+def _serve_bulk(bulk_waiting: list[Waiting], by_key: dict[LaneKey, Lane], budget: _Budget) -> Decision:
+    running = {key for key in by_key if key[0] == BULK}
+    admissible = {w.key for w in bulk_waiting if budget.room(by_key.get(w.key)) > 0}
+    oldest = bulk_waiting[0] if bulk_waiting else None
+    if (oldest is not None and oldest.key in admissible and oldest.reserve > budget.free_kv
+            and not budget.alone):
+        admissible = set()  # the oldest waits for KV room: nobody overtakes it meanwhile
+    keys = running | admissible
+    if not keys:
+        return Decision()
+    key = _least_recent(keys, by_key)
+    mine = [w for w in bulk_waiting if w.key == key]
+    if key not in admissible or not mine:
+        return Decision(lane=key)
+    anchor = mine[0]
+    rest = sorted(mine[1:], key=lambda w: (abs(w.prompt_tokens - anchor.prompt_tokens), w.submitted_at))
+    chosen = budget.pick([anchor, *rest], by_key.get(key), budget.free_kv)
+    if chosen[:1] != [anchor]:
+        chosen = []  # the oldest goes first or nobody does
+    return Decision(lane=key, admit=[w.id for w in chosen])
+
+
+def _decide_static(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float) -> Decision:
+    busy = [lane for lane in lanes if lane.rows]
+    if busy:
+        return Decision(lane=busy[0].key)
+    if not waiting:
+        return Decision()
+    overall = min(waiting, key=lambda w: w.submitted_at)
+    if now - overall.submitted_at > limits.max_wait_s:
+        candidates, oldest = waiting, overall
+    else:
+        interactive = [w for w in waiting if w.priority == INTERACTIVE]
+        candidates = interactive or waiting
+        oldest = min(candidates, key=lambda w: w.submitted_at)
+    group = [w for w in candidates if w.adapter == oldest.adapter]
+    rows = [Row(i, w.prompt_tokens, w.max_new_tokens, w.adapter) for i, w in enumerate(group)]
+    target = group.index(oldest)
+    planned = next(b for b in plan_batches(rows, limits.max_rows, limits.max_kv_tokens)
+                   if any(r.index == target for r in b))
+    return Decision(lane=oldest.key, admit=[group[r.index].id for r in planned])
