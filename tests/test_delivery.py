@@ -20,7 +20,7 @@ def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url
     inbox = Inbox(broker, REQUEST_QUEUES, options)
     ids = [client.submit(prompt=f"p{i}", max_new_tokens=2) for i in range(3)]
     bulk = client.submit(prompt="bulk one", priority="bulk")
-    held = inbox.fetch(10)
+    held, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
     assert [d.queue for d in held] == ["genq.interactive"] * 3 + ["genq.bulk"]  # priority order
     body, headers = held[0].decode()
     assert headers["id"] == ids[0] and body[0][0]["prompt"] == "p0"
@@ -32,7 +32,7 @@ def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url
         channel = conn.default_channel
         channel.qos.restore_visible(num=None, interval=1)
     assert broker.hlen("unacked") == 0
-    again = inbox.fetch(10)
+    again, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
     assert sorted(d.decode()[1]["id"] for d in again) == sorted([*ids[1:], bulk])
 
 
@@ -41,6 +41,6 @@ def test_only_json_messages_decode(redis_url):
         conn.Producer().publish({"x": 1}, routing_key="genq.bulk", exchange="",
                                 serializer="pickle")
     inbox = Inbox(redis.Redis.from_url(redis_url), REQUEST_QUEUES, {})
-    [delivery] = inbox.fetch(5)
+    [delivery], _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 5))
     with pytest.raises(Undecodable, match="never pickle"):
         delivery.decode()

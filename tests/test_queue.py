@@ -231,11 +231,14 @@ def test_worker_metrics_match_what_was_done(client, start_worker):
     assert value('genq_requests_total{status="succeeded",worker="w1@test"}') == 20
     assert value('genq_requests_total{status="failed",worker="w1@test"}') == 1
     assert value("genq_generated_tokens_total") == sum(r["usage"]["completion_tokens"] for r in results)
-    batches = {(r["batch"]["size"], r["timings"]["generate_ms"]) for r in results}
-    assert value("genq_batch_size_count") == len(batches)
-    assert value("genq_batch_size_sum") == 20
+    # one observation per decode step; each row's first token comes from its prefill
+    assert value("genq_batch_size_count") == value("genq_decode_steps_total") > 0
+    assert value("genq_batch_size_sum") == value("genq_row_steps_total")
+    assert value("genq_useful_row_steps_total") == sum(r["usage"]["completion_tokens"] - 1
+                                                       for r in results)
+    assert value("genq_useful_row_steps_total") == value("genq_row_steps_total")  # continuous
     assert value("genq_worker_up") == 1 and value("genq_worker_busy") == 0
-    assert value("genq_oom_splits_total") == 0
+    assert value("genq_out_of_memory_total") == 0 and value("genq_running_rows") == 0
     log = (start_worker.log_dir / "w1@test.log").read_text()
     assert "broker_may_evict" not in log  # the test Redis runs with noeviction
 

@@ -8,11 +8,13 @@ the pace of a full bulk batch. Each loop iteration serves one lane: admit joiner
 
 The continuous rules:
 - Interactive first. While an interactive lane has rows or an interactive request waits,
-  interactive lanes are served; bulk lanes are paused (their KV stays), except that a paused
-  bulk lane steps once when it has waited ``max_bulk_pause_s`` (it admits nothing then).
+  interactive lanes are served and bulk work is paused (bulk lanes keep their KV), except that
+  bulk gets one turn once it has been kept waiting ``max_bulk_pause_s`` (``bulk_starved_since``).
 - A bulk request is admitted only when no interactive request waits, so no interactive request
   ever waits behind a bulk request admitted after it; if KV room is what an interactive request
-  lacks, the youngest bulk rows are evicted back to the queue (they restart later).
+  lacks, the youngest bulk rows are evicted back to the queue (they restart later). So a bulk
+  request is admitted within ``max_bulk_pause_s`` of a moment when no interactive request waits
+  and its lane has room.
 - Bulk joiners: the oldest waiting request of the lane's adapter (it is always admitted first:
   anti-starvation by submit time), then the ones closest to it in prompt length. When the
   oldest bulk request overall cannot join for lack of KV room, other bulk lanes admit nothing
@@ -109,8 +111,10 @@ class Decision:
     evict: list[str] = field(default_factory=list)
 
 
-def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float) -> Decision:
-    """The next lane to serve and its joiners (an empty decision: nothing to do)."""
+def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float,
+           bulk_starved_since: float | None = None) -> Decision:
+    """The next lane to serve and its joiners (an empty decision: nothing to do).
+    ``bulk_starved_since``: since when bulk work has waited for a turn (``starved_since``)."""
     if limits.static:
         return _decide_static(waiting, lanes, limits, now)
     by_key = {lane.key: lane for lane in lanes if lane.rows}
@@ -119,14 +123,31 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
     inter_waiting = sorted((w for w in waiting if w.priority == INTERACTIVE),
                            key=lambda w: w.submitted_at)
     running = {key for key in by_key if key[0] == INTERACTIVE}
-    if inter_waiting or running:
-        overdue = [lane for lane in by_key.values()
-                   if lane.priority == BULK and now - lane.last_step >= limits.max_bulk_pause_s]
-        if overdue:  # a paused bulk lane steps once; it admits nothing while interactive runs
-            return Decision(lane=min(overdue, key=lambda lane: lane.last_step).key)
-        return _serve_interactive(inter_waiting, by_key, budget)
     bulk_waiting = sorted((w for w in waiting if w.priority == BULK), key=lambda w: w.submitted_at)
-    return _serve_bulk(bulk_waiting, by_key, budget)
+    bulk_lanes = {key for key in by_key if key[0] == BULK}
+    if not (inter_waiting or running):
+        return _serve_bulk(bulk_waiting, by_key, budget)
+    overdue = (bulk_starved_since is not None
+               and now - bulk_starved_since >= limits.max_bulk_pause_s)
+    if overdue and not inter_waiting:
+        decision = _serve_bulk(bulk_waiting, by_key, budget)
+        if decision.lane is not None:
+            return decision
+    if overdue and bulk_lanes:  # a step, but no admission ahead of a waiting interactive
+        return Decision(lane=_round_robin(bulk_lanes, by_key)[0])
+    decision = _serve_interactive(inter_waiting, by_key, budget)
+    if decision.lane is None and bulk_lanes:  # what waits needs room only finishing rows free
+        decision = Decision(lane=_round_robin(bulk_lanes, by_key)[0])
+    return decision
+
+
+def starved_since(previous: float | None, served: LaneKey | None, bulk_pending: bool,
+                  now: float) -> float | None:
+    """Track since when bulk work has waited for a turn: reset by a bulk turn, started by the
+    first turn that leaves pending bulk work waiting."""
+    if not bulk_pending or (served is not None and served[0] == BULK):
+        return None
+    return now if previous is None else previous
 
 
 @dataclass
@@ -166,32 +187,33 @@ class _Budget:
         return chosen
 
 
-def _least_recent(keys: set[LaneKey], by_key: dict[LaneKey, Lane]) -> LaneKey:
-    """Round robin: the lane stepped longest ago (a new lane first)."""
-    return min(keys, key=lambda k: (by_key[k].last_step if k in by_key else float("-inf"), str(k)))
+def _round_robin(keys: set[LaneKey], by_key: dict[LaneKey, Lane]) -> list[LaneKey]:
+    """Lanes in serving order: the one stepped longest ago first (a new lane before all)."""
+    return sorted(keys, key=lambda k: (by_key[k].last_step if k in by_key else float("-inf"), str(k)))
 
 
 def _serve_interactive(inter_waiting: list[Waiting], by_key: dict[LaneKey, Lane],
                        budget: _Budget) -> Decision:
     keys = {key for key in by_key if key[0] == INTERACTIVE}
     keys |= {w.key for w in inter_waiting if budget.room(by_key.get(w.key)) > 0}
-    if not keys:
-        return Decision()
-    key = _least_recent(keys, by_key)
-    lane = by_key.get(key)
     evictable = sorted((r for b in by_key.values() if b.priority == BULK for r in b.rows),
                        key=lambda r: r.admitted_at, reverse=True)  # youngest first
     reclaimable = sum(r.reserve for r in evictable)
-    chosen = budget.pick([w for w in inter_waiting if w.key == key], lane,
-                         budget.free_kv + reclaimable)
-    need = sum(w.reserve for w in chosen) - budget.free_kv
-    evict: list[str] = []
-    for row in evictable:
-        if need <= 0:
-            break
-        evict.append(row.id)
-        need -= row.reserve
-    return Decision(lane=key, admit=[w.id for w in chosen], evict=evict)
+    for key in _round_robin(keys, by_key):
+        lane = by_key.get(key)
+        chosen = budget.pick([w for w in inter_waiting if w.key == key], lane,
+                             budget.free_kv + reclaimable)
+        if not chosen and lane is None:
+            continue  # nothing fits there yet: serve a lane that can move
+        need = sum(w.reserve for w in chosen) - budget.free_kv
+        evict: list[str] = []
+        for row in evictable:
+            if need <= 0:
+                break
+            evict.append(row.id)
+            need -= row.reserve
+        return Decision(lane=key, admit=[w.id for w in chosen], evict=evict)
+    return Decision()
 
 
 def _serve_bulk(bulk_waiting: list[Waiting], by_key: dict[LaneKey, Lane], budget: _Budget) -> Decision:
@@ -201,19 +223,19 @@ def _serve_bulk(bulk_waiting: list[Waiting], by_key: dict[LaneKey, Lane], budget
     if (oldest is not None and oldest.key in admissible and oldest.reserve > budget.free_kv
             and not budget.alone):
         admissible = set()  # the oldest waits for KV room: nobody overtakes it meanwhile
-    keys = running | admissible
-    if not keys:
-        return Decision()
-    key = _least_recent(keys, by_key)
-    mine = [w for w in bulk_waiting if w.key == key]
-    if key not in admissible or not mine:
-        return Decision(lane=key)
-    anchor = mine[0]
-    rest = sorted(mine[1:], key=lambda w: (abs(w.prompt_tokens - anchor.prompt_tokens), w.submitted_at))
-    chosen = budget.pick([anchor, *rest], by_key.get(key), budget.free_kv)
-    if chosen[:1] != [anchor]:
-        chosen = []  # the oldest goes first or nobody does
-    return Decision(lane=key, admit=[w.id for w in chosen])
+    for key in _round_robin(running | admissible, by_key):
+        mine = [w for w in bulk_waiting if w.key == key] if key in admissible else []
+        chosen: list[Waiting] = []
+        if mine:
+            anchor = mine[0]
+            rest = sorted(mine[1:], key=lambda w: (abs(w.prompt_tokens - anchor.prompt_tokens),
+                                                   w.submitted_at))
+            chosen = budget.pick([anchor, *rest], by_key.get(key), budget.free_kv)
+            if chosen[:1] != [anchor]:
+                chosen = []  # the oldest goes first or nobody does
+        if chosen or key in by_key:
+            return Decision(lane=key, admit=[w.id for w in chosen])
+    return Decision()
 
 
 def _decide_static(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float) -> Decision:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 import torch
 
-from worker.engine.policy import Lane, LaneKey, Limits, Running, Waiting, decide
+from worker.engine.policy import Lane, LaneKey, Limits, Running, Waiting, decide, starved_since
 from worker.engine.running import RunningBatch, prefill_groups
 from worker.engine.sequence import Sequence
 from worker.errors import OutOfMemory
@@ -42,8 +42,13 @@ class Scheduler:
         self.lanes: dict[LaneKey, RunningBatch] = {}
         self.prefill_cap = limits.max_prefill_tokens  # lowered after a prefill ran out of memory
         self.solo: Sequence | None = None  # ran out of memory next to others: runs alone next
+        self.bulk_starved_since: float | None = None  # bulk work waiting for a turn since
+        # called with the joiners before their prefill; returns the ones to run (the worker
+        # writes their running records there and drops duplicates of finished requests)
+        self.before_admit: Callable[[list[Sequence]], list[Sequence]] | None = None
         self._handles = itertools.count()
         self.steps = 0
+        self.last_step_rows = 0  # rows the latest decode step computed
         self.row_steps = 0  # rows computed, summed over decode steps
         self.useful_row_steps = 0  # rows that produced a token, summed over decode steps
         self.evictions = 0  # rows sent back to waiting after out-of-memory or for interactive
@@ -105,7 +110,10 @@ class Scheduler:
             evict: list[str] = []
         else:
             waiting = [] if self.solo is not None else self._waiting_view()  # drain first
-            decision = decide(waiting, self._lane_view(), limits, now)
+            decision = decide(waiting, self._lane_view(), limits, now, self.bulk_starved_since)
+            bulk_pending = any(s.priority == "bulk" for s in [*self.waiting.values(), *self.running])
+            self.bulk_starved_since = starved_since(self.bulk_starved_since, decision.lane,
+                                                    bulk_pending, now)
             if decision.lane is None:
                 return []
             key, handles, evict = decision.lane, decision.admit, decision.evict
@@ -116,6 +124,8 @@ class Scheduler:
             self._evict(set(evict), reason="interactive_first")
         finished: list[Sequence] = []
         joiners = [self.waiting.pop(h) for h in handles]
+        if joiners and self.before_admit is not None:
+            joiners = self.before_admit(joiners)
         if joiners:
             finished += self._admit(lane, joiners)
         if lane.rows:
@@ -163,6 +173,7 @@ class Scheduler:
             ran_out = True
         if not ran_out:
             self.steps += 1
+            self.last_step_rows = rows
             self.row_steps += rows
             self.useful_row_steps += live
             return finished

@@ -20,21 +20,33 @@ class WorkerMetrics:
                                 ["worker", "status"], **kw)
         self.duplicates = Counter("redelivered_duplicates", "Redelivered requests already final",
                                   ["worker"], **kw).labels(**labels)
-        self.batch_size = Histogram("batch_size", "Rows per generate batch", ["worker"],
+        self.batch_size = Histogram("batch_size", "Rows per decode step", ["worker"],
                                     buckets=SIZE_BUCKETS, **kw).labels(**labels)
-        self.pad_fraction = Histogram("batch_pad_fraction", "Pad tokens / prompt tokens per batch",
+        self.pad_fraction = Histogram("batch_pad_fraction", "Pad tokens / prompt tokens per prefill",
                                       ["worker"], buckets=FRACTION_BUCKETS, **kw).labels(**labels)
-        self.queue_wait = Histogram("queue_wait_seconds", "Submit to batch start", ["worker"],
+        self.queue_wait = Histogram("queue_wait_seconds", "Submit to first forward pass", ["worker"],
                                     buckets=SECONDS_BUCKETS, **kw).labels(**labels)
-        self.generate = Histogram("generate_seconds", "Engine time per batch", ["worker"],
-                                  buckets=SECONDS_BUCKETS, **kw).labels(**labels)
+        self.generate = Histogram("generate_seconds", "First forward pass to result, per request",
+                                  ["worker"], buckets=SECONDS_BUCKETS, **kw).labels(**labels)
         self.tokens = Counter("generated_tokens", "Completion tokens generated", ["worker"],
                               **kw).labels(**labels)
+        self.steps = Counter("decode_steps", "Decode steps run", ["worker"], **kw).labels(**labels)
+        self.row_steps = Counter("row_steps", "Rows computed, summed over decode steps", ["worker"],
+                                 **kw).labels(**labels)
+        self.useful_row_steps = Counter("useful_row_steps", "Rows that produced a token, summed "
+                                        "over decode steps", ["worker"], **kw).labels(**labels)
+        self.evictions = Counter("evictions", "Rows sent back to wait (out of memory, or room for "
+                                 "interactive rows)", ["worker"], **kw).labels(**labels)
+        self.oom = Counter("out_of_memory", "Forward passes that ran out of memory", ["worker"],
+                           **kw).labels(**labels)
+        self.running = Gauge("running_rows", "Rows in running batches", ["worker"],
+                             **kw).labels(**labels)
+        self.waiting = Gauge("waiting_rows", "Requests held, waiting to join", ["worker"],
+                             **kw).labels(**labels)
         self.up = Gauge("worker_up", "1 while the worker runs", ["worker"], **kw).labels(**labels)
-        self.busy = Gauge("worker_busy", "1 while a batch runs", ["worker"], **kw).labels(**labels)
-        self.oom_splits = Counter("oom_splits", "Batches split in halves after out-of-memory",
-                                  ["worker"], **kw).labels(**labels)
+        self.busy = Gauge("worker_busy", "1 while rows run", ["worker"], **kw).labels(**labels)
         self.worker = worker
+        self._seen = {"steps": 0, "row_steps": 0, "useful": 0, "evictions": 0, "ooms": 0}
         self.up.set(1)
 
     @classmethod
@@ -45,17 +57,33 @@ class WorkerMetrics:
             start_http_server(port, registry=metrics.registry)
         return metrics
 
-    def observe_batch(self, runnable, results, closed, duplicates) -> None:
-        """Record one batch: its rows' outcomes, size, padding, waits and tokens."""
-        for res in [*results, *closed]:
+    def observe_step(self, loop) -> None:
+        """After a scheduler turn: the rows its decode step computed, and the loop's totals."""
+        if loop.steps > self._seen["steps"]:
+            self.batch_size.observe(loop.last_step_rows)
+        now = {"steps": loop.steps, "row_steps": loop.row_steps, "useful": loop.useful_row_steps,
+               "evictions": loop.evictions, "ooms": loop.ooms}
+        for name, counter in (("steps", self.steps), ("row_steps", self.row_steps),
+                              ("useful", self.useful_row_steps), ("evictions", self.evictions),
+                              ("ooms", self.oom)):
+            if now[name] > self._seen[name]:
+                counter.inc(now[name] - self._seen[name])
+        self._seen = now
+        running = len(loop.running)
+        self.running.set(running)
+        self.waiting.set(len(loop.waiting))
+        self.busy.set(1 if running else 0)
+
+    def observe_results(self, results) -> None:
+        """Record finished requests: status, waits, generation time, tokens, prefill padding."""
+        for res in results:
             self.requests.labels(worker=self.worker, status=res["status"]).inc()
-        if duplicates:
-            self.duplicates.inc(len(duplicates))
-        done = [r for r in results if r.get("batch")]
-        if done:
-            self.batch_size.observe(len(runnable))
-            self.pad_fraction.observe(done[0]["batch"]["pad_fraction"])
-            self.generate.observe((done[0]["timings"]["generate_ms"] or 0) / 1000)
-        for res in done:
-            self.queue_wait.observe(res["timings"]["queued_ms"] / 1000)
-            self.tokens.inc(res["usage"]["completion_tokens"])
+            timings, usage = res.get("timings") or {}, res.get("usage")
+            if usage is None:
+                continue
+            self.tokens.inc(usage["completion_tokens"])
+            if timings.get("queued_ms") is not None:
+                self.queue_wait.observe(timings["queued_ms"] / 1000)
+                self.generate.observe((timings["generate_ms"] or 0) / 1000)
+            if res.get("batch"):
+                self.pad_fraction.observe(res["batch"]["pad_fraction"])

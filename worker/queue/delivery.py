@@ -5,7 +5,12 @@ trip; a worker killed, or a Redis stopped, between the two loses the message for
 issue #305; our SIGKILL and Redis-restart tests lost 1 request in 300-500 this way). Here one
 Lua script pops messages and records them in kombu's own unacked hash and index, in the format
 kombu writes, so kombu's visibility-timeout restore (run by the Celery worker's consumer) still
-brings back a dead worker's messages, and an ack is kombu's ack.
+brings back a dead worker's messages, and an ack is kombu's ack. ``tests/test_delivery.py``
+pins that format against the installed kombu.
+
+An idle worker does not poll: ``Doorbell`` blocks on ``BLMOVE q q RIGHT RIGHT`` (pop the
+oldest message and push it straight back: the list is unchanged) until a message arrives, one
+call a second per queue while nothing does (Redis 6.2 or newer).
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ from typing import Any
 import redis
 
 # KEYS: request queues in priority order, then the unacked hash and its index.
-# ARGV: how many messages at most, now. Returns tag, raw, queue triples; a message that is
-# not a kombu envelope comes back with an empty tag and is not recorded (it is rejected).
+# ARGV: now, live workers, then per queue: how many the worker wants, how many it holds, how
+# many all live workers hold. A worker takes at most its share of what is queued and held,
+# ceil((queued + held by all) / live workers) minus what it holds (at least one when it holds
+# none), so a small job spreads across workers. Returns the length of each queue left, then
+# tag, raw, queue triples; a message that is not a kombu envelope comes back with an empty tag
+# and is not recorded (it is rejected).
 FETCH = """
-local n, now = tonumber(ARGV[1]), ARGV[2]
+local now, live = ARGV[1], tonumber(ARGV[2])
 local unacked, index = KEYS[#KEYS - 1], KEYS[#KEYS]
 local out = {}
 for i = 1, #KEYS - 2 do
-  while #out < 3 * n do
+  local want, mine, all = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local share = math.ceil((redis.call('LLEN', KEYS[i]) + all) / live) - mine
+  if mine == 0 and share < 1 then share = 1 end
+  local n = math.min(want, share)
+  local taken = 0
+  while taken < n do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
     local ok, msg = pcall(cjson.decode, raw)
@@ -46,10 +60,15 @@ for i = 1, #KEYS - 2 do
     table.insert(out, tag)
     table.insert(out, raw)
     table.insert(out, KEYS[i])
+    taken = taken + 1
   end
 end
-return out
+local left = {}
+for i = 1, #KEYS - 2 do table.insert(left, redis.call('LLEN', KEYS[i])) end
+for _, v in ipairs(out) do table.insert(left, v) end
+return left
 """
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class Undecodable(ValueError):
@@ -65,19 +84,31 @@ class Delivery:
     queue: str
 
     def decode(self) -> tuple[Any, dict[str, Any]]:
-        """(body, headers) of a JSON message; ``Undecodable`` for anything else."""
+        """(body, headers) of a JSON message; ``Undecodable`` for anything else, whatever its
+        shape, nesting depth or size (a poison message must never take a worker down)."""
+        if len(self.raw) > MAX_MESSAGE_BYTES:
+            raise Undecodable(f"message is {len(self.raw)} bytes, more than {MAX_MESSAGE_BYTES}")
         try:
             envelope = json.loads(self.raw)
+            if not isinstance(envelope, dict):
+                raise Undecodable(f"envelope is a JSON {type(envelope).__name__}, not an object")
             content_type = envelope.get("content-type")
             if content_type != "application/json":
-                raise Undecodable(f"content type {content_type!r} refused: JSON only, never pickle")
-            body = envelope["body"]
-            if envelope.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            return json.loads(body), envelope.get("headers") or {}
+                raise Undecodable(f"content type {str(content_type)[:40]!r} refused: JSON only, "
+                                  "never pickle")
+            headers = envelope.get("headers") or {}
+            properties = envelope.get("properties") or {}
+            body = envelope.get("body")
+            if not isinstance(headers, dict) or not isinstance(properties, dict):
+                raise Undecodable("headers and properties must be JSON objects")
+            if not isinstance(body, str):
+                raise Undecodable(f"body is a JSON {type(body).__name__}, not an encoded string")
+            if properties.get("body_encoding") == "base64":
+                body = base64.b64decode(body, validate=True)
+            return json.loads(body), headers
         except Undecodable:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # ValueError, RecursionError (deep nesting), binascii.Error...
             raise Undecodable(f"not a JSON message: {type(exc).__name__}") from None
 
 
@@ -91,36 +122,64 @@ class Inbox:
         self.index = transport.get("unacked_index_key", "unacked_index")
         self._fetch = client.register_script(FETCH)
 
-    def fetch(self, n: int) -> list[Delivery]:
-        """Up to ``n`` messages, queues in priority order; each is unacked until acked."""
-        if n <= 0:
-            return []
-        flat = self._fetch(keys=[*self.queues, self.unacked, self.index], args=[n, time.time()])
+    def fetch(self, want: dict[str, int], held: dict[str, tuple[int, int]] | None = None,
+              live_workers: int = 1) -> tuple[list[Delivery], dict[str, int]]:
+        """Up to ``want[queue]`` messages from each queue, in priority order, within this
+        worker's share (``held[queue]``: (held by this worker, held by all live workers)), each
+        unacked until acked; and how many messages each queue still holds."""
+        held = held or {}
+        args: list[float] = [time.time(), max(1, live_workers)]
+        for q in self.queues:
+            mine, everyone = held.get(q, (0, 0))
+            args += [max(0, want.get(q, 0)), mine, max(mine, everyone)]
+        flat = self._fetch(keys=[*self.queues, self.unacked, self.index], args=args)
+        left = dict(zip(self.queues, (int(x) for x in flat[:len(self.queues)]), strict=True))
+        flat = flat[len(self.queues):]
         return [Delivery(tag.decode(), raw, queue.decode())
-                for tag, raw, queue in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)]
+                for tag, raw, queue in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)], left
 
-    def ack(self, deliveries: list[Delivery]) -> None:
-        """Forget these messages (their results are stored)."""
+    def ack(self, deliveries: list[Delivery], pipe=None) -> None:
+        """Forget these messages (their results are stored). With ``pipe``: queued on it."""
         tags = [d.tag for d in deliveries if d.tag]
         if tags:
-            pipe = self.redis.pipeline(transaction=False)
+            own = pipe is None
+            pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
             pipe.zrem(self.index, *tags)
             pipe.hdel(self.unacked, *tags)
-            pipe.execute()
+            if own:
+                pipe.execute()
 
-    def requeue(self, deliveries: list[Delivery]) -> None:
-        """Put unstarted messages back at the head of their queues (warm shutdown)."""
+    def requeue(self, deliveries: list[Delivery], pipe=None) -> None:
+        """Put unstarted messages back at the head of their queues (warm shutdown). A message
+        requeued twice (the first reply was lost) is run twice: its finish is idempotent."""
         if not deliveries:
             return
-        pipe = self.redis.pipeline(transaction=True)
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=True)
         for d in deliveries:
             pipe.rpush(d.queue, d.raw)
-            pipe.zrem(self.index, d.tag)
-            pipe.hdel(self.unacked, d.tag)
-        pipe.execute()
+            if d.tag:
+                pipe.zrem(self.index, d.tag)
+                pipe.hdel(self.unacked, d.tag)
+        if own:
+            pipe.execute()
 
-    def renew(self, deliveries: list[Delivery]) -> None:
+    def renew(self, deliveries: list[Delivery], pipe=None) -> None:
         """Renew the visibility lease of messages still held (XX: only if still unacked)."""
         tags = [d.tag for d in deliveries if d.tag]
         if tags:
-            self.redis.zadd(self.index, dict.fromkeys(tags, time.time()), xx=True)
+            (pipe or self.redis).zadd(self.index, dict.fromkeys(tags, time.time()), xx=True)
+
+
+class Doorbell:
+    """Blocks until a message is on ``queue`` (``BLMOVE queue queue RIGHT RIGHT``: the list is
+    left as it was), so an idle worker waits without polling."""
+
+    def __init__(self, client: redis.Redis, queue: str, timeout_s: float = 1.0):
+        self.redis = client
+        self.queue = queue
+        self.timeout_s = timeout_s
+
+    def wait(self) -> bool:
+        """True once the queue holds a message; False after ``timeout_s`` without one."""
+        return self.redis.blmove(self.queue, self.queue, self.timeout_s, "RIGHT", "RIGHT") is not None

@@ -1,8 +1,9 @@
-"""``genq worker``: a real Celery worker whose bootstep runs the batching consumer.
+"""``genq worker``: a real Celery worker whose bootstep runs the step loop.
 
 The Celery worker keeps what operators expect (``celery inspect ping``, heartbeats, remote
 control, events; solo pool, consuming only ``genq.control``); the ``GenerationStep`` loads the
-engine and runs ``BatchingConsumer`` in a thread, stopping it gracefully on warm shutdown.
+engine and runs the ``Consumer`` step loop in a thread, stopping it gracefully on warm
+shutdown (running rows finish, waiting requests go back to their queues).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class GenerationStep(bootsteps.StartStopStep):
         from worker.engine import load_engine
         from worker.engine.selfcheck import enforce
         from worker.ops.metrics import WorkerMetrics
-        from worker.queue.consumer import BatchingConsumer
+        from worker.queue.consumer import Consumer
         from worker.tokencount import publish as publish_tokenizer
 
         settings = get_settings()
@@ -54,14 +55,16 @@ class GenerationStep(bootsteps.StartStopStep):
             adapters=settings.adapters, worker_name=worker.hostname,
             **settings.model_dump(include={"max_batch_size", "max_batch_tokens",
                                            "max_prompt_tokens", "max_new_tokens_limit",
-                                           "cache_dir", "load_in_4bit"}),
+                                           "cache_dir", "load_in_4bit", "scheduler",
+                                           "max_prefill_tokens", "max_bulk_pause_ms",
+                                           "max_wait_ms_for_bucket"}),
         )
         check = enforce(engine, settings.self_check, log)
         metrics = WorkerMetrics.start(settings.metrics_port, worker.hostname)
-        self.consumer = BatchingConsumer(engine, settings, worker.hostname, metrics=metrics,
-                                         self_check=check)
+        self.consumer = Consumer(engine, settings, worker.hostname, metrics=metrics,
+                                 self_check=check)
         publish_tokenizer(self.consumer.store.redis, engine, settings.result_ttl_s)
-        self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-batcher")
+        self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-steps")
         self.thread.start()
         log.info("worker_ready", worker=worker.hostname, backend=engine.backend,
                  model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token,
@@ -71,7 +74,7 @@ class GenerationStep(bootsteps.StartStopStep):
         try:
             self.consumer.run()
         except BaseException:
-            log.exception("batcher_crashed", worker=worker.hostname)
+            log.exception("step_loop_crashed", worker=worker.hostname)
             os._exit(1)  # unacked requests are redelivered to the next worker
 
     def stop(self, worker) -> None:

@@ -1,0 +1,248 @@
+"""The scheduling policy alone: plain data in, a decision out (no torch, no Redis).
+
+Unit tests pin each rule; property tests drive a simulated worker (random arrivals of
+interactive and bulk requests, two adapters, suspects, rows that end early) through thousands
+of decisions and check what must always hold."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.engine.policy import (
+    BULK,
+    INTERACTIVE,
+    Lane,
+    Limits,
+    Running,
+    Waiting,
+    decide,
+    starved_since,
+)
+
+ids = itertools.count()
+
+
+def waiting(priority=BULK, tokens=100, new=50, at=0.0, adapter=None, suspect=False) -> Waiting:
+    return Waiting(f"r{next(ids)}", priority, adapter, tokens, new, at, suspect)
+
+
+def lane(priority=BULK, rows=1, reserve=150, adapter=None, last_step=0.0, **kw) -> Lane:
+    return Lane(priority, adapter, rows=tuple(Running(f"x{next(ids)}", reserve, float(i))
+                                              for i in range(rows)), last_step=last_step, **kw)
+
+
+def test_interactive_lane_is_served_and_bulk_waits():
+    old_bulk = waiting(BULK, at=0.0)
+    late_inter = waiting(INTERACTIVE, at=50.0)
+    d = decide([old_bulk, late_inter], [lane(BULK, rows=4, last_step=99.9)], Limits(), now=100.0)
+    assert d.lane == (INTERACTIVE, None) and d.admit == [late_inter.id] and not d.evict
+
+
+def test_starved_bulk_gets_a_turn_but_never_ahead_of_a_waiting_interactive():
+    inter = waiting(INTERACTIVE, at=5.0)
+    bulk = waiting(BULK, at=0.0)
+    lanes = [lane(INTERACTIVE, rows=2, last_step=10.0), lane(BULK, rows=3, last_step=8.5)]
+    limits = Limits(max_bulk_pause_s=1.0)
+    d = decide([inter, bulk], lanes, limits, now=10.0, bulk_starved_since=8.5)
+    assert d.lane == (BULK, None) and d.admit == []  # a step only: an interactive one waits
+    d = decide([bulk], lanes, limits, now=10.0, bulk_starved_since=8.5)
+    assert d.lane == (BULK, None) and d.admit == [bulk.id]  # no interactive waits: it joins
+    d = decide([inter, bulk], lanes, limits, now=10.0, bulk_starved_since=9.5)
+    assert d.lane == (INTERACTIVE, None) and d.admit == [inter.id]
+
+
+def test_starvation_clock():
+    assert starved_since(None, (INTERACTIVE, None), bulk_pending=True, now=3.0) == 3.0
+    assert starved_since(3.0, (INTERACTIVE, None), bulk_pending=True, now=4.0) == 3.0
+    assert starved_since(3.0, (BULK, None), bulk_pending=True, now=4.0) is None
+    assert starved_since(3.0, (INTERACTIVE, None), bulk_pending=False, now=4.0) is None
+
+
+def test_the_oldest_bulk_request_goes_first_then_similar_lengths():
+    items = [waiting(tokens=t, at=float(i)) for i, t in enumerate([400, 12, 410, 15, 405, 11])]
+    d = decide(items, [], Limits(max_rows=3), now=10.0)
+    assert d.admit[0] == items[0].id
+    assert {w.prompt_tokens for w in items if w.id in d.admit} == {400, 405, 410}
+
+
+def test_adapters_run_in_separate_lanes():
+    a, b = waiting(adapter="a", at=0.0), waiting(adapter="b", at=1.0)
+    d = decide([a, b], [], Limits(), now=5.0)
+    assert d.lane == (BULK, "a") and d.admit == [a.id]
+    d = decide([b], [lane(BULK, adapter="a", last_step=5.0)], Limits(), now=5.0)
+    assert d.lane == (BULK, "b") and d.admit == [b.id]  # a new lane first: round robin
+
+
+def test_at_most_one_suspect_per_lane():
+    suspects = [waiting(INTERACTIVE, at=float(i), suspect=True) for i in range(3)]
+    fresh = waiting(INTERACTIVE, at=9.0)
+    d = decide([*suspects, fresh], [], Limits(), now=10.0)
+    assert d.admit == [suspects[0].id, fresh.id]
+    d = decide(suspects[1:], [lane(INTERACTIVE, has_suspect=True)], Limits(), now=10.0)
+    assert d.admit == []
+
+
+def test_interactive_evicts_the_youngest_bulk_rows_for_kv_room():
+    bulk = lane(BULK, rows=4, reserve=1000, last_step=1.9)
+    inter = waiting(INTERACTIVE, tokens=1500, new=100, at=2.0)
+    d = decide([inter], [bulk], Limits(max_kv_tokens=4500), now=2.0)
+    youngest_first = [r.id for r in sorted(bulk.rows, key=lambda r: -r.admitted_at)]
+    assert d.admit == [inter.id] and d.evict == youngest_first[:2]
+
+
+def test_a_request_larger_than_the_kv_budget_runs_alone_once_all_else_is_done():
+    big = waiting(BULK, tokens=5000, new=100, at=0.0)
+    small = waiting(BULK, tokens=10, new=10, at=1.0)
+    running = lane(BULK, rows=1, reserve=100, adapter="z", last_step=1.0)
+    d = decide([big, small], [running], Limits(max_kv_tokens=1000), now=2.0)
+    assert d.admit == []  # the oldest cannot fit yet: nobody overtakes it
+    d = decide([big, small], [], Limits(max_kv_tokens=1000), now=3.0)
+    assert d.admit == [big.id]
+
+
+def test_static_runs_one_whole_batch_at_a_time():
+    items = [waiting(tokens=t, at=float(i)) for i, t in enumerate([10, 20, 30])]
+    limits = Limits(static=True)
+    d = decide(items, [], limits, now=5.0)
+    assert sorted(d.admit) == sorted(w.id for w in items)
+    d = decide([waiting(INTERACTIVE, at=6.0)], [lane(BULK, rows=3)], limits, now=7.0)
+    assert d.lane == (BULK, None) and d.admit == []
+
+
+# -- properties over a simulated worker ----------------------------------------------------
+
+@dataclass
+class Sim:
+    """A worker as the policy sees it: lanes of rows with a number of tokens still to go."""
+
+    limits: Limits
+    now: float = 0.0
+    step: int = 0
+
+    def __post_init__(self):
+        self.waiting: dict[str, Waiting] = {}
+        self.lanes: dict[tuple, dict[str, tuple[Running, int, Waiting]]] = {}
+        self.last_step: dict[tuple, float] = {}
+        self.admitted_at: dict[str, int] = {}
+        self.arrived_at: dict[str, int] = {}
+        self.finished: set[str] = set()
+        self.lengths: dict[str, int] = {}
+        self.evicted = 0
+        self.starved_since: float | None = None
+
+    def view(self) -> list[Lane]:
+        return [Lane(k[0], k[1], rows=tuple(r for r, _, _ in rows.values()),
+                     last_step=self.last_step.get(k, float("-inf")),
+                     has_suspect=any(w.suspect for _, _, w in rows.values()))
+                for k, rows in self.lanes.items() if rows]
+
+    def turn(self):
+        d = decide(list(self.waiting.values()), self.view(), self.limits, self.now,
+                   self.starved_since)
+        bulk_pending = any(w.priority == BULK for w in self.waiting.values()) or any(
+            w.priority == BULK for rows in self.lanes.values() for _, _, w in rows.values())
+        self.starved_since = starved_since(self.starved_since, d.lane, bulk_pending, self.now)
+        if d.lane is not None:
+            for rows in self.lanes.values():
+                for rid in d.evict:
+                    if rid in rows:
+                        _, _, w = rows.pop(rid)
+                        self.waiting[rid] = w
+                        self.evicted += 1
+            rows = self.lanes.setdefault(d.lane, {})
+            for rid in d.admit:
+                w = self.waiting.pop(rid)
+                assert w.key == d.lane or self.limits.static
+                rows[rid] = (Running(rid, w.reserve, self.now), self.lengths[rid], w)
+                self.admitted_at.setdefault(rid, self.step)
+            for rid, (r, left, w) in list(rows.items()):
+                if left <= 1:
+                    del rows[rid]
+                    self.finished.add(rid)
+                else:
+                    rows[rid] = (r, left - 1, w)
+            self.last_step[d.lane] = self.now
+        self.now += 0.05
+        self.step += 1
+        return d
+
+
+arrival = st.tuples(st.integers(0, 40), st.sampled_from([INTERACTIVE, BULK, BULK]),
+                    st.sampled_from([None, None, "a"]), st.integers(1, 400), st.integers(1, 40),
+                    st.integers(1, 40), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(arrival, min_size=1, max_size=60), st.integers(1, 8),
+       st.sampled_from([600, 2000, 100_000]))
+def test_properties_of_the_continuous_policy(arrivals, max_rows, max_kv):
+    sim = Sim(Limits(max_rows=max_rows, max_kv_tokens=max_kv, max_prefill_tokens=800,
+                     max_bulk_pause_s=0.5))
+    pending = sorted(arrivals, key=lambda a: a[0])
+    submitted: list[Waiting] = []
+    older_bulk_at_arrival: dict[str, int] = {}
+    overtaken: dict[str, int] = {}
+    while pending or sim.waiting or any(sim.lanes.values()):
+        while pending and pending[0][0] <= sim.step:
+            at, prio, adapter, tokens, new, natural, suspect = pending.pop(0)
+            w = Waiting(f"q{len(submitted)}", prio, adapter, tokens, new, sim.now, suspect and prio == BULK)
+            sim.lengths[w.id] = min(new, natural)
+            sim.arrived_at[w.id] = sim.step
+            older_bulk_at_arrival[w.id] = sum(1 for x in sim.waiting.values() if x.key == w.key)
+            sim.waiting[w.id] = w
+            submitted.append(w)
+        inter_waiting = [w for w in sim.waiting.values() if w.priority == INTERACTIVE]
+        bulk_waiting = [w for w in sim.waiting.values() if w.priority == BULK]
+        d = sim.turn()
+        admitted = set(d.admit)
+        # 1. no interactive request waits behind a bulk request admitted after it
+        if any(rid in admitted for rid in (w.id for w in bulk_waiting)):
+            assert not inter_waiting, "a bulk request was admitted while an interactive one waited"
+        # 2. bulk joiners of a lane always include the oldest waiting request of that lane
+        mine = sorted((w for w in bulk_waiting if w.key == d.lane), key=lambda w: w.submitted_at)
+        if mine and admitted & {w.id for w in mine}:
+            assert mine[0].id in admitted
+            for w in mine:
+                if w.id not in admitted:
+                    overtaken[w.id] = overtaken.get(w.id, 0) + 1
+        # 3. limits
+        for rows in sim.lanes.values():
+            assert len(rows) <= max_rows
+            assert sum(1 for _, _, w in rows.values() if w.suspect) <= 1
+        reserved = sum(r.reserve for rows in sim.lanes.values() for r, _, _ in rows.values())
+        alone = sum(len(rows) for rows in sim.lanes.values()) == 1
+        assert reserved <= max_kv or alone
+        assert sim.step < 20_000, "the simulation did not drain: something starves"
+    # 4. every request ran, and a bulk request was passed over by admissions of its own lane
+    #    no more often than there were older requests of that lane waiting when it arrived,
+    #    plus the rows evicted back to waiting (each older one can be an anchor once more)
+    assert sim.finished == {w.id for w in submitted}
+    for w in submitted:
+        if w.priority == BULK:
+            assert overtaken.get(w.id, 0) <= older_bulk_at_arrival[w.id] + sim.evicted, w
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000))
+def test_bulk_is_admitted_within_a_bound_under_a_steady_interactive_stream(seed):
+    """Interactive requests keep coming and running (never all waiting at once): a long bulk
+    request still gets in, within ``max_bulk_pause_s`` (10 turns here) and a few turns."""
+    rng = random.Random(seed)
+    sim = Sim(Limits(max_rows=4, max_kv_tokens=10_000, max_bulk_pause_s=0.5))
+    lone = waiting(BULK, tokens=900, new=30, at=0.0)
+    sim.waiting[lone.id] = lone
+    sim.lengths[lone.id] = 30
+    for step in range(400):
+        if step % 3 == 0:
+            w = replace(waiting(INTERACTIVE, tokens=rng.randint(5, 50), new=4, at=sim.now))
+            sim.waiting[w.id] = w
+            sim.lengths[w.id] = rng.randint(1, 4)
+        sim.turn()
+        if lone.id in sim.admitted_at:
+            break
+    assert lone.id in sim.admitted_at and sim.admitted_at[lone.id] <= 10 + 3

@@ -1,0 +1,428 @@
+"""The worker's link to Redis: one I/O thread between the step loop and the broker.
+
+The step loop never talks to Redis and never waits on it (but for one bounded wait: the start
+record that counts an attempt is written before a request's first forward pass, so a request
+that kills workers is caught; during an outage the loop does not wait). The link thread takes
+messages off the queues (``delivery.Inbox``), checks them, and hands them over; it stores
+running records, progress snapshots and results, acks, renews leases and publishes the
+heartbeat, in the order the loop asked, retrying until Redis answers. So a Redis outage in the
+middle of a batch never strands a request: the rows go on, their results wait here, and
+everything is stored and acked within a second of Redis coming back.
+
+Also here: the stall watchdog (no decode step for ``GENQ_STALL_TIMEOUT_S`` while rows run:
+log why and exit non-zero, so the requests are redelivered; leases are renewed only while
+steps happen), cancel flags, each worker's fair share of the bulk queue (a worker never holds
+more than its share of what is queued and held, so a small job spreads across live workers),
+and an idle wait that makes about three Redis calls a second.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+from celery.worker import state as celery_state
+
+from worker.ops.settings import Settings
+from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES, transport_options
+from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
+from worker.queue.messages import Envelope, MalformedMessage, parse
+from worker.queue.results import ResultStore
+from worker.schema import result_record
+
+log = structlog.get_logger(__name__)
+
+QUEUE_OF = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
+PRIORITY_OF = {q: p for p, q in QUEUE_OF.items()}
+HEARTBEAT_S = 1.0
+CANCEL_POLL_S = 0.25
+START_WAIT_S = 2.0
+STALL_EXIT_CODE = 70
+
+
+@dataclass
+class Arrival:
+    """A request message taken off a queue, decoded and checked, not started yet."""
+
+    envelope: Envelope
+    suspect: bool  # started on a worker that died before finishing it
+
+
+@dataclass
+class _Op:
+    """A write the loop asked for, kept until Redis has taken it."""
+
+    kind: str  # start | progress | finish | requeue
+    records: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[int] | None = None
+
+
+class Link:
+    """Everything the step loop needs from Redis, done on one thread of its own."""
+
+    def __init__(self, settings: Settings, name: str, store: ResultStore, info: dict[str, Any],
+                 metrics=None):
+        self.settings = settings
+        self.name = name
+        self.store = store
+        self.info = info
+        self.metrics = metrics
+        url = settings.broker_url.get_secret_value()
+        self.broker = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                           health_check_interval=10)
+        self.inbox = Inbox(self.broker, REQUEST_QUEUES, transport_options(settings))
+        self.doorbells = {q: Doorbell(redis.Redis.from_url(url, socket_timeout=15,
+                                                           socket_connect_timeout=5), q)
+                          for q in REQUEST_QUEUES}
+        self.max_attempts = settings.max_attempts
+        self.stall_timeout_s = settings.stall_timeout_s
+        self.lease_every_s = max(1.0, min(5.0, settings.visibility_timeout_s / 4))
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._arrived = threading.Event()
+        self._stop = threading.Event()
+        self._arrivals: deque[Arrival] = deque()
+        self._ops: deque[_Op] = deque()
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._held: dict[str, tuple[Delivery, str]] = {}  # request id -> (message, priority)
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._want = dict.fromkeys(REQUEST_QUEUES, 0)
+        self._empty = dict.fromkeys(REQUEST_QUEUES, False)
+        self._armed = {q: threading.Event() for q in REQUEST_QUEUES}
+        self._others = dict.fromkeys(REQUEST_QUEUES, 0)  # requests other live workers hold
+        self._live_workers = 1
+        self.healthy = True
+        self.busy = False
+        self.progress_at = time.monotonic()
+        self.steps = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- the step loop's side ---------------------------------------------------------
+
+    def start_threads(self) -> None:
+        """Start the I/O thread and one doorbell thread per request queue."""
+        self._threads = [threading.Thread(target=self._run, name="genq-link", daemon=True)]
+        self._threads += [threading.Thread(target=self._ring, args=(q,), name=f"genq-bell-{q}",
+                                           daemon=True) for q in REQUEST_QUEUES]
+        for t in self._threads:
+            t.start()
+
+    def want(self, interactive: int, bulk: int) -> None:
+        """How many more requests of each priority the loop can hold now."""
+        want = {INTERACTIVE_QUEUE: max(0, interactive), BULK_QUEUE: max(0, bulk)}
+        if want != self._want:
+            self._want = want
+            self._wake.set()
+
+    def take_arrivals(self, timeout: float = 0.0) -> list[Arrival]:
+        """Requests received since the last call (waits up to ``timeout`` for one)."""
+        if timeout > 0 and not self._arrivals:
+            self._arrived.wait(timeout)
+        with self._lock:
+            self._arrived.clear()
+            out = list(self._arrivals)
+            self._arrivals.clear()
+        return out
+
+    def take_cancelled(self) -> set[str]:
+        """Ids of held requests cancelled (or revoked) since the last call."""
+        with self._lock:
+            out, self._cancelled = self._cancelled, set()
+        return out
+
+    def started(self, records: list[dict[str, Any]]) -> dict[str, int]:
+        """Store running records and count the attempts before the first forward pass.
+
+        Returns the attempt number per id (0: already final, a duplicate); ids missing from
+        the answer are unknown (Redis did not answer in time: run them anyway)."""
+        op = _Op("start", records)
+        with self._lock:
+            self._running.update(r["id"] for r in records)
+        self._push(op)
+        if self.healthy and op.done.wait(START_WAIT_S) and op.result is not None:
+            return {r["id"]: n for r, n in zip(records, op.result, strict=True)}
+        return {}
+
+    def progress(self, records: list[dict[str, Any]]) -> None:
+        """Running records with the text so far (only the latest per request is written)."""
+        with self._lock:
+            self._progress.update((r["id"], r) for r in records)
+        self._wake.set()
+
+    def finished(self, results: list[dict[str, Any]]) -> None:
+        """Store final results, then ack their messages."""
+        self._push(_Op("finish", results, self._release([r["id"] for r in results])))
+
+    def drop(self, ids: list[str]) -> None:
+        """Ack messages that will not run (duplicates of finished requests)."""
+        self._push(_Op("finish", [], self._release(ids)))
+
+    def requeue(self, ids: list[str]) -> None:
+        """Hand unstarted requests back to the head of their queues (warm shutdown)."""
+        self._push(_Op("requeue", [], self._release(ids)))
+
+    def mark_progress(self, busy: bool, steps: int = 0) -> None:
+        """The loop is alive: a step (or an idle turn) just ended."""
+        self.busy = busy
+        self.steps += steps
+        self.progress_at = time.monotonic()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is pending (for up to ``timeout_s``), remove the heartbeat, stop."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while (self._ops or self._progress) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            self.store.forget_worker(self.name)
+        except redis.RedisError:
+            pass
+
+    def _push(self, op: _Op) -> None:
+        with self._lock:
+            self._ops.append(op)
+        self._wake.set()
+
+    def _release(self, ids: list[str]) -> list[Delivery]:
+        with self._lock:
+            out = [self._held.pop(i)[0] for i in ids if i in self._held]
+            self._running.difference_update(ids)
+        return out
+
+    # -- the I/O thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.2
+        next_beat = next_cancel = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._watchdog(now)
+            try:
+                self._write()
+                if now >= next_beat:
+                    self._beat(now)
+                    next_beat = now + HEARTBEAT_S
+                self._fetch()
+                if now >= next_cancel:
+                    self._poll_cancels()
+                    next_cancel = now + CANCEL_POLL_S
+            except (redis.RedisError, OSError) as exc:
+                if self.healthy:
+                    log.warning("broker_unavailable", worker=self.name, error=repr(exc)[:200],
+                                pending_writes=len(self._ops))
+                self.healthy = False
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+                next_beat = 0.0  # renew leases first thing once Redis is back
+                continue
+            if not self.healthy:
+                log.info("broker_back", worker=self.name)
+                self.healthy = True
+            backoff = 0.2
+            pause = min(next_beat, next_cancel if self._held else next_beat) - time.monotonic()
+            self._wake.wait(max(0.0, min(pause, 0.5)))
+            self._wake.clear()
+
+    def _write(self) -> None:
+        """Write the pending ops in order: results and records first, then acks (each write is
+        idempotent, so a batch cut short by a failure is written again whole)."""
+        with self._lock:
+            ops = list(self._ops)
+            progress = [p for i, p in self._progress.items() if i in self._running]
+            self._progress.clear()
+        if not ops and not progress:
+            return
+        records = self.store.redis.pipeline(transaction=False)
+        acks = self.broker.pipeline(transaction=False)
+        starts: list[tuple[_Op, int]] = []
+        for op in ops:
+            if op.kind == "start":
+                starts.append((op, len(records.command_stack)))
+                self.store.start(op.records, pipe=records)
+            elif op.kind == "finish":
+                self.store.finish(op.records, pipe=records)
+                self.inbox.ack(op.deliveries, pipe=acks)
+            else:
+                self.inbox.requeue(op.deliveries, pipe=acks)
+        self.store.progress(progress, pipe=records)
+        try:
+            replies = records.execute() if records.command_stack else []
+            if acks.command_stack:
+                acks.execute()
+        except Exception:
+            with self._lock:  # keep these snapshots unless newer ones came meanwhile
+                for p in progress:
+                    self._progress.setdefault(p["id"], p)
+            raise
+        with self._lock:
+            for _ in ops:
+                self._ops.popleft()
+        for op, at in starts:
+            op.result = [int(x) for x in replies[at:at + len(op.records)]]
+        for op in ops:
+            op.done.set()
+
+    def _fetch(self) -> None:
+        """Take what the loop wants, within this worker's fair share (computed by the fetch
+        script against the live queue length)."""
+        for q in REQUEST_QUEUES:  # the doorbell rings for queues found empty that we want
+            if self._want[q] > 0 and self._empty[q]:
+                self._armed[q].set()
+            else:
+                self._armed[q].clear()
+        want = {q: n if not self._empty[q] else 0 for q, n in self._want.items()}
+        if not any(want.values()):
+            return
+        with self._lock:
+            mine = {q: sum(1 for _, p in self._held.values() if QUEUE_OF[p] == q)
+                    for q in REQUEST_QUEUES}
+        held = {q: (mine[q], mine[q] + self._others[q]) for q in REQUEST_QUEUES}
+        deliveries, left = self.inbox.fetch(want, held, self._live_workers)
+        for q in REQUEST_QUEUES:
+            if want[q] and not left[q]:  # drained it: the doorbell says when more comes
+                self._empty[q] = True
+                self._armed[q].set()
+        if deliveries:
+            self._wake.set()  # want changes as they arrive: look again
+            self._admit_deliveries(deliveries)
+
+    def _admit_deliveries(self, deliveries: list[Delivery]) -> None:
+        """Decode and check new messages; hand valid ones to the loop."""
+        envelopes: list[Envelope] = []
+        for delivery in deliveries:
+            envelope = self._decode(delivery)
+            if envelope is None:
+                continue
+            with self._lock:
+                if envelope.id in self._held:  # our own lease ran out and kombu restored it
+                    self._held[envelope.id] = (delivery, envelope.priority)
+                    continue
+            envelopes.append(envelope)
+        try:
+            states = self.store.admission_state([e.id for e in envelopes])
+        except redis.RedisError:  # they are taken: run them (a finish is idempotent)
+            states = [(None, 0)] * len(envelopes)
+        arrivals, done, lost = [], [], []
+        for envelope, (status, attempts) in zip(envelopes, states, strict=True):
+            if status in ("succeeded", "failed", "cancelled", "expired"):
+                done.append(envelope.delivery)  # finished before: a redelivered duplicate
+            elif attempts >= self.max_attempts:
+                lost.append(envelope)
+            else:
+                arrivals.append(Arrival(envelope, suspect=attempts > 0))
+        if done:
+            self.inbox.ack(done)
+            if self.metrics is not None:
+                self.metrics.duplicates.inc(len(done))
+        for envelope in lost:
+            log.error("request_worker_lost", worker=self.name, request_id=envelope.id,
+                      job_id=envelope.job_id, attempts=self.max_attempts)
+            self._fail(envelope, "worker_lost",
+                       f"{self.max_attempts} workers stopped while running this request")
+        with self._lock:
+            for a in arrivals:
+                self._held[a.envelope.id] = (a.envelope.delivery, a.envelope.priority)
+                self._arrivals.append(a)
+        if arrivals:
+            self._arrived.set()
+
+    def _decode(self, delivery: Delivery) -> Envelope | None:
+        """The envelope of a request message; a poison message is logged, answered if it
+        names a request id, and acked (never redelivered)."""
+        try:
+            body, headers = delivery.decode()
+            return parse(body, headers, delivery)
+        except (Undecodable, MalformedMessage) as exc:
+            request_id = getattr(exc, "request_id", None)
+            log.error("message_rejected", worker=self.name, reason=str(exc)[:300],
+                      queue=delivery.queue, request_id=request_id)
+            if request_id:
+                self.store.finish([{**result_record(request_id, "failed", worker=self.name),
+                                    "error": {"code": "invalid_request", "message": str(exc)}}])
+            self.inbox.ack([delivery])
+            return None
+
+    def _fail(self, envelope: Envelope, code: str, message: str) -> None:
+        record = {**result_record(envelope.id, "failed", envelope.request, job_id=envelope.job_id,
+                                  worker=self.name, model=self.info.get("model")),
+                  "error": {"code": code, "message": message}}
+        self.store.finish([record])
+        self.inbox.ack([envelope.delivery])
+        if self.metrics is not None:
+            self.metrics.requests.labels(worker=self.name, status="failed").inc()
+
+    def _poll_cancels(self) -> None:
+        with self._lock:
+            ids = list(self._held)
+        if not ids:
+            return
+        flags = self.store.cancelled(ids)
+        hits = {i for i, f in zip(ids, flags, strict=True) if f or i in celery_state.revoked}
+        if hits:
+            with self._lock:
+                self._cancelled |= hits
+
+    def _beat(self, now: float) -> None:
+        """Renew leases (only while the loop makes progress), publish the heartbeat with what
+        this worker holds, and read the others' (for the fair share)."""
+        with self._lock:
+            held = [d for d, _ in self._held.values()]
+            counts = {"waiting": {"interactive": 0, "bulk": 0}, "running": {"interactive": 0, "bulk": 0}}
+            for request_id, (_, priority) in self._held.items():
+                counts["running" if request_id in self._running else "waiting"][priority] += 1
+        pipe = self.broker.pipeline(transaction=False)
+        if held and not self._stalled(now):
+            self.inbox.renew(held, pipe=pipe)
+        self.store.heartbeat(self.name, {
+            **self.info, "name": self.name, "pid": os.getpid(), "steps": self.steps,
+            "busy": self.busy, "held": len(held), **counts}, pipe=pipe)
+        pipe.execute()
+        workers = self.store.workers()
+        self._live_workers = max(1, len(workers))
+        for q, priority in PRIORITY_OF.items():
+            self._others[q] = sum(int(w.get(state, {}).get(priority, 0)) for w in workers
+                                  if w.get("name") != self.name for state in ("waiting", "running"))
+        for q in REQUEST_QUEUES:  # shares may have changed, and a missed ring costs a second
+            self._empty[q] = False
+        self._wake.set()
+
+    def _stalled(self, now: float) -> bool:
+        return self.busy and now - self.progress_at > self.stall_timeout_s
+
+    def _watchdog(self, now: float) -> None:
+        if self._stalled(now):
+            with self._lock:
+                running = sorted(self._running)
+            log.error("worker_stalled", worker=self.name, seconds=round(now - self.progress_at, 1),
+                      stall_timeout_s=self.stall_timeout_s, request_ids=running,
+                      action="exit so that the requests are redelivered")
+            os._exit(STALL_EXIT_CODE)
+
+    def _ring(self, queue: str) -> None:
+        """Doorbell thread: while the link waits for ``queue``, block until it holds a message."""
+        bell, armed = self.doorbells[queue], self._armed[queue]
+        while not self._stop.is_set():
+            if not armed.wait(0.5):
+                continue
+            try:
+                rang = bell.wait()
+            except (redis.RedisError, OSError):
+                self._stop.wait(1.0)
+                continue
+            if rang:
+                armed.clear()
+                self._empty[queue] = False
+                self._wake.set()
