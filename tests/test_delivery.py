@@ -9,7 +9,8 @@ import pytest
 import redis
 from kombu import Connection
 
-from worker.queue.app import REQUEST_QUEUES, transport_options
+from worker.ops.settings import Settings
+from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
 from worker.queue.delivery import Inbox, Undecodable
 
 
@@ -44,3 +45,26 @@ def test_only_json_messages_decode(redis_url):
     [delivery], _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 5))
     with pytest.raises(Undecodable, match="never pickle"):
         delivery.decode()
+
+
+def test_the_unacked_record_is_the_one_kombu_writes(redis_url):
+    """Contract with the installed kombu: a message taken by our fetch script is recorded in
+    kombu's unacked hash and index exactly as kombu's own consumer records it."""
+    import json
+
+    options = transport_options(Settings(broker_url=redis_url))
+    broker = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport_options=options) as conn:
+        producer = conn.Producer()
+        for i in range(2):
+            producer.publish({"n": i}, routing_key="genq.bulk", exchange="genq.bulk",
+                             declare=[kombu_queue("genq.bulk")], serializer="json")
+        theirs = conn.default_channel.basic_get("genq.bulk", no_ack=False)  # kombu records it
+        [ours], _ = Inbox(broker, REQUEST_QUEUES, options).fetch({"genq.bulk": 1})
+        assert broker.zcard(options.get("unacked_index_key", "unacked_index")) == 2
+        records = {k.decode(): json.loads(v) for k, v in broker.hgetall("unacked").items()}
+        kombu_record, our_record = records[theirs.delivery_tag], records[ours.tag]
+        assert [type(x) for x in our_record] == [type(x) for x in kombu_record]
+        assert our_record[1:] == kombu_record[1:]  # exchange, routing key
+        assert set(our_record[0]) == set(kombu_record[0])  # the same message fields
+        assert json.loads(ours.raw) == our_record[0]

@@ -27,7 +27,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 K8S = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = kubernetes_validate.latest_version()
-KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+KEDA_KINDS = {"ScaledObject"}
 MODEL_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "gguf"}
 
 
@@ -461,21 +461,21 @@ KEDA_SCHEMA = {
                         "type": "object", "additionalProperties": False,
                         "required": ["type", "metadata"],
                         "properties": {
-                            "type": {"const": "redis"},
+                            "type": {"const": "metrics-api"},
                             "authenticationRef": {"type": "object", "required": ["name"],
                                                   "properties": {"name": {"type": "string"}}},
                             "metadata": {
                                 "type": "object", "additionalProperties": False,
-                                "required": ["address", "listName", "listLength"],
+                                "required": ["url", "valueLocation", "targetValue"],
                                 "properties": {
                                     # KEDA reads every metadata value as a string
-                                    "address": {"type": "string", "pattern": r"^[\w.\-]+:\d+$"},
-                                    "listName": {"type": "string"},
-                                    "listLength": {"type": "string", "pattern": r"^[1-9]\d*$"},
-                                    "activationListLength": {"type": "string",
-                                                             "pattern": r"^\d+$"},
-                                    "databaseIndex": {"type": "string", "pattern": r"^\d+$"},
-                                    "enableTLS": {"enum": ["true", "false"]},
+                                    "url": {"type": "string", "pattern": r"^https?://[\w.\-]+:\d+/"},
+                                    "valueLocation": {"type": "string"},
+                                    "targetValue": {"type": "string", "pattern": r"^[1-9]\d*$"},
+                                    "activationTargetValue": {"type": "string",
+                                                              "pattern": r"^\d+$"},
+                                    "format": {"enum": ["json", "xml", "yaml", "prometheus"]},
+                                    "authMode": {"type": "string"},
                                 }}}}}}}}},
         },
     ],
@@ -494,8 +494,7 @@ def test_every_expected_manifest_is_there():
     assert {("redis.yaml", "StatefulSet"), ("redis.yaml", "Service"),
             ("secret.example.yaml", "Secret"), ("gateway.yaml", "Deployment"),
             ("gateway.yaml", "Service"), ("worker.yaml", "Deployment"),
-            ("keda-scaledobject.yaml", "ScaledObject"),
-            ("keda-scaledobject.yaml", "TriggerAuthentication")} <= kinds
+            ("keda-scaledobject.yaml", "ScaledObject")} <= kinds
 
 
 @pytest.mark.parametrize("name,doc", k8s_documents(),
@@ -519,11 +518,11 @@ def test_kubernetes_validation_rejects_broken_manifests(mutate):
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda d: d["spec"]["triggers"][0].__setitem__("type", "redis-streams"),
-    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("listLength", 64),
-    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("listname", "genq.bulk"),
+    lambda d: d["spec"]["triggers"][0].__setitem__("type", "redis"),
+    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("targetValue", 64),
+    lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("valuelocation", "total"),
     lambda d: d["spec"].pop("scaleTargetRef"),
-], ids=["type", "int-listLength", "misspelt-key", "no-target"])
+], ids=["type", "int-targetValue", "misspelt-key", "no-target"])
 def test_keda_schema_rejects_broken_scaledobjects(mutate):
     doc = copy.deepcopy(k8s_one("ScaledObject"))
     validate_k8s(doc)
@@ -559,9 +558,7 @@ def test_secret_references_point_at_keys_of_the_example_secret():
 
     for _, doc in k8s_documents():
         walk(doc)
-    for ref in k8s_one("TriggerAuthentication")["spec"]["secretTargetRef"]:
-        refs.append((ref["name"], ref["key"]))
-    assert len(refs) >= 5
+    assert len(refs) >= 4
     for name, key in refs:
         assert name == secret["metadata"]["name"] and key in keys, (name, key)
     assert secret["stringData"]["redis-password"] in secret["stringData"]["broker-url"]
@@ -616,23 +613,26 @@ def test_kubernetes_worker_takes_one_gpu_and_shuts_down_warm():
     assert "SIGTERM" in (K8S / "worker.yaml").read_text()
 
 
-def test_keda_scales_the_worker_on_the_two_request_lists():
-    from worker.queue.app import REQUEST_QUEUES
+def test_keda_scales_the_worker_on_the_gateways_demand():
+    """KEDA reads queued + held + running from the gateway's /demand (the list lengths alone
+    undercount what workers hold), by the gateway Service's full DNS name."""
+    from fastapi.routing import APIRoute
+
+    from worker.api import OPEN_PATHS, create_app
+    from worker.ops.settings import Settings
 
     scaled = k8s_one("ScaledObject")
-    auth = k8s_one("TriggerAuthentication")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == k8s_one("Deployment", "genqueue-worker")["metadata"]["name"]
     assert spec["minReplicaCount"] in (0, 1) and spec["maxReplicaCount"] >= spec["minReplicaCount"]
-    triggers = spec["triggers"]
-    names = [t["metadata"]["listName"] for t in triggers]
-    assert sorted(names) == ["genq.bulk", "genq.interactive"]
-    assert set(names) == set(REQUEST_QUEUES)
-    for trig in triggers:
-        assert trig["type"] == "redis"
-        assert trig["authenticationRef"]["name"] == auth["metadata"]["name"]
-        assert int(trig["metadata"]["listLength"]) > 0
-        host = trig["metadata"]["address"].split(":")[0]
-        # KEDA runs in its own namespace: the address must be the service's full name
-        assert host.startswith("genqueue-redis.") and host.endswith(".svc.cluster.local"), host
-    assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "metrics-api" and int(trigger["metadata"]["targetValue"]) > 0
+    url = trigger["metadata"]["url"]
+    host, port_path = url.removeprefix("http://").split(":", 1)
+    gateway_service = k8s_one("Service", "genqueue-gateway")
+    assert host == f"{gateway_service['metadata']['name']}.genqueue.svc.cluster.local"
+    port, path = port_path.split("/", 1)
+    assert int(port) in {p["port"] for p in gateway_service["spec"]["ports"]}
+    assert f"/{path}" in OPEN_PATHS  # KEDA sends no API key
+    routes = {r.path for r in create_app(Settings()).routes if isinstance(r, APIRoute)}
+    assert f"/{path}" in routes and trigger["metadata"]["valueLocation"] == "total"

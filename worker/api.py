@@ -24,13 +24,13 @@ from worker.batchfile import to_request
 from worker.client import GenerationClient
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.settings import Settings, get_settings
-from worker.queue.app import REQUEST_QUEUES
+from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES
 from worker.schema import GenerationRequest
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one batch upload, streamed to a spool file
 MAX_UPLOAD_LINES = 200_000
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/demand"}
 
 
 class Accepted(BaseModel):
@@ -90,7 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     http_requests = Counter("genq_http_requests", "HTTP requests by route and status",
                             ["route", "status"], registry=registry)
-    depth = Gauge("genq_queue_depth", "Requests waiting per queue", ["queue"], registry=registry)
+    depth = Gauge("genq_queue_depth", "Requests on each Redis list, not yet taken by a worker",
+                  ["queue"], registry=registry)
+    demand = Gauge("genq_demand", "Requests not finished: queued + held by workers + running "
+                   "(what autoscaling should follow)", ["priority"], registry=registry)
     workers_up = Gauge("genq_workers_alive", "Workers with a fresh heartbeat", registry=registry)
 
     app = FastAPI(title="genqueue", version="0.1.0",
@@ -220,16 +223,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.status_code = 200 if ready else 503
         return {"ready": ready, "broker": broker, "workers": workers}
 
+    def current_demand() -> tuple[dict[str, int], dict[str, int], int]:
+        """(list lengths, demand per priority: queued + held + running, live workers)."""
+        pipe = client.broker.pipeline(transaction=False)
+        for q in REQUEST_QUEUES:
+            pipe.llen(q)
+        lengths = dict(zip(REQUEST_QUEUES, pipe.execute(), strict=True))
+        workers = client.store.workers()
+        per_priority = {}
+        for priority, q in (("interactive", INTERACTIVE_QUEUE), ("bulk", BULK_QUEUE)):
+            held = sum(int((w.get(state) or {}).get(priority, 0)) for w in workers
+                       for state in ("waiting", "running"))
+            per_priority[priority] = lengths[q] + held
+        return lengths, per_priority, len(workers)
+
+    @app.get("/demand")
+    def get_demand(response: Response) -> dict:
+        """Requests not finished, per priority and in total (what KEDA scales workers on)."""
+        try:
+            _, per_priority, alive = current_demand()
+        except Exception as exc:  # redis down: say so, do not scale on a guess
+            response.status_code = 503
+            return {"error": str(exc)[:200]}
+        return {**per_priority, "total": sum(per_priority.values()), "workers": alive}
+
     @app.get("/metrics")
     def metrics() -> Response:
-        """Prometheus metrics of the gateway, with queue depth and live workers."""
+        """Prometheus metrics of the gateway: queue depth, demand per priority, live workers."""
         try:
-            pipe = client.broker.pipeline(transaction=False)
-            for q in REQUEST_QUEUES:
-                pipe.llen(q)
-            for q, n in zip(REQUEST_QUEUES, pipe.execute(), strict=True):
+            lengths, per_priority, alive = current_demand()
+            for q, n in lengths.items():
                 depth.labels(queue=q).set(n)
-            workers_up.set(len(client.store.workers()))
+            for priority, n in per_priority.items():
+                demand.labels(priority=priority).set(n)
+            workers_up.set(alive)
         except Exception:  # scrape still answers while Redis is down
             workers_up.set(0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,6 @@
-"""``genq bench``: throughput, padding, queue overhead, control-plane rate, latency, scaling.
+"""``genq bench``: throughput, padding, queue overhead, control-plane rate, latency, scaling,
+and the continuous scheduler against the static one (mixed and uniform output lengths on the
+engine; interactive latency under a bulk job through the service).
 
 Every figure that matters is a ratio of two runs made in the same invocation on the same
 machine (these machines are noisy). Writes ``bench/results.json`` and PNG plots.
@@ -263,6 +265,258 @@ def bench_scaling(cache_dir: Path, n: int, new_tokens: int, workdir: Path) -> di
             "two_workers_tok_s": rates[2], "ratio": rates[2] / rates[1]}
 
 
+# -- 7./8. schedulers: continuous vs static on the engine ---------------------------------------
+
+MIXED_NEW_TOKENS = (16, 64, 256)
+# raw-text list openers the demo model keeps continuing ("2. ...", "3. ..."): no early EOS
+LIST_PROMPT = "Here are 100 facts about {topic}, one per line.\n\n1."
+LIST_TOPICS = ("volcanoes", "the ocean", "honey bees", "the moon", "rivers", "deserts", "trains",
+               "castles", "penguins", "bread", "glaciers", "owls", "bridges", "coffee", "comets",
+               "forests", "whales", "clocks", "mountains", "rain", "salt", "tigers", "islands",
+               "ships", "wolves", "copper", "snow", "lighthouses", "apples", "spiders", "caves",
+               "paper")
+
+
+def mixed_requests(n: int, choices: tuple[int, ...], seed: int) -> list[dict[str, Any]]:
+    """The example chat prompts cycled to ``n``, each with ``max_new_tokens`` drawn from
+    ``choices`` by a seeded RNG (natural EOS); bulk priority, as a batch job sends them."""
+    rng = random.Random(seed)
+    base = example_requests(1)
+    return [{**base[i % len(base)], "max_new_tokens": rng.choice(choices), "priority": "bulk"}
+            for i in range(n)]
+
+
+def uniform_requests(engine, n: int, new_tokens: int) -> tuple[list[dict[str, Any]], int, int]:
+    """``n`` raw-text requests of one prompt length (the largest group of list openers with
+    equal token counts, cycled), ``max_new_tokens=new_tokens``; (requests, prompt tokens,
+    distinct prompts)."""
+    by_length: dict[int, list[str]] = {}
+    for topic in LIST_TOPICS:
+        prompt = LIST_PROMPT.format(topic=topic)
+        length = engine.sequence({"prompt": prompt, "max_new_tokens": new_tokens}).prompt_tokens
+        by_length.setdefault(length, []).append(prompt)
+    length, prompts = max(by_length.items(), key=lambda kv: (len(kv[1]), -kv[0]))
+    requests = [{"prompt": prompts[i % len(prompts)], "max_new_tokens": new_tokens,
+                 "priority": "bulk"} for i in range(n)]
+    return requests, length, len(prompts)
+
+
+def run_scheduler(engine, requests: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """Run ``requests`` to the end on a new ``mode`` scheduler, as ``Engine.generate`` does
+    (tokenizing is not timed): seconds, generated tokens (EOS included), tokens/s, decode steps,
+    rows computed per step summed (``row_steps``) and those that produced a token
+    (``useful_row_steps``), finish reasons; ``results`` holds each result in input order."""
+    loop = engine.scheduler(mode)
+    seqs = [engine.sequence(r, str(i)) for i, r in enumerate(requests)]
+    t0 = time.perf_counter()
+    for seq in seqs:
+        loop.add(seq)
+    finished = 0
+    while not loop.idle:
+        finished += len(loop.step())
+    secs = time.perf_counter() - t0
+    if finished != len(seqs):
+        raise RuntimeError(f"{mode}: {finished} of {len(seqs)} sequences finished")
+    tokens = sum(len(s.tokens) for s in seqs)
+    reasons: dict[str, int] = {}
+    for seq in seqs:
+        reasons[seq.finish_reason] = reasons.get(seq.finish_reason, 0) + 1
+    return {"mode": "static" if loop.limits.static else "continuous", "seconds": secs,
+            "tokens": tokens, "tok_s": tokens / secs, "steps": loop.steps,
+            "row_steps": loop.row_steps, "useful_row_steps": loop.useful_row_steps,
+            "useful": loop.useful_row_steps / max(loop.row_steps, 1), "evictions": loop.evictions,
+            "finish_reasons": reasons, "results": [engine.result(s) for s in seqs]}
+
+
+def compare_schedulers(engine, requests: list[dict[str, Any]], sizes: list[int], label: str,
+                       say: Callable[[str], None]) -> list[dict]:
+    """Per batch size: the same requests on the static and the continuous scheduler in this
+    process (which goes first alternates between sizes); continuous/static tokens/s, both
+    useful-row ratios, and how many texts are identical between the two (float32 greedy: all)."""
+    rows = []
+    for k, size in enumerate(sizes):
+        engine.max_batch_size = size
+        order = ("static", "continuous") if k % 2 == 0 else ("continuous", "static")
+        runs = {mode: run_scheduler(engine, requests, mode) for mode in order}
+        static, cont = runs["static"], runs["continuous"]
+        if cont["mode"] != "continuous":
+            say(f"{label}: the engine fell back to static (model cache is not plain)")
+        pairs = zip(static.pop("results"), cont.pop("results"), strict=True)
+        mismatched = [i for i, (a, b) in enumerate(pairs) if a["text"] != b["text"]]
+        rows.append({"batch": size, "first": order[0], "static": static, "continuous": cont,
+                     "ratio": cont["tok_s"] / static["tok_s"],
+                     "identical_texts": len(requests) - len(mismatched),
+                     "mismatched": mismatched[:20]})
+        say(f"{label} batch {size}: continuous {cont['tok_s']:.1f} vs static "
+            f"{static['tok_s']:.1f} tok/s = {rows[-1]['ratio']:.2f}x; useful rows "
+            f"{cont['useful']:.0%} vs {static['useful']:.0%}; "
+            f"{rows[-1]['identical_texts']}/{len(requests)} identical")
+    return rows
+
+
+def _engine_for_schedulers(cache_dir: Path, requests: list[dict[str, Any]] | None = None):
+    from worker.engine import load_engine
+
+    engine = load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
+                         max_batch_tokens=10**9)  # rows are bounded by the batch size only
+    if requests:
+        engine.generate([{**r, "max_new_tokens": 4} for r in requests[:2]])  # warm-up
+    return engine
+
+
+def bench_mixed(cache_dir: Path, sizes: list[int], n: int = 192,
+                choices: tuple[int, ...] = MIXED_NEW_TOKENS, seed: int = 0,
+                say: Callable[[str], None] = print) -> dict:
+    """Continuous vs static scheduler on mixed output lengths: the 64 example chat prompts
+    cycled to ``n``, ``max_new_tokens`` drawn from ``choices`` (seeded), natural EOS, float32
+    greedy. Static keeps finished rows computing until the batch's longest row ends."""
+    requests = mixed_requests(n, choices, seed)
+    engine = _engine_for_schedulers(cache_dir, requests)
+    drawn = {str(c): sum(r["max_new_tokens"] == c for r in requests) for c in choices}
+    return {"requests": n, "new_tokens_drawn": drawn, "seed": seed, "priority": "bulk",
+            "rows": compare_schedulers(engine, requests, sizes, "mixed", say)}
+
+
+def bench_uniform(cache_dir: Path, sizes: list[int], n: int = 64, new_tokens: int = 64,
+                  say: Callable[[str], None] = print) -> dict:
+    """Continuous vs static scheduler where static wastes nothing: every prompt the same token
+    length, every row running to ``max_new_tokens`` (raw list openers the model continues; the
+    finish reasons of each run show whether any row stopped early). Continuous should not lose
+    here (>= 0.9x): this is the price of its bookkeeping."""
+    engine = _engine_for_schedulers(cache_dir)
+    requests, prompt_tokens, distinct = uniform_requests(engine, n, new_tokens)
+    engine.generate([{**r, "max_new_tokens": 4} for r in requests[:2]])  # warm-up
+    rows = compare_schedulers(engine, requests, sizes, "uniform", say)
+    return {"requests": n, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "distinct_prompts": distinct, "priority": "bulk", "rows": rows}
+
+
+# -- 9. interactive latency under a bulk job (the service) --------------------------------------
+
+def interactive_requests(k: int, new_tokens: int = 8) -> list[dict[str, Any]]:
+    """The ``k`` shortest example chat prompts, ``max_new_tokens=new_tokens``, interactive."""
+    base = sorted(example_requests(new_tokens),
+                  key=lambda r: sum(len(m["content"]) for m in r["messages"]))
+    return [{**r, "priority": "interactive"} for r in base[:k]]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def _final(client, request_id: str) -> dict | None:
+    from worker.queue.results import FINAL
+
+    result = client.get(request_id)
+    return result if result["status"] in FINAL else None
+
+
+def _one_at_a_time(client, requests: list[dict], timeout_s: float) -> list[tuple[float, dict]]:
+    """Each request submitted once the previous one's result is in: (seconds from submit to
+    the result being readable, polled every 10 ms; the result)."""
+    out = []
+    for request in requests:
+        t0 = time.perf_counter()
+        request_id = client.submit(**request)
+        while (result := _final(client, request_id)) is None:
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"interactive request {request_id} not done in {timeout_s} s")
+            time.sleep(0.01)
+        out.append((time.perf_counter() - t0, result))
+        time.sleep(0.1)
+    return out
+
+
+def _under_bulk(client, bulk: list[dict], requests: list[dict], interval_s: float,
+                timeout_s: float) -> dict[str, Any]:
+    """Submit ``bulk`` as one job, then request i of ``requests`` at (i + 1) * ``interval_s``
+    after it; poll every 10 ms. Each request's time to result and whether the bulk job was
+    still running when it finished; the job's duration and generated tokens/s."""
+    t0 = time.perf_counter()
+    job = client.submit_many(bulk, priority="bulk")
+    pending: dict[str, tuple[int, float]] = {}
+    latency: list[tuple[float, dict, bool] | None] = [None] * len(requests)
+    bulk_s: float | None = None
+    sent, last_job_poll = 0, 0.0
+    while sent < len(requests) or pending or bulk_s is None:
+        now = time.perf_counter()
+        if now - t0 > timeout_s:
+            raise TimeoutError(f"loaded run not done in {timeout_s} s")
+        if sent < len(requests) and now - t0 >= (sent + 1) * interval_s:
+            pending[client.submit(**requests[sent])] = (sent, now)
+            sent += 1
+        for request_id, (i, submitted) in list(pending.items()):
+            if (result := _final(client, request_id)) is not None:
+                latency[i] = (time.perf_counter() - submitted, result, bulk_s is None)
+                del pending[request_id]
+        if bulk_s is None and now - last_job_poll >= 0.1:
+            last_job_poll = now
+            counts = client.job(job)["counts"]
+            if counts["queued"] == 0 and counts["running"] == 0:
+                bulk_s = time.perf_counter() - t0
+        time.sleep(0.01)
+    results = list(client.job_results(job))
+    return {"latency": latency, "bulk_s": bulk_s,
+            "bulk_tok_s": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results) / bulk_s,
+            "bulk_succeeded": sum(r["status"] == "succeeded" for r in results)}
+
+
+def bench_interactive_mode(cache_dir: Path, workdir: Path, mode: str, requests: list[dict],
+                           bulk: list[dict], batch: int, interval_s: float, timeout_s: float) -> dict:
+    """One worker with ``GENQ_SCHEDULER=mode``: interactive time to result on an idle service,
+    then the same requests submitted every ``interval_s`` while a bulk job runs."""
+    svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
+                   "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": str(batch),
+                   "GENQ_SCHEDULER": mode}, workdir / f"interactive-{mode}")
+    try:
+        svc.start_worker(f"bench@{mode}")
+        client = svc.client()
+        _one_at_a_time(client, requests[:1], timeout_s)  # warm-up, both lanes
+        _run_job(client, [{**r, "max_new_tokens": 4} for r in bulk[:2]])
+        idle = _one_at_a_time(client, requests, timeout_s)
+        loaded = _under_bulk(client, bulk, requests, interval_s, timeout_s)
+    finally:
+        svc.stop()
+    idle_s = [s for s, _ in idle]
+    loaded_s = [entry[0] for entry in loaded["latency"]]
+    figures = {"idle_p50": _percentile(idle_s, 0.5), "idle_p99": _percentile(idle_s, 0.99),
+               "loaded_p50": _percentile(loaded_s, 0.5), "loaded_p99": _percentile(loaded_s, 0.99)}
+    return {"mode": mode, **figures,
+            "p50_ratio": figures["loaded_p50"] / figures["idle_p50"],
+            "p99_ratio": figures["loaded_p99"] / figures["idle_p99"],
+            "idle_s": idle_s, "loaded_s": loaded_s,
+            "idle_server_ms": [r["timings"]["total_ms"] for _, r in idle],
+            "loaded_server_ms": [e[1]["timings"]["total_ms"] for e in loaded["latency"]],
+            "under_load": sum(e[2] for e in loaded["latency"]),
+            "identical_texts": sum(a[1]["text"] == b[1]["text"]
+                                   for a, b in zip(idle, loaded["latency"], strict=True)),
+            "bulk_s": loaded["bulk_s"], "bulk_tok_s": loaded["bulk_tok_s"],
+            "bulk_succeeded": loaded["bulk_succeeded"]}
+
+
+def bench_interactive(cache_dir: Path, workdir: Path, k: int = 8, bulk_n: int = 128,
+                      bulk_new_tokens: int = 128, interval_s: float = 2.0, batch: int = 16,
+                      say: Callable[[str], None] = print) -> dict:
+    """Interactive time to result (submit to result readable, 10 ms polls) on an idle service
+    vs while a bulk job of ``bulk_n`` chat requests runs, continuous vs static scheduler: the
+    same ``k`` short interactive requests (``max_new_tokens=8``) in every run."""
+    requests = interactive_requests(k)
+    base = example_requests(bulk_new_tokens)
+    bulk = [base[i % len(base)] for i in range(bulk_n)]
+    timeout_s = 3600.0
+    modes = []
+    for mode in ("continuous", "static"):
+        m = bench_interactive_mode(cache_dir, workdir, mode, requests, bulk, batch, interval_s,
+                                   timeout_s)
+        modes.append(m)
+        say(f"interactive {mode}: idle p50/p99 {m['idle_p50']:.2f}/{m['idle_p99']:.2f} s, "
+            f"under load {m['loaded_p50']:.2f}/{m['loaded_p99']:.2f} s "
+            f"({m['under_load']}/{k} while bulk ran); bulk job {m['bulk_s']:.1f} s")
+    return {"k": k, "interval_s": interval_s, "bulk_requests": bulk_n,
+            "bulk_new_tokens": bulk_new_tokens, "batch": batch, "modes": modes}
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -338,6 +592,16 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
             results["scaling"] = bench_scaling(cache_dir, 16 if quick else 96,
                                                8 if quick else 32, work)
             say(f"scaling: two/one = {results['scaling']['ratio']:.2f}")
+        if "mixed" in parts:
+            results["mixed"] = (bench_mixed(cache_dir, [8], n=24, choices=(8, 16, 32), say=say)
+                                if quick else bench_mixed(cache_dir, [16, 32], say=say))
+        if "uniform" in parts:
+            results["uniform"] = (bench_uniform(cache_dir, [8], n=16, new_tokens=16, say=say)
+                                  if quick else bench_uniform(cache_dir, [16, 32], say=say))
+        if "interactive" in parts:
+            results["interactive"] = (
+                bench_interactive(cache_dir, work, k=3, bulk_n=32, bulk_new_tokens=32, say=say)
+                if quick else bench_interactive(cache_dir, work, say=say))
     results["plots"] = plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -274,7 +274,7 @@ def _stack_for_run():
 def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
               "bench/results"),
           parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
-              "engine,padding,overhead,control,scaling"),
+              "engine,padding,overhead,control,scaling,mixed,uniform,interactive"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
     """Run the benchmarks; print a table, write JSON and plots."""
     from worker.bench import run_all
@@ -306,8 +306,52 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
     if "scaling" in results:
         s = results["scaling"]
         table.add_row("two workers vs one", f"{s['ratio']:.2f}x", ">= 1.8x")
+    for part in ("mixed", "uniform"):
+        _scheduler_rows(table, part, results.get(part))
+    if "interactive" in results:
+        _interactive_rows(table, results["interactive"])
     Console().print(table)
     console.print(f"results: {out / 'results.json'}")
+
+
+def _scheduler_rows(table: Table, part: str, res: dict | None) -> None:
+    """Rows of a continuous-vs-static engine run (``mixed`` or ``uniform``)."""
+    if not res:
+        return
+    n = res["requests"]
+    what = (f"{part}, {n} requests" if part == "mixed"
+            else f"{part}, {n} x {res['prompt_tokens']}+{res['new_tokens']} tokens")
+    for row in res["rows"]:
+        s, c = row["static"], row["continuous"]
+        table.add_row(f"{what}, batch {row['batch']}: continuous vs static",
+                      f"{row['ratio']:.2f}x ({c['tok_s']:.1f} vs {s['tok_s']:.1f} tok/s)",
+                      ">= 0.9x" if part == "uniform" else "")
+        table.add_row(f"{part}, batch {row['batch']}: useful row-steps cont. / static",
+                      f"{c['useful']:.0%} / {s['useful']:.0%} ({c['steps']} / {s['steps']} steps)",
+                      "")
+        table.add_row(f"{part}, batch {row['batch']}: texts identical across schedulers",
+                      f"{row['identical_texts']}/{n}", f"{n}/{n}")
+        if part == "uniform":
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items()))
+            table.add_row(f"{part}, batch {row['batch']}: finish reasons (static run)", reasons,
+                          f"length {n}")
+
+
+def _interactive_rows(table: Table, res: dict) -> None:
+    """Rows of the interactive-under-bulk-load run, per scheduler."""
+    k = res["k"]
+    for m in res["modes"]:
+        mode = m["mode"]
+        table.add_row(f"interactive ({k}), {mode}: idle p50 / p99",
+                      f"{m['idle_p50']:.2f} / {m['idle_p99']:.2f} s", "")
+        table.add_row(f"interactive ({k}), {mode}: under bulk load p50 / p99",
+                      f"{m['loaded_p50']:.2f} / {m['loaded_p99']:.2f} s "
+                      f"({m['under_load']}/{k} while bulk ran)", "")
+        table.add_row(f"interactive, {mode}: loaded / idle, p50 / p99",
+                      f"{m['p50_ratio']:.2f}x / {m['p99_ratio']:.2f}x",
+                      "<= 2x / <= 2x" if mode == "continuous" else "")
+        table.add_row(f"bulk job, {res['bulk_requests']} x {res['bulk_new_tokens']} tokens, {mode}",
+                      f"{m['bulk_s']:.1f} s ({m['bulk_tok_s']:.1f} tok/s)", "")
 
 
 if __name__ == "__main__":

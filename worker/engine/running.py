@@ -19,6 +19,7 @@ the cache it is given again (``FastDecodeBuffers``).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -100,7 +101,10 @@ def prefill_groups(joiners: list[Sequence], max_pad: float = 1 / 3) -> list[list
 class RunningBatch:
     """One batch of rows stepping together (a lane of the scheduler)."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, engine, adapter: str | None = None, *, keep_finished: bool = False):
+        self.id = next(self._serials)  # for logs: which rows shared a batch
         self.engine = engine
         self.adapter = adapter
         self.keep_finished = keep_finished  # static mode: finished rows compute until all end
@@ -155,6 +159,7 @@ class RunningBatch:
         for seq in joiners:
             seq.admitted_at = now
             seq.batch = batch
+            seq.batch_id = self.id
         self._merge(past, mask, joiners, [s.prompt_tokens for s in joiners])
         return self._accept(tokens, joiners)
 

@@ -64,9 +64,6 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not any(self.lanes.values())
 
-    def __contains__(self, request_id: str) -> bool:
-        return any(s.id == request_id for s in [*self.waiting.values(), *self.running])
-
     def add(self, seq: Sequence) -> None:
         """Queue a prepared request; it joins a lane when the policy says so."""
         seq.handle = str(next(self._handles))

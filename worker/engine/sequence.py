@@ -15,8 +15,6 @@ from typing import Any
 from worker.engine.stopping import StopStrings, cut_at_stop
 from worker.schema import GenerationRequest, result_record
 
-FINISHED_STATUS = {"cancelled": "cancelled", "expired": "expired"}
-
 
 @dataclass(eq=False)
 class Sequence:
@@ -36,6 +34,7 @@ class Sequence:
     admitted_at: float | None = None  # wall clock when its prefill ran
     finished_at: float | None = None
     batch: dict[str, float] | None = None  # rows and padding when it was admitted
+    batch_id: int | None = None  # the running batch it was admitted into (logs)
     evictions: int = 0
     handle: str = ""  # unique within its scheduler (ids may repeat in one generate call)
     sampler: Any = field(default=None, repr=False)  # engine.sampling.RowSampler or None
@@ -58,11 +57,6 @@ class Sequence:
     @property
     def max_new_tokens(self) -> int:
         return self.request.max_new_tokens
-
-    @property
-    def kv_tokens(self) -> int:
-        """KV cache slots this row holds now (prompt plus generated)."""
-        return len(self.prompt_ids) + len(self.tokens)
 
     @property
     def done(self) -> bool:

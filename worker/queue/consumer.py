@@ -124,13 +124,18 @@ class Consumer:
             ended += self.loop.stop(cancelled)
         self._finish(ended)
         if self._gathering():
-            self.link.mark_progress(busy=False)
+            self.link.step_ended(busy=False)
             return
         steps = self.loop.steps
+        self.link.step_started()
         finished = self.loop.step()
         self._finish(finished)
         self._snapshot()
-        self.link.mark_progress(busy=bool(self.loop.running), steps=self.loop.steps - steps)
+        self.link.step_ended(busy=bool(self.loop.running), steps=self.loop.steps - steps)
+        if self.loop.steps == steps and not finished and self.loop.waiting:
+            # nothing could move (say, waiting for KV room that only a cancel frees): no spin
+            for arrival in self.link.take_arrivals(timeout=0.05):
+                self._arrive(arrival)
         if self.metrics is not None:
             self.metrics.observe_step(self.loop)
 
@@ -204,7 +209,8 @@ class Consumer:
 
     def _finish(self, seqs: list[Sequence]) -> None:
         if seqs:
-            self._store([self._result(s) for s in seqs])
+            batches = sorted({f"{self.name}:{s.batch_id}" for s in seqs if s.batch_id})
+            self._store([self._result(s) for s in seqs], batches)
 
     def _result(self, seq: Sequence) -> dict[str, Any]:
         env = self.arrivals[seq.id].envelope
@@ -214,11 +220,11 @@ class Consumer:
                           finish_reason="cancelled" if result["status"] == "cancelled" else None)
         return result
 
-    def _store(self, results: list[dict[str, Any]]) -> None:
+    def _store(self, results: list[dict[str, Any]], batch_ids: list[str] | None = None) -> None:
         self.link.finished(results)
         for result in results:
             self._forget(result["id"])
-        log.info("rows_finished", worker=self.name, step=self.loop.steps,
+        log.info("rows_finished", worker=self.name, step=self.loop.steps, batch_ids=batch_ids or [],
                  request_ids=[r["id"] for r in results],
                  job_ids=sorted({r["job_id"] for r in results if r.get("job_id")}),
                  statuses={s: sum(r["status"] == s for r in results)
@@ -268,7 +274,8 @@ class Consumer:
             self._forget(request_id)
         log.info("draining", worker=self.name, requeued=len(waiting), running=len(self.loop.running))
         while self.loop.running:
+            self.link.step_started()
             self._finish(self.loop.step())
-            self.link.mark_progress(busy=bool(self.loop.running), steps=1)
+            self.link.step_ended(busy=bool(self.loop.running), steps=1)
         leftover = [a.envelope.id for a in self.link.take_arrivals()]
         self.link.requeue(leftover)

@@ -10,7 +10,7 @@ pins that format against the installed kombu.
 
 An idle worker does not poll: ``Doorbell`` blocks on ``BLMOVE q q RIGHT RIGHT`` (pop the
 oldest message and push it straight back: the list is unchanged) until a message arrives, one
-call a second per queue while nothing does (Redis 6.2 or newer).
+call every few seconds per queue while nothing does (Redis 6.2 or newer).
 """
 
 from __future__ import annotations

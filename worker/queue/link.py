@@ -40,7 +40,8 @@ log = structlog.get_logger(__name__)
 
 QUEUE_OF = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
 PRIORITY_OF = {q: p for p, q in QUEUE_OF.items()}
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 2.0
+RECHECK_S = 10.0  # queues found empty are looked at again this often, doorbell or not
 CANCEL_POLL_S = 0.25
 START_WAIT_S = 2.0
 STALL_EXIT_CODE = 70
@@ -79,8 +80,8 @@ class Link:
         self.broker = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
                                            health_check_interval=10)
         self.inbox = Inbox(self.broker, REQUEST_QUEUES, transport_options(settings))
-        self.doorbells = {q: Doorbell(redis.Redis.from_url(url, socket_timeout=15,
-                                                           socket_connect_timeout=5), q)
+        self.doorbells = {q: Doorbell(redis.Redis.from_url(url, socket_timeout=20,
+                                                           socket_connect_timeout=5), q, 5.0)
                           for q in REQUEST_QUEUES}
         self.max_attempts = settings.max_attempts
         self.stall_timeout_s = settings.stall_timeout_s
@@ -100,6 +101,7 @@ class Link:
         self._armed = {q: threading.Event() for q in REQUEST_QUEUES}
         self._others = dict.fromkeys(REQUEST_QUEUES, 0)  # requests other live workers hold
         self._live_workers = 1
+        self._rechecked = 0.0
         self.healthy = True
         self.busy = False
         self.progress_at = time.monotonic()
@@ -170,8 +172,13 @@ class Link:
         """Hand unstarted requests back to the head of their queues (warm shutdown)."""
         self._push(_Op("requeue", [], self._release(ids)))
 
-    def mark_progress(self, busy: bool, steps: int = 0) -> None:
-        """The loop is alive: a step (or an idle turn) just ended."""
+    def step_started(self) -> None:
+        """A forward pass is about to run: from now on the watchdog expects it to end."""
+        self.progress_at = time.monotonic()
+        self.busy = True
+
+    def step_ended(self, busy: bool, steps: int = 0) -> None:
+        """The loop is alive: a turn just ended (``busy``: rows are still running)."""
         self.busy = busy
         self.steps += steps
         self.progress_at = time.monotonic()
@@ -395,9 +402,11 @@ class Link:
         for q, priority in PRIORITY_OF.items():
             self._others[q] = sum(int(w.get(state, {}).get(priority, 0)) for w in workers
                                   if w.get("name") != self.name for state in ("waiting", "running"))
-        for q in REQUEST_QUEUES:  # shares may have changed, and a missed ring costs a second
-            self._empty[q] = False
-        self._wake.set()
+        if now - self._rechecked >= RECHECK_S:  # a missed ring costs at most this long
+            self._rechecked = now
+            for q in REQUEST_QUEUES:
+                self._empty[q] = False
+        self._wake.set()  # shares may have changed: look at the queues again
 
     def _stalled(self, now: float) -> bool:
         return self.busy and now - self.progress_at > self.stall_timeout_s

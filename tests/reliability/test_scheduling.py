@@ -1,0 +1,236 @@
+"""The step loop under faults, on real processes: a private redis-server, `genq worker`
+subprocesses, the client. Faults happen where they really happen: Redis stopped in the middle
+of a batch with no other traffic; a process killed, or a forward pass hung, inside a real
+forward pass (``tests/faults/sitecustomize.py`` on the worker's path); malformed envelopes
+pushed straight onto the queue. Figures printed here go into RELIABILITY.md."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+pytestmark = pytest.mark.slow
+FAULTS = str(Path(__file__).resolve().parent.parent / "faults")
+POISON = "Xyzzy"  # its last token triggers the injected fault
+
+
+def tiny_env(tiny_model_dir: Path, **extra: str) -> dict[str, str]:
+    return {"GENQ_MODEL": str(tiny_model_dir), "GENQ_MAX_BATCH_SIZE": "8",
+            "GENQ_VISIBILITY_TIMEOUT_S": "6", **extra}
+
+
+def fault_env(tiny_model_dir: Path, mode: str, **extra: str) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    token = AutoTokenizer.from_pretrained(tiny_model_dir).encode(POISON)[-1]
+    return tiny_env(tiny_model_dir, PYTHONPATH=FAULTS, GENQ_FAULT_TOKEN=str(token),
+                    GENQ_FAULT_MODE=mode, **extra)
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(every)
+    return value
+
+
+def test_redis_stopped_mid_batch_on_a_quiet_system(client, start_worker, tiny_model_dir,
+                                                   redis_server, redis_url):
+    """Rows go on while Redis is down; once it is back every result is stored within seconds,
+    with no other traffic to nudge the worker and no visibility timeout to wait for."""
+    start_worker("quiet@test", **tiny_env(tiny_model_dir))
+    job = client.submit_many([{"prompt": f"story {i}", "max_new_tokens": 1200 + 40 * i}
+                              for i in range(6)], priority="interactive")
+    wait_until(lambda: client.job(job)["counts"]["running"] == 6, 60, "rows did not start")
+    redis_server.stop()
+    time.sleep(8)  # longer than the visibility timeout (6 s)
+    redis_server.start()
+    back = time.monotonic()
+    info = client.wait_job(job, timeout=120, poll_s=0.1)
+    settled_s = time.monotonic() - back
+    assert info["counts"]["succeeded"] == 6 and info["counts"]["running"] == 0
+    r = redis.Redis.from_url(redis_url)
+    ids = [res["id"] for res in client.job_results(job)]
+    assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6  # each ran once
+    assert r.hlen("unacked") == 0 and r.llen("genq.interactive") == 0
+    log = (start_worker.log_dir / "quiet@test.log").read_text()
+    assert "broker_unavailable" in log and "broker_back" in log
+    assert settled_s < 10, settled_s
+    print(json.dumps({"scenario": "redis stopped 8 s mid-batch, quiet system", "lost": 0,
+                      "ran_twice": 0, "all_stored_s_after_redis_back": round(settled_s, 1)}))
+
+
+def test_a_request_that_kills_workers_ends_worker_lost(client, start_worker, tiny_model_dir):
+    """A request whose forward pass kills the process fails ``worker_lost`` after
+    GENQ_MAX_ATTEMPTS (2) workers died on it; every other request succeeds."""
+    env = fault_env(tiny_model_dir, "exit", GENQ_BATCH_WAIT_MS="200")
+    good = [{"prompt": f"good request {i}", "max_new_tokens": 24} for i in range(10)]
+    job = client.submit_many([*good[:5], {"prompt": POISON, "max_new_tokens": 24}, *good[5:]],
+                             priority="interactive")
+    started = []
+    while client.job(job)["counts"]["queued"] + client.job(job)["counts"]["running"]:
+        if not started or started[-1].poll() is not None:
+            assert len(started) < 4, "a third worker died: the attempt limit did not hold"
+            started.append(start_worker(f"victim{len(started)}@test", wait_ready=False, **env))
+        time.sleep(0.2)
+    results = list(client.job_results(job))
+    poison = results[5]
+    assert poison["status"] == "failed" and poison["error"]["code"] == "worker_lost"
+    assert [r["status"] for r in results[:5] + results[6:]] == ["succeeded"] * 10
+    assert [p.poll() for p in started[:2]] == [134, 134] and started[2].poll() is None
+    print(json.dumps({"scenario": "poison request (kills its worker)", "workers_killed": 2,
+                      "poison": "worker_lost", "others_succeeded": 10}))
+
+
+def test_stall_watchdog_exits_and_the_request_runs_elsewhere(client, start_worker,
+                                                            tiny_model_dir, redis_url):
+    hung = start_worker("hung@test", **fault_env(tiny_model_dir, "hang", GENQ_STALL_TIMEOUT_S="3"))
+    rid = client.submit(prompt=POISON, max_new_tokens=8)
+    other = client.submit(prompt="an ordinary request", max_new_tokens=8)
+    assert hung.wait(60) == 70
+    log = (start_worker.log_dir / "hung@test.log").read_text()
+    assert "worker_stalled" in log and rid in log
+    start_worker("healthy@test", **tiny_env(tiny_model_dir))
+    for request_id in (rid, other):
+        res = client.wait(request_id, timeout=60)  # redelivered after the visibility timeout
+        assert res["status"] == "succeeded" and res["worker"] == "healthy@test"
+    assert int(redis.Redis.from_url(redis_url).get(f"genq:attempts:{rid}")) == 2
+
+
+def test_cancel_and_deadline_in_the_middle_of_a_running_batch(client, start_worker, demo_engine):
+    start_worker(GENQ_BATCH_WAIT_MS="300")
+    base = {"messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+            "max_new_tokens": 160}
+    short = [{"messages": [{"role": "user", "content": f"Describe {t}."}], "max_new_tokens": 40}
+             for t in ("the sea", "a forest", "a city")]
+    keep = [client.submit(**r) for r in short]
+    cancel_me = client.submit(**base)
+    expire_me = client.submit(**base, expires_in_s=6)
+    wait_until(lambda: client.get(cancel_me)["status"] == "running", 120, "did not start")
+    wait_until(lambda: (client.get(cancel_me)["text"] or "").strip(), 120, "no partial text")
+    assert client.cancel(cancel_me) is True
+    cancelled = client.wait(cancel_me, timeout=60)
+    expired = client.wait(expire_me, timeout=120)
+    others = [client.wait(i, timeout=300) for i in keep]
+    assert cancelled["status"] == "cancelled" and cancelled["finish_reason"] == "cancelled"
+    assert 0 < cancelled["usage"]["completion_tokens"] < 160 and cancelled["text"]
+    assert expired["status"] == "expired" and 0 < expired["usage"]["completion_tokens"] < 160
+    alone = [demo_engine.generate([r])[0]["text"] for r in short]
+    assert [o["text"] for o in others] == alone  # batch-mates went on, untouched
+    full = demo_engine.generate([base])[0]["text"]
+    assert full.startswith(cancelled["text"]) and full.startswith(expired["text"])
+
+
+def test_running_results_show_the_text_so_far(client, start_worker, tiny_model_dir):
+    start_worker("progress@test", **tiny_env(tiny_model_dir))
+    rid = client.submit(prompt="Once upon a time", max_new_tokens=1500)
+    seen: list[tuple[int, str]] = []
+    while (res := client.get(rid))["status"] != "succeeded":
+        if res["status"] == "running" and res["text"]:
+            seen.append((res["usage"]["completion_tokens"], res["text"]))
+        time.sleep(0.02)
+    assert len({n for n, _ in seen}) >= 3, seen[:3]  # it grew while running
+    assert all(res["text"].startswith(text) for _, text in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+
+
+def poison_envelopes(rng: random.Random) -> list[bytes]:
+    """Messages as nobody should send them: the envelope itself broken in every way."""
+    good_body = base64.b64encode(json.dumps([[{"prompt": "x"}], {}, {}]).encode()).decode()
+
+    def kombu(**over):
+        msg = {"body": good_body, "content-encoding": "utf-8", "content-type": "application/json",
+               "headers": {"id": str(uuid.uuid4()), "task": "genq.generate"},
+               "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+                              "delivery_info": {"exchange": "", "routing_key": "genq.bulk"}}}
+        msg.update(over)
+        return json.dumps(msg).encode()
+
+    weird = [None, 1, -1.5, "text", [], [1, [2]], {"a": {"b": None}}, True, "x" * 100_000]
+    out = [b"", b"\x00\xff\xfe", b"not json", b"[" * 100_000 + b"]" * 100_000,
+           b'{"a":' * 50_000 + b"1" + b"}" * 50_000, json.dumps(weird).encode(),
+           kombu(body="!!!not base64!!!"), kombu(body=base64.b64encode(b"[" * 60_000).decode()),
+           kombu(body=base64.b64encode(b'{"x": 1}').decode()),
+           kombu(**{"content-type": "application/x-python-serialize"}),
+           kombu(body="x" * (17 * 1024 * 1024))]
+    for field in ("headers", "properties", "body", "content-type"):
+        for value in weird:
+            out.append(kombu(**{field: value}))
+    for value in weird:
+        out.append(kombu(properties={"body_encoding": "base64", "delivery_tag": value,
+                                     "delivery_info": value}))
+        out.append(kombu(headers={"id": value, "task": value, "genq_submitted": value,
+                                  "genq_job": value, "genq_expires": value}))
+    rng.shuffle(out)
+    return out
+
+
+def test_malformed_envelopes_never_take_a_worker_down(client, start_worker, tiny_model_dir,
+                                                      redis_url):
+    worker = start_worker("envelopes@test", **tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="20"))
+    r = redis.Redis.from_url(redis_url)
+    valid = []
+    for i, raw in enumerate(poison_envelopes(random.Random(7))):
+        r.lpush("genq.bulk" if i % 2 else "genq.interactive", raw)
+        if i % 8 == 0:
+            valid.append(client.submit(prompt=f"valid {i}", max_new_tokens=3))
+    for rid in valid:
+        assert client.wait(rid, timeout=120)["status"] == "succeeded"
+    wait_until(lambda: r.llen("genq.bulk") + r.llen("genq.interactive") == 0, 60, "not drained")
+    last = client.submit(prompt="after the fuzz", max_new_tokens=3)
+    assert client.wait(last, timeout=60)["worker"] == "envelopes@test"
+    assert worker.poll() is None and r.hlen("unacked") == 0
+    log = (start_worker.log_dir / "envelopes@test.log").read_text()
+    assert log.count("message_rejected") >= 40
+
+
+def test_an_idle_worker_barely_touches_redis(client, start_worker, tiny_model_dir, redis_url):
+    start_worker("idle@test", **tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="50"))
+    r = redis.Redis.from_url(redis_url)
+    time.sleep(3)  # settle after start-up
+    before = r.info("stats")["total_commands_processed"]
+    t0 = time.monotonic()
+    time.sleep(10)
+    rate = (r.info("stats")["total_commands_processed"] - before - 1) / (time.monotonic() - t0)
+    latencies = []
+    for i in range(20):  # an idle worker still answers at once
+        t = time.perf_counter()
+        res = client.wait(client.submit(prompt=f"ping {i}", max_new_tokens=1), timeout=30)
+        latencies.append((time.perf_counter() - t) * 1000 - res["timings"]["generate_ms"])
+        time.sleep(0.3)
+    assert rate <= 10, rate  # every Redis command of the worker process, Celery's included
+    print(json.dumps({"scenario": "idle worker", "redis_commands_per_s": round(rate, 1),
+                      "added_latency_ms_p50": round(sorted(latencies)[10], 1),
+                      "added_latency_ms_max": round(max(latencies), 1)}))
+
+
+def test_demand_counts_held_and_running_and_a_small_job_spreads(client, start_worker, gateway,
+                                                                tiny_model_dir):
+    http = gateway()
+    env = tiny_env(tiny_model_dir, GENQ_MAX_BATCH_SIZE="4", GENQ_POOL_SIZE="4")
+    start_worker("share1@test", **env)
+    start_worker("share2@test", **env)
+    wait_until(lambda: len(client.store.workers()) == 2, 30, "two heartbeats")
+    job = client.submit_many([{"prompt": f"share {i}", "max_new_tokens": 600} for i in range(16)])
+    wait_until(lambda: client.job(job)["counts"]["running"] >= 4, 60, "nothing ran")
+
+    def demand_matches() -> bool:  # queued + held in pools + running, from the heartbeats
+        text = http.get("/metrics").text
+        demand = next(float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                      if x.startswith('genq_demand{priority="bulk"}'))
+        counts = client.job(job)["counts"]
+        return demand == counts["queued"] + counts["running"] > 0
+
+    wait_until(demand_matches, 20, "the demand metric does not count held and running requests")
+    client.wait_job(job, timeout=120)
+    workers = [r["worker"] for r in client.job_results(job)]
+    assert set(workers) == {"share1@test", "share2@test"}, workers
+    assert min(workers.count("share1@test"), workers.count("share2@test")) >= 4
