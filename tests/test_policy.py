@@ -246,3 +246,11 @@ def test_bulk_is_admitted_within_a_bound_under_a_steady_interactive_stream(seed)
         if lone.id in sim.admitted_at:
             break
     assert lone.id in sim.admitted_at and sim.admitted_at[lone.id] <= 10 + 3
+
+
+def test_static_serves_an_overdue_request_first_whatever_its_priority():
+    old_bulk = waiting(BULK, at=100.0)
+    inter = waiting(INTERACTIVE, at=125.0)
+    limits = Limits(static=True, max_wait_s=30.0)
+    assert decide([old_bulk, inter], [], limits, now=129.0).admit == [inter.id]
+    assert decide([old_bulk, inter], [], limits, now=131.0).admit[0] == old_bulk.id

@@ -115,7 +115,7 @@ class RunningBatch:
         self.positions: torch.Tensor | None = None
         self.version = 0  # bumped whenever the rows change
         self.cap: int | None = None  # rows it may hold after an out-of-memory error
-        self.last_step = float("-inf")  # monotonic time of its last decode step
+        self.last_step = float("-inf")  # wall clock time of its last decode step
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -139,6 +139,7 @@ class RunningBatch:
         On an exception (out-of-memory inside the prefill) the batch is unchanged."""
         engine = self.engine
         size = size or len(self.rows) + len(joiners)
+        started = time.time()
         device = engine.device
         enc = engine.tokenizer.pad({"input_ids": [s.prompt_ids for s in joiners]}, padding=True,
                                    padding_side=engine.padding_side, return_tensors="pt")
@@ -153,11 +154,10 @@ class RunningBatch:
         past = out.past_key_values
         del out
         tokens = choose_tokens(logits, joiners)
-        now = time.time()
         batch = {"size": size,
                  "pad_fraction": round(pad_fraction([s.prompt_tokens for s in joiners]), 4)}
         for seq in joiners:
-            seq.admitted_at = now
+            seq.admitted_at = started
             seq.batch = batch
             seq.batch_id = self.id
         self._merge(past, mask, joiners, [s.prompt_tokens for s in joiners])
@@ -210,7 +210,7 @@ class RunningBatch:
         del out
         self.mask = mask
         self.positions += 1
-        self.last_step = time.monotonic()
+        self.last_step = time.time()
         live = self.live
         if len(live) == len(self.rows):
             tokens = choose_tokens(logits, self.rows)

@@ -98,7 +98,7 @@ class Scheduler:
 
     def step(self) -> list[Sequence]:
         """Serve one lane: evict, admit, one decode step. The rows that finished."""
-        now = time.monotonic()
+        now = time.time()  # the policy compares it with submit times
         limits = self.limits
         if self.prefill_cap < limits.max_prefill_tokens:
             limits = Limits(**{**vars(limits), "max_prefill_tokens": self.prefill_cap})
