@@ -142,8 +142,8 @@ class Sim:
                 for k, rows in self.lanes.items() if rows]
 
     def turn(self):
-        d = decide(list(self.waiting.values()), self.view(), self.limits, self.now,
-                   self.starved_since)
+        waiting = sorted(self.waiting.values(), key=lambda w: (w.submitted_at, int(w.id[1:])))
+        d = decide(waiting, self.view(), self.limits, self.now, self.starved_since)
         bulk_pending = any(w.priority == BULK for w in self.waiting.values()) or any(
             w.priority == BULK for rows in self.lanes.values() for _, _, w in rows.values())
         self.starved_since = starved_since(self.starved_since, d.lane, bulk_pending, self.now)
@@ -204,7 +204,8 @@ def test_properties_of_the_continuous_policy(arrivals, max_rows, max_kv):
         if any(rid in admitted for rid in (w.id for w in bulk_waiting)):
             assert not inter_waiting, "a bulk request was admitted while an interactive one waited"
         # 2. bulk joiners of a lane always include the oldest waiting request of that lane
-        mine = sorted((w for w in bulk_waiting if w.key == d.lane), key=lambda w: w.submitted_at)
+        mine = sorted((w for w in bulk_waiting if w.key == d.lane),
+                      key=lambda w: (w.submitted_at, int(w.id[1:])))
         if mine and admitted & {w.id for w in mine}:
             assert mine[0].id in admitted
             for w in mine:

@@ -29,13 +29,16 @@ def rss_peak_kb(pid: int) -> int:
 
 
 def test_five_sigkills_during_a_500_request_job(client, start_worker, tiny_model_dir, cache_dir):
+    """Every death counts as an attempt of the rows it was running (a SIGKILL looks like a
+    crash), so with five kills a request may be running at two of them: the attempt limit is
+    raised above the number of kills here (``test_scheduling`` tests the default of 2)."""
     from worker.engine import load_engine
 
     requests = [{"prompt": f"request {i}: " + "lorem " * (i % 40), "max_new_tokens": 48}
                 for i in range(500)]
     job = client.submit_many(requests)
     rng = random.Random(5)
-    worker = start_worker("storm0@test", **tiny_env(tiny_model_dir))
+    worker = start_worker("storm0@test", **tiny_env(tiny_model_dir, GENQ_MAX_ATTEMPTS="6"))
     kills = []
     for k in range(1, 6):
         time.sleep(rng.uniform(0.3, 1.5))
@@ -43,7 +46,7 @@ def test_five_sigkills_during_a_500_request_job(client, start_worker, tiny_model
         worker.kill()
         worker.wait()
         kills.append({"at_finished": counts["succeeded"], "running": counts["running"]})
-        worker = start_worker(f"storm{k}@test", **tiny_env(tiny_model_dir))
+        worker = start_worker(f"storm{k}@test", **tiny_env(tiny_model_dir, GENQ_MAX_ATTEMPTS="6"))
     t_last_kill = time.monotonic()
     info = client.wait_job(job, timeout=600)
     drained_s = time.monotonic() - t_last_kill

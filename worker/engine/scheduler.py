@@ -223,8 +223,11 @@ class Scheduler:
     # -- views for the policy ---------------------------------------------------------
 
     def _waiting_view(self) -> list[Waiting]:
+        """Waiting requests by submit time, ties in arrival order (an evicted row keeps its
+        place: it is back in the dict at the end, but its handle is older)."""
+        ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
         return [Waiting(s.handle, s.priority, s.adapter, s.prompt_tokens, s.max_new_tokens,
-                        s.submitted_at, s.suspect) for s in self.waiting.values()]
+                        s.submitted_at, s.suspect) for s in ordered]
 
     def _lane_view(self) -> list[Lane]:
         return [Lane(key[0], key[1],

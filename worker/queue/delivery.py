@@ -23,22 +23,31 @@ from typing import Any
 
 import redis
 
-# KEYS: request queues in priority order, then the unacked hash and its index.
-# ARGV: now, live workers, then per queue: how many the worker wants, how many it holds, how
-# many all live workers hold. A worker takes at most its share of what is queued and held,
-# ceil((queued + held by all) / live workers) minus what it holds (at least one when it holds
-# none), so a small job spreads across workers. Returns the length of each queue left, then
-# tag, raw, queue triples; a message that is not a kombu envelope comes back with an empty tag
-# and is not recorded (it is rejected).
+# KEYS: request queues in priority order, the unacked hash and its index, the workers' heartbeat
+# hash. ARGV: now, how many this worker holds, then how many it wants from each queue.
+# A worker takes at most its share of everything not finished, ceil((queued + held by every
+# worker) / live workers) minus what it holds (at least one when it holds none), so a small job
+# spreads across workers. Live workers are the fresh heartbeats; held messages are kombu's
+# unacked index. Returns the length of each queue left, then tag, raw, queue triples; a message
+# that is not a kombu envelope comes back with an empty tag and is not recorded (it is rejected).
 FETCH = """
-local now, live = ARGV[1], tonumber(ARGV[2])
-local unacked, index = KEYS[#KEYS - 1], KEYS[#KEYS]
+local now, mine = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nq = #KEYS - 3
+local unacked, index, workers = KEYS[nq + 1], KEYS[nq + 2], KEYS[nq + 3]
+local live = 0
+local beats = redis.call('HGETALL', workers)
+for i = 2, #beats, 2 do
+  local ok, w = pcall(cjson.decode, beats[i])
+  if ok and type(w) == 'table' and tonumber(w['at']) and
+     now - tonumber(w['at']) < (tonumber(w['ttl']) or 15) then live = live + 1 end
+end
+local total = redis.call('ZCARD', index)
+for i = 1, nq do total = total + redis.call('LLEN', KEYS[i]) end
+local budget = math.ceil(total / math.max(live, 1)) - mine
+if mine == 0 and budget < 1 then budget = 1 end
 local out = {}
-for i = 1, #KEYS - 2 do
-  local want, mine, all = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  local share = math.ceil((redis.call('LLEN', KEYS[i]) + all) / live) - mine
-  if mine == 0 and share < 1 then share = 1 end
-  local n = math.min(want, share)
+for i = 1, nq do
+  local n = math.min(tonumber(ARGV[2 + i]), budget)
   local taken = 0
   while taken < n do
     local raw = redis.call('RPOP', KEYS[i])
@@ -62,9 +71,10 @@ for i = 1, #KEYS - 2 do
     table.insert(out, KEYS[i])
     taken = taken + 1
   end
+  budget = budget - taken
 end
 local left = {}
-for i = 1, #KEYS - 2 do table.insert(left, redis.call('LLEN', KEYS[i])) end
+for i = 1, nq do table.insert(left, redis.call('LLEN', KEYS[i])) end
 for _, v in ipairs(out) do table.insert(left, v) end
 return left
 """
@@ -115,24 +125,22 @@ class Delivery:
 class Inbox:
     """Fetch, ack and requeue request messages on a Redis broker, atomically."""
 
-    def __init__(self, client: redis.Redis, queues: tuple[str, ...], transport: dict[str, Any]):
+    def __init__(self, client: redis.Redis, queues: tuple[str, ...], transport: dict[str, Any],
+                 workers_key: str = "genq:workers"):
         self.redis = client
         self.queues = queues
         self.unacked = transport.get("unacked_key", "unacked")
         self.index = transport.get("unacked_index_key", "unacked_index")
+        self.workers_key = workers_key
         self._fetch = client.register_script(FETCH)
 
-    def fetch(self, want: dict[str, int], held: dict[str, tuple[int, int]] | None = None,
-              live_workers: int = 1) -> tuple[list[Delivery], dict[str, int]]:
-        """Up to ``want[queue]`` messages from each queue, in priority order, within this
-        worker's share (``held[queue]``: (held by this worker, held by all live workers)), each
-        unacked until acked; and how many messages each queue still holds."""
-        held = held or {}
-        args: list[float] = [time.time(), max(1, live_workers)]
-        for q in self.queues:
-            mine, everyone = held.get(q, (0, 0))
-            args += [max(0, want.get(q, 0)), mine, max(mine, everyone)]
-        flat = self._fetch(keys=[*self.queues, self.unacked, self.index], args=args)
+    def fetch(self, want: dict[str, int], held: int = 0) -> tuple[list[Delivery], dict[str, int]]:
+        """Up to ``want[queue]`` messages from each queue, in priority order, within the share
+        of a worker that holds ``held`` messages, each unacked until acked; and how many
+        messages each queue still holds."""
+        args = [time.time(), held, *(max(0, want.get(q, 0)) for q in self.queues)]
+        flat = self._fetch(keys=[*self.queues, self.unacked, self.index, self.workers_key],
+                           args=args)
         left = dict(zip(self.queues, (int(x) for x in flat[:len(self.queues)]), strict=True))
         flat = flat[len(self.queues):]
         return [Delivery(tag.decode(), raw, queue.decode())

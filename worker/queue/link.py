@@ -11,8 +11,8 @@ everything is stored and acked within a second of Redis coming back.
 
 Also here: the stall watchdog (no decode step for ``GENQ_STALL_TIMEOUT_S`` while rows run:
 log why and exit non-zero, so the requests are redelivered; leases are renewed only while
-steps happen), cancel flags, each worker's fair share of the bulk queue (a worker never holds
-more than its share of what is queued and held, so a small job spreads across live workers),
+steps happen), cancel flags, each worker's fair share of the queues (a worker never holds more
+than its share of what is queued and held, so a small job spreads across live workers),
 and an idle wait that makes about three Redis calls a second.
 """
 
@@ -39,7 +39,6 @@ from worker.schema import result_record
 log = structlog.get_logger(__name__)
 
 QUEUE_OF = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
-PRIORITY_OF = {q: p for p, q in QUEUE_OF.items()}
 HEARTBEAT_S = 2.0
 RECHECK_S = 10.0  # queues found empty are looked at again this often, doorbell or not
 CANCEL_POLL_S = 0.25
@@ -99,8 +98,6 @@ class Link:
         self._want = dict.fromkeys(REQUEST_QUEUES, 0)
         self._empty = dict.fromkeys(REQUEST_QUEUES, False)
         self._armed = {q: threading.Event() for q in REQUEST_QUEUES}
-        self._others = dict.fromkeys(REQUEST_QUEUES, 0)  # requests other live workers hold
-        self._live_workers = 1
         self._rechecked = 0.0
         self.healthy = True
         self.busy = False
@@ -119,10 +116,17 @@ class Link:
             t.start()
 
     def want(self, interactive: int, bulk: int) -> None:
-        """How many more requests of each priority the loop can hold now."""
-        want = {INTERACTIVE_QUEUE: max(0, interactive), BULK_QUEUE: max(0, bulk)}
-        if want != self._want:
+        """How many more requests of each priority the loop can hold now (besides what
+        arrived and it has not taken yet)."""
+        with self._lock:
+            pending = {q: 0 for q in REQUEST_QUEUES}
+            for a in self._arrivals:
+                pending[QUEUE_OF[a.envelope.priority]] += 1
+            want = {INTERACTIVE_QUEUE: max(0, interactive - pending[INTERACTIVE_QUEUE]),
+                    BULK_QUEUE: max(0, bulk - pending[BULK_QUEUE])}
+            changed = want != self._want
             self._want = want
+        if changed:
             self._wake.set()
 
     def take_arrivals(self, timeout: float = 0.0) -> list[Arrival]:
@@ -294,11 +298,12 @@ class Link:
         if not any(want.values()):
             return
         with self._lock:
-            mine = {q: sum(1 for _, p in self._held.values() if QUEUE_OF[p] == q)
-                    for q in REQUEST_QUEUES}
-        held = {q: (mine[q], mine[q] + self._others[q]) for q in REQUEST_QUEUES}
-        deliveries, left = self.inbox.fetch(want, held, self._live_workers)
+            held = len(self._held)
+        deliveries, left = self.inbox.fetch(want, held)
         for q in REQUEST_QUEUES:
+            got = sum(1 for d in deliveries if d.queue == q)
+            with self._lock:  # not the loop's yet: do not fetch them again meanwhile
+                self._want[q] = max(0, self._want[q] - got)
             if want[q] and not left[q]:  # drained it: the doorbell says when more comes
                 self._empty[q] = True
                 self._armed[q].set()
@@ -383,8 +388,8 @@ class Link:
                 self._cancelled |= hits
 
     def _beat(self, now: float) -> None:
-        """Renew leases (only while the loop makes progress), publish the heartbeat with what
-        this worker holds, and read the others' (for the fair share)."""
+        """Renew leases (only while the loop makes progress) and publish the heartbeat with
+        what this worker holds."""
         with self._lock:
             held = [d for d, _ in self._held.values()]
             counts = {"waiting": {"interactive": 0, "bulk": 0}, "running": {"interactive": 0, "bulk": 0}}
@@ -397,11 +402,6 @@ class Link:
             **self.info, "name": self.name, "pid": os.getpid(), "steps": self.steps,
             "busy": self.busy, "held": len(held), **counts}, pipe=pipe)
         pipe.execute()
-        workers = self.store.workers()
-        self._live_workers = max(1, len(workers))
-        for q, priority in PRIORITY_OF.items():
-            self._others[q] = sum(int(w.get(state, {}).get(priority, 0)) for w in workers
-                                  if w.get("name") != self.name for state in ("waiting", "running"))
         if now - self._rechecked >= RECHECK_S:  # a missed ring costs at most this long
             self._rechecked = now
             for q in REQUEST_QUEUES:
