@@ -37,6 +37,7 @@ def test_generation_lifecycle_and_errors(gateway, start_worker):
     result = poll(http, f"/v1/generations/{r.json()['id']}")
     assert result["status"] == "succeeded" and result["custom_id"] == "c1"
     assert result["metadata"] == {"k": [1, 2]} and result["usage"]["completion_tokens"] >= 1
+    assert isinstance(result["batch"]["size"], int)  # 1, not 1.0
     assert http.delete(f"/v1/generations/{r.json()['id']}").json()["cancelled"] is False
 
     bad = http.post("/v1/generations", json={"prompt": "x", "temperature": -1, "oops": 1})

@@ -105,3 +105,41 @@ def test_submit_status_result_cancel_job(redis_url, client, start_worker, tiny_m
 
     missing = genq("status", "no-such-id", env=env)
     assert missing.returncode == 2 and "unknown or expired" in missing.stderr
+
+
+def test_expected_failures_are_one_or_two_lines_not_tracebacks(tmp_path, redis_url):
+    from worker.stack import free_port
+
+    nowhere = {"GENQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    cases = [(("submit", "hi"), nowhere, "cannot reach the broker"),
+             (("status", "some-id"), nowhere, "cannot reach the broker"),
+             (("result", "some-id"), nowhere, "cannot reach the broker"),
+             (("cancel", "some-id"), nowhere, "cannot reach the broker"),
+             (("job", "some-job"), nowhere, "cannot reach the broker"),
+             (("status", "no-such-id"), {"GENQ_BROKER_URL": redis_url}, "not found"),
+             (("run", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
+             (("generate", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
+             (("worker", "--gpu", "7"), {}, "--gpu 7"),
+             (("status",), {}, "Missing argument")]
+    for args, env, says in cases:
+        out = genq(*args, env=env, timeout=120)
+        lines = [x for x in out.stderr.splitlines() if x.strip()]
+        assert out.returncode == 2, (args, out.returncode, out.stderr[-500:])
+        assert says in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-500:])
+        assert len(lines) <= 3 and "internal" not in out.stderr, (args, lines)
+    debug = genq("--debug", "status", "some-id", env=nowhere, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConnectionError" in debug.stderr
+
+
+def test_config_shows_every_effective_value_and_the_readme_lists_every_setting():
+    import re
+
+    from worker.ops.settings import Settings
+
+    out = genq("config", "--json")
+    shown = json.loads(out.stdout)
+    assert set(shown) == set(Settings.model_fields)
+    assert [k for k, v in shown.items() if v is None] == []  # defaults resolved, not null
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(GENQ_[A-Z0-9_]+)` \|", readme, re.M))
+    assert listed == {f"GENQ_{k.upper()}" for k in Settings.model_fields}

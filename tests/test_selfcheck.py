@@ -47,3 +47,25 @@ def test_forced_right_padding_fails_the_canary(demo_engine):
         demo_engine.padding_side = "left"
     assert any("padding side is 'right'" in p for p in report.problems)
     assert any("batched output differs" in p for p in report.problems), report.problems
+
+
+def test_a_passed_canary_is_remembered_for_exactly_this_setup(demo_engine, tmp_path):
+    import time
+
+    first = enforce(demo_engine, "strict", Log(), cache_dir=tmp_path)
+    assert first["ok"] and "cached" not in first
+    t0 = time.perf_counter()
+    again = enforce(demo_engine, "strict", Log(), cache_dir=tmp_path)
+    assert again["ok"] and again["cached"] is True and time.perf_counter() - t0 < 2
+    demo_engine.padding_side = "right"  # the rules are checked on every start, cached or not
+    try:
+        with pytest.raises(SelfCheckFailed, match="padding side"):
+            enforce(demo_engine, "strict", Log(), cache_dir=tmp_path)
+    finally:
+        demo_engine.padding_side = "left"
+    demo_engine.scheduler_mode = "static"  # anything the canary depends on: run it again
+    try:
+        other = enforce(demo_engine, "strict", Log(), cache_dir=tmp_path)
+    finally:
+        demo_engine.scheduler_mode = "continuous"
+    assert other["ok"] and "cached" not in other

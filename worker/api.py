@@ -43,6 +43,13 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class BatchInfo(BaseModel):
+    """The running batch a request was admitted into: its rows, and the padding of its prefill."""
+
+    size: int
+    pad_fraction: float
+
+
 class Result(BaseModel):
     """A result exactly as the contract states it."""
 
@@ -53,7 +60,7 @@ class Result(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: dict[str, float | None] | None = None
-    batch: dict[str, float] | None = None
+    batch: BatchInfo | None = None
     worker: str | None = None
     model: str | None = None
     adapter: str | None = None

@@ -46,19 +46,19 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 # -- 1. engine: batched vs one at a time -----------------------------------------------------
 
 def bench_engine(cache_dir: Path, sizes: list[int], dtypes: list[str], new_tokens: int,
-                 alone_n: int, say: Callable[[str], None]) -> list[dict]:
-    """Generated tokens/s one request at a time vs length-sorted batches, per dtype."""
+                 n: int, say: Callable[[str], None]) -> list[dict]:
+    """Generated tokens/s one request at a time vs the step loop at each batch size, per
+    dtype, on the same ``n`` example prompts (the continuous scheduler, as ``generate`` runs)."""
     from worker.engine import load_engine
 
-    requests = example_requests(new_tokens)
+    requests = example_requests(new_tokens)[:n]
     rows = []
     for dtype in dtypes:
         engine = load_engine("demo", backend="transformers", dtype=dtype, cache_dir=cache_dir)
         engine.generate(requests[:2])  # warm-up
-        subset = requests[:alone_n]
-        results, secs = _timed(lambda e=engine, s=subset: [e.generate([r])[0] for r in s])
+        results, secs = _timed(lambda e=engine: [e.generate([r])[0] for r in requests])
         rows.append({"dtype": dtype, "batch": 1, "tok_s": tokens_per_s(results, secs),
-                     "seconds": secs, "requests": len(subset), "pad_fraction": 0.0})
+                     "seconds": secs, "requests": len(requests), "pad_fraction": 0.0})
         say(f"engine {dtype} one-at-a-time: {rows[-1]['tok_s']:.1f} tok/s")
         for size in sizes:
             engine.max_batch_size = size
@@ -576,7 +576,7 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
             results["engine"] = bench_engine(
                 cache_dir, [4, 8] if quick else [4, 8, 16, 32],
                 ["float32"] if quick else ["float32", "bfloat16"],
-                new_tokens=16 if quick else 64, alone_n=4 if quick else 16, say=say)
+                new_tokens=16 if quick else 64, n=8 if quick else 32, say=say)
         if "padding" in parts:
             results["padding"] = bench_padding(cache_dir, 16, [64, 256])
         if "overhead" in parts:

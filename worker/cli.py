@@ -25,14 +25,19 @@ from rich.progress import (
 from rich.table import Table
 
 app = typer.Typer(help="genqueue: batched LLM generation on a Celery/Redis queue.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+DEBUG = {"on": False}
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+           = False) -> None:
     from worker.ops.logging import configure_logging
 
+    DEBUG["on"] = debug
     configure_logging(os.environ.get("GENQ_LOG_LEVEL", "WARNING"))
+
+
 console = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -55,13 +60,54 @@ def _show(data: dict, as_json: bool) -> None:
 
 @contextmanager
 def _errors():
-    from worker.errors import GenqError
+    from worker.errors import GenqError, NotFound
 
     try:
         yield
+    except NotFound as exc:
+        console.print(f"[red]not found[/red]: {exc.message}")
+        raise typer.Exit(2) from None
     except GenqError as exc:
         console.print(f"[red]{exc.code}[/red]: {exc.message}")
         raise typer.Exit(2) from None
+
+
+def explain(exc: BaseException) -> str | None:
+    """One or two lines for an expected failure (None: unexpected, show the traceback)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OperationalError)):
+        from worker.ops.settings import Settings
+
+        url = Settings().masked()["broker_url"]
+        return (f"cannot reach the broker at {url} (GENQ_BROKER_URL): {exc}\n"
+                "start Redis (or `genq up`), or point GENQ_BROKER_URL at one")
+    if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
+        return f"the broker refused: {exc}"
+    if isinstance(exc, OSError) and getattr(exc, "filename", None):
+        return f"cannot read {exc.filename}: {exc.strerror or exc}"
+    return None
+
+
+def main() -> None:
+    """The ``genq`` entry point: expected failures are one or two lines and exit code 2;
+    ``genq --debug ...`` shows their traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a command line tool
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # a usage error: click's message
+            exc.show()
+            sys.exit(exc.exit_code)
+        message = explain(exc)
+        if message is None or DEBUG["on"]:
+            raise
+        console.print(f"[red]error[/red]: {message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.command()
@@ -69,8 +115,13 @@ def worker(gpu: Annotated[str, typer.Option(help="GPU index to pin, or 'none' fo
            name: Annotated[str | None, typer.Option(help="Worker name (default gpuN@host).")] = None,
            threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None) -> None:
     """Run one worker pinned to a GPU (or the CPU) in the foreground."""
-    from worker.queue.worker import run_worker
+    from worker.queue.worker import pin_device, run_worker
 
+    try:
+        pin_device(gpu)
+    except ValueError as exc:
+        console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(run_worker(gpu, name=name, threads=threads))
 
 
@@ -355,4 +406,4 @@ def _interactive_rows(table: Table, res: dict) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

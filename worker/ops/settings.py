@@ -94,6 +94,14 @@ class Settings(BaseSettings):
         data["result_url"] = mask_url(self.result_backend_url)
         data["api_keys"] = ["***"] * len(self.api_keys)
         data["cache_dir"] = str(self.cache_dir)
+        # the value each default resolves to, rather than null
+        data["pool_size"] = self.pool_size or self.max_batch_size
+        data["max_prompt_tokens"] = self.max_prompt_tokens or "the model's context length"
+        data["metrics_port"] = self.metrics_port or "off (no metrics server)"
+        if self.dtype in (None, "auto"):
+            from worker.stack import count_gpus
+
+            data["dtype"] = "bfloat16 (GPU)" if count_gpus() else "float32 (no GPU)"
         return data
 
 

@@ -97,6 +97,7 @@ class Link:
         self._cancelled: set[str] = set()
         self._want = dict.fromkeys(REQUEST_QUEUES, 0)
         self._empty = dict.fromkeys(REQUEST_QUEUES, False)
+        self._checking = dict.fromkeys(REQUEST_QUEUES, 0)  # fetched, not handed over yet
         self._armed = {q: threading.Event() for q in REQUEST_QUEUES}
         self._rechecked = 0.0
         self.healthy = True
@@ -118,8 +119,8 @@ class Link:
     def want(self, interactive: int, bulk: int) -> None:
         """How many more requests of each priority the loop can hold now (besides what
         arrived and it has not taken yet)."""
-        with self._lock:
-            pending = {q: 0 for q in REQUEST_QUEUES}
+        with self._lock:  # fetched but not taken by the loop yet: being checked, or waiting
+            pending = dict(self._checking)
             for a in self._arrivals:
                 pending[QUEUE_OF[a.envelope.priority]] += 1
             want = {INTERACTIVE_QUEUE: max(0, interactive - pending[INTERACTIVE_QUEUE]),
@@ -304,12 +305,17 @@ class Link:
             got = sum(1 for d in deliveries if d.queue == q)
             with self._lock:  # not the loop's yet: do not fetch them again meanwhile
                 self._want[q] = max(0, self._want[q] - got)
+                self._checking[q] += got
             if want[q] and not left[q]:  # drained it: the doorbell says when more comes
                 self._empty[q] = True
                 self._armed[q].set()
         if deliveries:
             self._wake.set()  # want changes as they arrive: look again
-            self._admit_deliveries(deliveries)
+            try:
+                self._admit_deliveries(deliveries)
+            finally:
+                with self._lock:
+                    self._checking = dict.fromkeys(REQUEST_QUEUES, 0)
 
     def _admit_deliveries(self, deliveries: list[Delivery]) -> None:
         """Decode and check new messages; hand valid ones to the loop."""
@@ -348,6 +354,7 @@ class Link:
             for a in arrivals:
                 self._held[a.envelope.id] = (a.envelope.delivery, a.envelope.priority)
                 self._arrivals.append(a)
+            self._checking = dict.fromkeys(REQUEST_QUEUES, 0)
         if arrivals:
             self._arrived.set()
 

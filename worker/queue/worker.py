@@ -28,6 +28,12 @@ def pin_device(gpu: str | None) -> str:
         return "cpu"
     if not gpu.isdigit():
         raise ValueError(f"--gpu takes a GPU index or 'none', not {gpu!r}")
+    from worker.stack import count_gpus
+
+    visible = count_gpus()
+    if int(gpu) >= visible:
+        raise ValueError(f"--gpu {gpu}: this machine has {visible or 'no'} NVIDIA GPU(s) "
+                         f"(nvidia-smi -L); use --gpu none for the CPU")
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return f"gpu{gpu}"
 
@@ -59,7 +65,7 @@ class GenerationStep(bootsteps.StartStopStep):
                                            "max_prefill_tokens", "max_bulk_pause_ms",
                                            "max_wait_ms_for_bucket"}),
         )
-        check = enforce(engine, settings.self_check, log)
+        check = enforce(engine, settings.self_check, log, cache_dir=settings.cache_dir)
         metrics = WorkerMetrics.start(settings.metrics_port, worker.hostname)
         self.consumer = Consumer(engine, settings, worker.hostname, metrics=metrics,
                                  self_check=check)
