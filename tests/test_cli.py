@@ -143,3 +143,52 @@ def test_config_shows_every_effective_value_and_the_readme_lists_every_setting()
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"^\| `(GENQ_[A-Z0-9_]+)` \|", readme, re.M))
     assert listed == {f"GENQ_{k.upper()}" for k in Settings.model_fields}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_keeps_what_finished_and_resume_finishes_it(tmp_path, tiny_model_dir,
+                                                                     cache_dir):
+    import signal
+    import time
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 400,
+                                          "custom_id": f"c{i}"}) + "\n" for i in range(160)))
+    out_path = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
+    env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
+               GENQ_MODEL=str(tiny_model_dir), GENQ_BACKEND="transformers")
+    first = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", str(source), "-o",
+                              str(out_path)], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "job " not in seen:
+        seen += first.stderr.readline()
+        assert first.poll() is None, seen
+    db = next(x for x in seen.split() if x.startswith("127.0.0.1:"))
+    import redis as redis_lib
+
+    password = (tmp_path / "data" / "redis" / "password").read_text().strip()
+    r = redis_lib.Redis(host="127.0.0.1", port=int(db.split(":")[1].rstrip(")")), password=password)
+    deadline = time.monotonic() + 180
+    while sum(int(r.hget(k, "succeeded") or 0) for k in r.keys("genq:job:*") if b":" not in k[9:]) < 10:
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-2000:]
+    assert "--resume" in err and "interrupted" in err
+    partial = [json.loads(x) for x in out_path.read_text().splitlines()]
+    assert [p["line"] for p in partial] == list(range(1, 161))  # every line, in input order
+    finished = [p for p in partial if p["status"] == "succeeded"]
+    assert 10 <= len(finished) < 160 and all(p["text"] for p in finished)
+    assert {p["status"] for p in partial} - {"succeeded"} <= {"queued", "running"}
+
+    again = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(source), "-o",
+                            str(out_path), "--resume"], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(finished)} finished line(s) kept" in again.stderr
+    final = [json.loads(x) for x in out_path.read_text().splitlines()]
+    assert [f["custom_id"] for f in final] == [f"c{i}" for i in range(160)]
+    assert all(f["status"] == "succeeded" for f in final)
+    assert [f for f in final if f["line"] in {p["line"] for p in finished}] == finished

@@ -284,3 +284,32 @@ def test_enqueue_time_token_count_equals_the_workers(client, start_worker, redis
     with pytest.raises(PromptTooLong, match="context 8192"):
         client.submit(prompt="word " * 8190, max_new_tokens=8)
     assert redis.Redis.from_url(redis_url).llen("genq.interactive") == before
+
+
+def test_the_static_scheduler_gives_the_same_texts_through_the_service(client, start_worker,
+                                                                       demo_engine):
+    """GENQ_SCHEDULER=static (kept for comparison) runs whole batches; same texts as the
+    continuous engine, rows with smaller max_new_tokens end on time."""
+    start_worker(GENQ_SCHEDULER="static", GENQ_MAX_BATCH_SIZE="4")
+    requests = [{**r, "max_new_tokens": n} for r, n in
+                zip(example_requests(8), [4, 24, 8, 24, 16, 4, 24, 8], strict=True)]
+    job = client.submit_many(requests)
+    client.wait_job(job, timeout=300)
+    results = list(client.job_results(job))
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
+    assert all(r["usage"]["completion_tokens"] <= q["max_new_tokens"]
+               for r, q in zip(results, requests, strict=True))
+    assert {r["worker"] for r in results} == {"w1@test"} and max(r["batch"]["size"] for r in results) > 1
+    heartbeat = next(w for w in client.store.workers() if w["name"] == "w1@test")
+    assert heartbeat["scheduler"] == "static"
+
+
+def test_worker_log_carries_no_library_noise(client, start_worker):
+    """Banners, progress bars and library warnings stay out of the JSON log (debug only)."""
+    start_worker(GENQ_BACKEND="auto")  # unsloth's import included
+    assert client.wait(client.submit(prompt="Hi", max_new_tokens=2), timeout=120)["status"] == \
+        "succeeded"
+    log = (start_worker.log_dir / "w1@test.log").read_text()
+    for noise in ("SecurityWarning", "_pytree", "Loading weights", "Failed to load",
+                  "Unsloth 20", "should be imported before", "it/s]"):
+        assert noise not in log, noise

@@ -4,6 +4,7 @@ run on the same data directory that finishes what the first left queued."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,4 +75,9 @@ def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir):
         time.sleep(0.2)
     assert counts == {"total": 8, "queued": 0, "running": 0, "succeeded": 8, "failed": 0,
                       "cancelled": 0, "expired": 0}
-    assert ctrl_c(second) and second.returncode == 0
+    second.send_signal(signal.SIGTERM)  # as a process manager stops it: same clean stop
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and "stopped" in out, out[-3000:]
+    worker_pid = int(re.search(r"worker \S+: pid (\d+)", out).group(1))
+    with pytest.raises(ProcessLookupError):  # not orphaned
+        os.kill(worker_pid, 0)

@@ -38,7 +38,7 @@ def _setup(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks 
     configure_logging(os.environ.get("GENQ_LOG_LEVEL", "WARNING"))
 
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -232,10 +232,13 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
 def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or OpenAI Batch lines.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Results JSONL.")] = Path(
             "results.jsonl"),
-        resume: Annotated[bool, typer.Option(help="Keep finished lines of an earlier OUTPUT.")] = False,
+        resume: Annotated[bool, typer.Option(
+            help="Finish an earlier run into OUTPUT (interrupted or not): keep its finished "
+                 "lines, pick up its requests still queued, run the rest.")] = False,
         timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
         ) -> None:
-    """Run a JSONL file as one bulk job with a progress bar; results in input order."""
+    """Run a JSONL file as one bulk job with a progress bar; results in input order.
+    Ctrl-C writes what has finished so far and says how to resume."""
     from worker.batchfile import read_lines
 
     lines = list(read_lines(input_path.open("rb")))
@@ -251,28 +254,66 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     if resume and output.exists():
         for raw in output.read_text(encoding="utf-8").splitlines():
             rec = json.loads(raw)
-            if rec.get("status") == "succeeded":
+            if rec.get("status") in ("succeeded", "failed"):
                 done[rec["line"]] = rec
     todo = [ln for ln in lines if ln.request and ln.number not in done]
-    if resume:  # per-line keys: a line submitted by an earlier, interrupted run is not redone
-        source = hashlib.sha256(str(input_path.resolve()).encode()).hexdigest()[:12]
-        for ln in todo:
-            body = json.dumps(ln.request, sort_keys=True).encode()
-            ln.request["idempotency_key"] = (
-                f"run:{source}:{ln.number}:{hashlib.sha256(body).hexdigest()[:16]}")
+    run_id = _run_id(input_path, output, resume)
+    for ln in todo:  # per-line keys: a line an earlier attempt of this run submitted is not redone
+        body = json.dumps(ln.request, sort_keys=True).encode()
+        ln.request["idempotency_key"] = (
+            f"run:{run_id}:{ln.number}:{hashlib.sha256(body).hexdigest()[:16]}")
+    if resume:
+        console.print(f"resuming: {len(done)} finished line(s) kept from {output}, "
+                      f"{len(todo)} to run (those already queued are picked up, not redone)")
     results: dict[int, dict] = dict(done)
+    interrupted = False
     if todo:
-        with _stack_for_run():
-            results.update(_run_job(todo, timeout))
+        with _stack_for_run() as stack:
+            try:
+                results.update(_run_job(todo, timeout))
+            except _Interrupted as stop:
+                interrupted = stack["interrupted"] = True
+                results.update(stop.results)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as f:
         for ln in lines:
             if ln.number in results:
                 f.write(json.dumps(results[ln.number], ensure_ascii=False) + "\n")
-    failed = sum(r["status"] != "succeeded" for r in results.values())
-    console.print(f"{len(results) - failed} succeeded, {failed} failed, {len(bad)} bad lines "
+    final = [r for r in results.values() if r["status"] in ("succeeded", "failed")]
+    failed = sum(r["status"] == "failed" for r in final)
+    if interrupted:
+        console.print(f"interrupted: {len(final)} of {len(todo) + len(done)} line(s) finished and "
+                      f"written to {output} (the rest are marked with their status); finish with:\n"
+                      f"  genq run {input_path} -o {output} --resume")
+        raise typer.Exit(130)
+    console.print(f"{len(final) - failed} succeeded, {failed} failed, {len(bad)} bad lines "
                   f"({len(done)} kept from before) -> {output}")
     raise typer.Exit(1 if failed or bad else 0)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C while a job ran: ``results`` holds every line, finished or not."""
+
+    def __init__(self, results: dict[int, dict]):
+        super().__init__("interrupted")
+        self.results = results
+
+
+def _run_id(input_path: Path, output: Path, resume: bool) -> str:
+    """This run's id, kept next to OUTPUT (``OUTPUT.run``) so that ``--resume`` finds the
+    requests an earlier run of the same input submitted, whether or not it passed --resume."""
+    import uuid
+
+    state = output.with_name(output.name + ".run")
+    source = str(input_path.resolve())
+    if resume and state.exists():
+        saved = json.loads(state.read_text())
+        if saved.get("input") == source:
+            return saved["run"]
+    run_id = uuid.uuid4().hex[:16]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"input": source, "run": run_id}))
+    return run_id
 
 
 def _run_job(todo, timeout) -> dict[int, dict]:
@@ -284,31 +325,39 @@ def _run_job(todo, timeout) -> dict[int, dict]:
                TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]}/s"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     started = time.monotonic()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("generating", total=len(todo), failed=0, rate="0.0")
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("generating", total=len(todo), failed=0, rate="0.0")
 
-        def update(info):
-            c = info["counts"]
-            finished = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
-            rate = finished / max(time.monotonic() - started, 1e-6)
-            progress.update(task, completed=finished, failed=c["failed"], rate=f"{rate:.1f}")
+            def update(info):
+                c = info["counts"]
+                finished = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
+                rate = finished / max(time.monotonic() - started, 1e-6)
+                progress.update(task, completed=finished, failed=c["failed"], rate=f"{rate:.1f}")
 
-        client.wait_job(job_id, timeout=timeout, on_progress=update)
+            client.wait_job(job_id, timeout=timeout, on_progress=update)
+    except KeyboardInterrupt:
+        partial = {ln.number: {"line": ln.number, **res}
+                   for ln, res in zip(todo, client.job_results(job_id), strict=True)}
+        raise _Interrupted(partial) from None
     return {ln.number: {"line": ln.number, **res}
             for ln, res in zip(todo, client.job_results(job_id), strict=True)}
 
 
 @contextmanager
 def _stack_for_run():
-    """Use GENQ_BROKER_URL if it answers; else bring up Redis and a worker for the run."""
+    """Use GENQ_BROKER_URL if it answers; else bring up Redis and a worker for the run. Set
+    ``["interrupted"]`` on what it yields to stop the worker without waiting for its rows (they
+    stay queued in the embedded Redis for ``--resume``)."""
     from worker.stack import broker_answers, data_dir, embedded_broker, spawn_worker, stop_process
 
+    state = {"interrupted": False}
     configured = os.environ.get("GENQ_BROKER_URL")
     if configured:
         if not broker_answers(configured):
             console.print("[red]GENQ_BROKER_URL does not answer[/red]")
             raise typer.Exit(2)
-        yield
+        yield state
         return
     with embedded_broker() as server:
         log_file = data_dir() / "worker.log"
@@ -316,9 +365,9 @@ def _stack_for_run():
                       f"worker log: {log_file}")
         proc = spawn_worker({"GENQ_BROKER_URL": server.url}, log_file=log_file)
         try:
-            yield
-        finally:
-            stop_process(proc)
+            yield state
+        finally:  # interrupted: the waiting requests are handed back at once, running rows
+            stop_process(proc, grace_s=10 if state["interrupted"] else 60)  # come back later
 
 
 @app.command()

@@ -196,11 +196,17 @@ def run_stack(gpus: str, host: str, port: int, console) -> int:
     for dev in devices:
         start(dev)
     threading.Thread(target=supervise, name="genq-supervisor", daemon=True).start()
-    console.print(f"gateway: http://{host}:{port} (Ctrl-C stops everything)")
+    console.print(f"gateway: http://{host}:{port} (Ctrl-C or SIGTERM stops everything)")
     from worker.api import create_app
 
+    def interrupt(*_) -> None:  # uvicorn re-raises the signal it caught once it has stopped:
+        raise KeyboardInterrupt  # SIGTERM's default action would orphan the workers
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         uvicorn.run(create_app(), host=host, port=port, log_config=None)
+    except KeyboardInterrupt:
+        pass
     finally:
         stopping.set()
         for proc in workers.values():  # all warm shutdowns at once, then wait for each

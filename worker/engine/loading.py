@@ -7,6 +7,7 @@ try it first. On a machine without an accelerator Unsloth runs through its own C
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,24 @@ def _torch_dtype(dtype: str | None):
 def unsloth_available() -> bool:
     """Whether ``import unsloth`` works here (imports it, which also patches transformers)."""
     try:
-        import unsloth  # noqa: F401
+        with quiet():
+            import unsloth  # noqa: F401
     except Exception as exc:  # a broken torchvision raises RuntimeError, not ImportError
         log.info("unsloth_unavailable", error=f"{type(exc).__name__}: {exc}")
         return False
     return True
+
+
+@contextmanager
+def quiet():
+    """What libraries print while they load (banners, progress bars) goes to the debug log."""
+    from transformers.utils import logging as hf_logging
+
+    from worker.ops.logging import StdoutToLog
+
+    hf_logging.disable_progress_bar()
+    with redirect_stdout(StdoutToLog(log)):
+        yield
 
 
 def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,
@@ -78,7 +92,8 @@ def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,
     torch_dtype = _torch_dtype(dtype)
     if backend in ("auto", "unsloth"):
         try:
-            loaded = _load_unsloth(path, name, torch_dtype, load_in_4bit, max_seq_length)
+            with quiet():
+                loaded = _load_unsloth(path, name, torch_dtype, load_in_4bit, max_seq_length)
         except Exception as exc:
             if backend == "unsloth":
                 raise
@@ -86,7 +101,8 @@ def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,
         else:
             log.info("backend_selected", backend="unsloth", model=name, dtype=loaded.dtype)
             return loaded
-    loaded = _load_transformers(path, name, torch_dtype)
+    with quiet():
+        loaded = _load_transformers(path, name, torch_dtype)
     log.info("backend_selected", backend="transformers", model=name, dtype=loaded.dtype)
     return loaded
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
+
+# libraries that print banners, deprecation notes and load warnings nobody can act on; their
+# records go to the log only at DEBUG (GENQ_LOG_LEVEL=DEBUG shows them)
+NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggingface_hub",
+         "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "celery.redirected")
 
 
 def _stderr():
@@ -40,3 +46,33 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_libraries(level)
+
+
+def quiet_libraries(level: str) -> None:
+    """Banners, progress bars and library warnings to the log at DEBUG only: set before
+    torch, transformers and Unsloth load (they read these at import)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.captureWarnings(True)
+    debug = level.upper() == "DEBUG"
+    for name in NOISY:
+        if name != "celery.redirected":  # Celery's stdout/stderr: tracebacks come that way too
+            logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+class StdoutToLog:
+    """A file-like object for ``contextlib.redirect_stdout``: what libraries print (Unsloth's
+    banner) becomes debug log lines, so stdout stays clean for results."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.logger.debug("library_output", line=line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
