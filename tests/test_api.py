@@ -72,10 +72,15 @@ def test_openai_batch_upload_streams_results_in_order(gateway, start_worker):
     assert done["counts"]["succeeded"] == 13
     out = [json.loads(x) for x in http.get(f"/v1/batches/{batch['id']}/results").text.splitlines()]
     assert [o["custom_id"] for o in out] == [json.loads(x)["custom_id"] for x in lines]
-    bad = http.post("/v1/batches", content=b'{"prompt": "ok"}\nnot json\n{"prompt": ""}',
+    before = http.get("/demand").json()
+    bad = http.post("/v1/batches", content=b'{"prompt": "ok"}\nnot json\n{"prompt": ""}\n\n'
+                    b'{"prompt": "long", "max_new_tokens": 99999}\n{"prompt": "fine"}',
                     headers={"content-type": "application/jsonl"})
-    assert bad.status_code == 422
-    assert "line 2" in bad.json()["detail"] and "line 3" in bad.json()["detail"]
+    assert bad.status_code == 422  # every bad line, by its line in the file; nothing queued
+    detail = bad.json()["detail"]
+    assert "line 2: not JSON" in detail and "line 3" in detail
+    assert "line 5: max_new_tokens" in detail and "line 6" not in detail
+    assert http.get("/demand").json() == before
     as_list = http.post("/v1/batches", json=[{"prompt": "a"}, {"prompt": "b"}])
     assert as_list.status_code == 202 and as_list.json()["counts"]["total"] == 2
     assert http.delete(f"/v1/batches/{as_list.json()['id']}").status_code == 200

@@ -65,9 +65,22 @@ def test_starvation_clock():
 
 def test_the_oldest_bulk_request_goes_first_then_similar_lengths():
     items = [waiting(tokens=t, at=float(i)) for i, t in enumerate([400, 12, 410, 15, 405, 11])]
-    d = decide(items, [], Limits(max_rows=3), now=10.0)
+    d = decide(items, [], Limits(max_rows=3, max_bulk_prefill_tokens=8192), now=10.0)
     assert d.admit[0] == items[0].id
     assert {w.prompt_tokens for w in items if w.id in d.admit} == {400, 405, 410}
+
+
+def test_bulk_joins_in_small_prefills_interactive_in_large_ones():
+    """A forward pass cannot be interrupted: bulk joiners are prefilled at most
+    ``max_bulk_prefill_tokens`` at a time (one always joins), interactive ones in one go."""
+    limits = Limits(max_rows=16, max_prefill_tokens=8192, max_bulk_prefill_tokens=512)
+    bulk = [waiting(BULK, tokens=200, at=float(i)) for i in range(8)]
+    d = decide(bulk, [], limits, now=10.0)
+    assert d.admit == [w.id for w in bulk[:2]]  # 400 tokens; a third would make 600
+    inter = [waiting(INTERACTIVE, tokens=200, at=float(i)) for i in range(8)]
+    assert len(decide(inter, [], limits, now=10.0).admit) == 8
+    huge = waiting(BULK, tokens=3000, at=0.0)
+    assert decide([huge, *bulk], [], limits, now=10.0).admit == [huge.id]
 
 
 def test_adapters_run_in_separate_lanes():

@@ -313,3 +313,16 @@ def test_worker_log_carries_no_library_noise(client, start_worker):
     for noise in ("SecurityWarning", "_pytree", "Loading weights", "Failed to load",
                   "Unsloth 20", "should be imported before", "it/s]"):
         assert noise not in log, noise
+
+
+def test_submit_many_publishes_in_pipelined_batches(client, redis_url):
+    """kombu pipelines ``Producer.batch`` only when a timed-out command is never replayed;
+    the client's transport must allow it (a worker keeps its retries). Messages carry no
+    prompt text in their ``argsrepr`` (Celery events, Flower)."""
+    import json
+
+    with client.app.connection_for_write() as conn:
+        assert conn.default_channel.supports_batch_publish
+    client.submit_many([{"prompt": "secret words", "max_new_tokens": 2}])
+    raw = redis.Redis.from_url(redis_url).lrange("genq.bulk", 0, -1)
+    assert len(raw) == 1 and b"secret words" not in json.dumps(json.loads(raw[0])["headers"]).encode()

@@ -8,6 +8,7 @@ and metrics routes needs ``Authorization: Bearer <key>`` (constant-time comparis
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 
-from worker.batchfile import to_request
+from worker.batchfile import Line, read_lines, to_request
 from worker.client import GenerationClient
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.settings import Settings, get_settings
@@ -181,12 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
             spool.write(chunk)
         content_type = request.headers.get("content-type", "")
-        await run_in_threadpool(_check_batch, spool, content_type)
-
-        def requests() -> Iterator[dict[str, Any]]:
-            return (to_request(item) for _, item in _batch_items(spool, content_type))
-
-        job_id = await run_in_threadpool(client.submit_stream, requests)
+        await run_in_threadpool(_count_lines, spool, content_type)
+        job_id = await run_in_threadpool(client.submit_stream,
+                                         lambda: _batch_lines(spool, content_type))
         return await run_in_threadpool(client.job, job_id)
 
     @app.get("/v1/batches/{job_id}", response_model=Batch)
@@ -281,50 +279,42 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
             for e in exc.errors()]
 
 
-def _batch_items(spool, content_type: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed item or the parse error) for a JSON list or JSONL upload."""
+def _batch_lines(spool, content_type: str) -> Iterator[Line]:
+    """The upload's items as file ``Line``s (numbered from 1), each parsed and checked against
+    the schema or carrying its error: a JSON list's items, or JSONL's non-blank lines."""
     spool.seek(0)
-    if "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type:
+    if _is_json_list(content_type):
         try:
             items = json.load(spool)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("body is JSON nested too deeply") from None
         if not isinstance(items, list):
             raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
-        return enumerate(items, start=1)
-    return _jsonl(spool)
+        for number, item in enumerate(items, start=1):
+            try:
+                yield Line(number, request=to_request(item))
+            except InvalidRequest as exc:
+                yield Line(number, error=exc.message)
+        return
+    yield from read_lines(spool)
 
 
-def _check_batch(spool, content_type: str) -> None:
-    """Validate every line (or list item), keeping none; ``InvalidRequest`` lists the bad ones."""
-    count = 0
-    errors: list[str] = []
-    for number, item in _batch_items(spool, content_type):
-        count += 1
-        if count > MAX_UPLOAD_LINES:
-            raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
-        if isinstance(item, Exception):
-            errors.append(f"line {number}: {item}")
-            continue
-        try:
-            to_request(item)
-        except InvalidRequest as exc:
-            errors.append(f"line {number}: {exc.message}")
-    if errors:
-        more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
-        raise InvalidRequest("; ".join(errors[:20]) + more)
+def _is_json_list(content_type: str) -> bool:
+    return "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type
+
+
+def _count_lines(spool, content_type: str) -> None:
+    """Refuse an empty upload or one over ``MAX_UPLOAD_LINES`` before validating it."""
+    spool.seek(0)
+    lines = _batch_lines(spool, content_type) if _is_json_list(content_type) else (
+        raw for raw in spool if raw.strip())
+    count = sum(1 for _ in itertools.islice(lines, MAX_UPLOAD_LINES + 1))
+    if count > MAX_UPLOAD_LINES:
+        raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
     if not count:
         raise InvalidRequest("the batch is empty")
-
-
-def _jsonl(spool) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(spool, start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield number, json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            yield number, ValueError(f"not JSON ({exc.__class__.__name__})")
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

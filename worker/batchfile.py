@@ -46,9 +46,14 @@ def from_openai(line: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
+def is_batch_line(obj: Any) -> bool:
+    """Whether ``obj`` is an OpenAI Batch line rather than a plain request."""
+    return isinstance(obj, dict) and "body" in obj and ("url" in obj or "method" in obj)
+
+
 def to_request(obj: Any) -> dict[str, Any]:
     """A validated request dict from a plain request object or an OpenAI Batch line."""
-    if isinstance(obj, dict) and "body" in obj and ("url" in obj or "method" in obj):
+    if is_batch_line(obj):
         obj = from_openai(obj)
     return validate_request(obj).model_dump(exclude_none=True)
 
@@ -66,6 +71,18 @@ def read_lines(lines: Iterable[str | bytes]) -> Iterator[Line]:
         try:
             yield Line(number, request=to_request(json.loads(text)))
         except json.JSONDecodeError as exc:
-            yield Line(number, error=f"not JSON: {exc.msg} at column {exc.colno}")
+            yield Line(number, error=json_error(exc))
         except InvalidRequest as exc:
             yield Line(number, error=exc.message)
+        except RecursionError:
+            yield Line(number, error="JSON nested too deeply")
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """A one-line description of a JSON syntax error in one line of a file."""
+    text = exc.doc.rstrip("\r\n")
+    if exc.pos >= len(text.rstrip()):
+        return (f"not JSON: the line ends before the value does ({exc.msg}): "
+                "a missing '}', ']' or '\"'?")
+    at = "" if exc.msg.endswith(" at") else " at"
+    return f"not JSON: {exc.msg}{at} character {exc.pos + 1}"

@@ -517,6 +517,36 @@ def bench_interactive(cache_dir: Path, workdir: Path, k: int = 8, bulk_n: int = 
             "bulk_new_tokens": bulk_new_tokens, "batch": batch, "modes": modes}
 
 
+# -- 10. worker time to ready ------------------------------------------------------------------
+
+def bench_startup(cache_dir: Path, workdir: Path, backend: str = "auto") -> dict:
+    """Seconds from starting ``genq worker`` to its first heartbeat (model loaded, self-check
+    done, ready to take work) on the demo model: self-check off, strict on a cold check cache,
+    strict with the canary remembered. The model folder is shared; the check cache is private."""
+    private = workdir / "startup-cache"
+    (private / "models").mkdir(parents=True, exist_ok=True)
+    from worker.engine.demo import demo_model_dir
+
+    source = demo_model_dir(cache_dir)
+    link = private / "models" / source.name
+    if not link.exists():
+        link.symlink_to(source, target_is_directory=True)
+    runs = []
+    for label, check in (("self-check off", "off"), ("strict, cold", "strict"),
+                         ("strict, remembered", "strict")):
+        env = {"GENQ_CACHE_DIR": str(private), "GENQ_BACKEND": backend}
+        svc = Service(env, workdir / f"startup{len(runs)}")
+        svc.env["GENQ_SELF_CHECK"] = check
+        try:
+            started = time.monotonic()
+            svc.start_worker(f"bench{len(runs)}@startup")
+            runs.append({"run": label, "self_check": check,
+                         "seconds": time.monotonic() - started})
+        finally:
+            svc.stop()
+    return {"backend": backend, "runs": runs}
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -602,6 +632,10 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
             results["interactive"] = (
                 bench_interactive(cache_dir, work, k=3, bulk_n=32, bulk_new_tokens=32, say=say)
                 if quick else bench_interactive(cache_dir, work, say=say))
+        if "startup" in parts:
+            results["startup"] = bench_startup(cache_dir, work)
+            say("worker ready: " + ", ".join(f"{r['run']} {r['seconds']:.1f} s"
+                                              for r in results["startup"]["runs"]))
     results["plots"] = plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -214,7 +215,7 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
     settings = Settings()
     lines = list(read_lines(input_path.open(encoding="utf-8", errors="surrogateescape")))
     for bad in (ln for ln in lines if ln.error):
-        console.print(f"[red]line {bad.number}[/red]: {bad.error}")
+        console.print(f"[red]line {bad.number}[/red]: {escape(bad.error)}", highlight=False)
     engine = load_engine(settings.model, backend=settings.backend, dtype=settings.dtype,
                          adapters=settings.adapters, cache_dir=settings.cache_dir)
     good = [ln for ln in lines if ln.request]
@@ -240,16 +241,11 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     """Run a JSONL file as one bulk job with a progress bar; results in input order.
     Ctrl-C writes what has finished so far and says how to resume."""
     from worker.batchfile import read_lines
+    from worker.errors import InvalidRequest
 
-    lines = list(read_lines(input_path.open("rb")))
-    bad = [ln for ln in lines if ln.error]
+    with _errors():
+        lines = list(read_lines(input_path.open("rb")))
     errors_path = output.with_name(output.name + ".errors")
-    if bad:
-        with errors_path.open("w", encoding="utf-8") as f:
-            for ln in bad:
-                console.print(f"[red]line {ln.number}[/red]: {ln.error}")
-                f.write(json.dumps({"line": ln.number, "error": ln.error}) + "\n")
-        console.print(f"{len(bad)} bad line(s) written to {errors_path}")
     done: dict[int, dict] = {}
     if resume and output.exists():
         for raw in output.read_text(encoding="utf-8").splitlines():
@@ -257,6 +253,8 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
             if rec.get("status") in ("succeeded", "failed"):
                 done[rec["line"]] = rec
     todo = [ln for ln in lines if ln.request and ln.number not in done]
+    if not todo:
+        _report_bad(lines, errors_path)
     run_id = _run_id(input_path, output, resume)
     for ln in todo:  # per-line keys: a line an earlier attempt of this run submitted is not redone
         body = json.dumps(ln.request, sort_keys=True).encode()
@@ -269,8 +267,17 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     interrupted = False
     if todo:
         with _stack_for_run() as stack:
+            client = _client()
+            with _errors():
+                for ln in todo:  # limits and prompt length, as the queue checks them
+                    try:
+                        client.validate(ln.request)
+                    except InvalidRequest as exc:
+                        ln.request, ln.error = None, exc.message
+            _report_bad(lines, errors_path)
+            todo = [ln for ln in todo if ln.request]
             try:
-                results.update(_run_job(todo, timeout))
+                results.update(_run_job(client, todo, timeout) if todo else {})
             except _Interrupted as stop:
                 interrupted = stack["interrupted"] = True
                 results.update(stop.results)
@@ -279,6 +286,7 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
         for ln in lines:
             if ln.number in results:
                 f.write(json.dumps(results[ln.number], ensure_ascii=False) + "\n")
+    bad = [ln for ln in lines if ln.error]
     final = [r for r in results.values() if r["status"] in ("succeeded", "failed")]
     failed = sum(r["status"] == "failed" for r in final)
     if interrupted:
@@ -316,8 +324,21 @@ def _run_id(input_path: Path, output: Path, resume: bool) -> str:
     return run_id
 
 
-def _run_job(todo, timeout) -> dict[int, dict]:
-    client = _client()
+def _report_bad(lines, errors_path: Path) -> None:
+    """Print every bad line (by its line in the file) and write them to ``errors_path``."""
+    bad = [ln for ln in lines if ln.error]
+    if not bad:
+        errors_path.unlink(missing_ok=True)
+        return
+    errors_path.parent.mkdir(parents=True, exist_ok=True)
+    with errors_path.open("w", encoding="utf-8") as f:
+        for ln in bad:
+            console.print(f"[red]line {ln.number}[/red]: {escape(ln.error)}", highlight=False)
+            f.write(json.dumps({"line": ln.number, "error": ln.error}) + "\n")
+    console.print(f"{len(bad)} bad line(s) written to {errors_path}; the other lines run")
+
+
+def _run_job(client, todo, timeout) -> dict[int, dict]:
     with _errors():
         job_id = client.submit_many([ln.request for ln in todo])
     console.print(f"job {job_id}: {len(todo)} requests")
@@ -374,7 +395,7 @@ def _stack_for_run():
 def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
               "bench/results"),
           parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
-              "engine,padding,overhead,control,scaling,mixed,uniform,interactive"),
+              "engine,padding,overhead,control,scaling,mixed,uniform,interactive,startup"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
     """Run the benchmarks; print a table, write JSON and plots."""
     from worker.bench import run_all
@@ -410,6 +431,9 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
         _scheduler_rows(table, part, results.get(part))
     if "interactive" in results:
         _interactive_rows(table, results["interactive"])
+    for run in results.get("startup", {}).get("runs", []):
+        table.add_row(f"worker time to ready, {run['run']}", f"{run['seconds']:.1f} s",
+                      "<= 10 s of self-check" if run["self_check"] != "off" else "")
     Console().print(table)
     console.print(f"results: {out / 'results.json'}")
 

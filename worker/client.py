@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from pydantic import SecretStr
 
+from worker.batchfile import Line, from_openai, is_batch_line
 from worker.errors import IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import REQUEST_QUEUES, TASK_NAME, make_app, queue_for
@@ -39,7 +40,7 @@ class GenerationClient:
                 update["result_url"] = SecretStr(broker_url)
             settings = settings.model_copy(update=update)
         self.settings = settings
-        self.app = make_app(settings)
+        self.app = make_app(settings, batch_publish=True)
         self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
         self.broker = redis.Redis.from_url(settings.broker_url.get_secret_value())
         self.counter = CounterCache(self.store.redis)
@@ -113,38 +114,57 @@ class GenerationClient:
                     idempotency_scope: str = "") -> str:
         """Validate every request, then enqueue them all as one job; the job id.
 
-        Nothing is queued if any request is invalid (``InvalidRequest`` names its index) or
-        the queue cannot take them all (``QueueFull``). Publishing is pipelined. A request
-        whose ``idempotency_key`` was seen before joins the job with its earlier id and is
-        not generated again (finished ones count as finished at once).
+        Items are request dicts or OpenAI Batch lines (``{"custom_id", "method", "url",
+        "body"}``). Nothing is queued if any request is invalid (``InvalidRequest`` lists every
+        bad one by its index from 0) or the queue cannot take them all (``QueueFull``).
+        Publishing is pipelined. A request whose ``idempotency_key`` was seen before joins the
+        job with its earlier id and is not generated again (finished ones count at once).
         """
-        checked = [self._validated_at(i, body) for i, body in enumerate(requests)]
+        items = list(requests)
+        checked = self._check_all(items)
         return self._enqueue_job([checked], len(checked), priority, idempotency_scope)
 
-    def submit_stream(self, source: Callable[[], Iterable[dict[str, Any]]], *,
+    def submit_stream(self, source: Callable[[], Iterable[dict[str, Any] | Line]], *,
                       priority: str = "bulk", idempotency_scope: str = "",
                       chunk: int = 1000) -> str:
         """``submit_many`` for inputs too big to hold: ``source()`` is read twice, once to
         validate every request and count its prompt tokens (keeping none), once to enqueue
-        them ``chunk`` at a time (schema only: the tokens were counted)."""
-        total = 0
-        for i, body in enumerate(source()):
-            self._validated_at(i, body)
-            total += 1
+        them ``chunk`` at a time. ``source()`` yields request dicts (errors name their index)
+        or the ``Line``s of a file from ``worker.batchfile.read_lines`` (errors name the line)."""
+        total = sum(1 for _ in self._check_all(source(), keep=False))
 
         def chunks() -> Iterator[list[dict[str, Any]]]:
-            bodies = iter(source())
+            bodies = (_body(item)[1] for item in source())
             while part := [self._validated(b, count_tokens=False)
                            for b in itertools.islice(bodies, chunk)]:
                 yield part
 
         return self._enqueue_job(chunks(), total, priority, idempotency_scope)
 
-    def _validated_at(self, index: int, body: Any) -> dict[str, Any]:
-        try:
-            return self._validated(body)
-        except InvalidRequest as exc:
-            raise type(exc)(f"request {index}: {exc.message}") from None
+    def validate(self, body: Any) -> dict[str, Any]:
+        """The request as ``submit`` would queue it (schema, limits and prompt length, as the
+        workers count it), or ``InvalidRequest`` / ``PromptTooLong``; queues nothing."""
+        return self._validated(body)
+
+    def _check_all(self, items: Iterable[Any], keep: bool = True) -> list[dict[str, Any]]:
+        """Validate every item in one pass; ``InvalidRequest`` lists all the bad ones."""
+        checked: list[dict[str, Any]] = []
+        errors: list[str] = []
+        for index, item in enumerate(items):
+            where, body, error = _body(item, index)
+            if error is None:
+                try:
+                    data = self._validated(body)
+                except InvalidRequest as exc:
+                    error = exc.message
+                else:
+                    checked.append(data if keep else {})
+            if error is not None:
+                errors.append(f"{where}: {error}")
+        if errors:
+            more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
+            raise InvalidRequest(f"{len(errors)} bad request(s): " + "; ".join(errors[:20]) + more)
+        return checked
 
     def _enqueue_job(self, chunks: Iterable[list[dict[str, Any]]], total: int, priority: str,
                      idempotency_scope: str) -> str:
@@ -172,6 +192,8 @@ class GenerationClient:
     def _validated(self, body: Any, count_tokens: bool = True) -> dict[str, Any]:
         """Validate the schema, then count prompt tokens exactly as the workers will (when a
         worker has published its tokenizer) and raise ``PromptTooLong`` before queueing."""
+        if is_batch_line(body):
+            body = from_openai(body)
         request = validate_request(body, max_new_tokens_limit=self.settings.max_new_tokens_limit)
         data = request.model_dump(exclude_none=True, exclude_defaults=False)
         counter = self.counter.get() if count_tokens else None
@@ -202,6 +224,8 @@ class GenerationClient:
                     TASK_NAME, args=[request], task_id=request_id, producer=producer,
                     queue=queue, retry=False,
                     headers=headers_for(job_id, now, request.get("expires_in_s")),
+                    # the worker stores results itself; no prompt text in events or Flower
+                    ignore_result=True, argsrepr=f"<request {request_id}>", kwargsrepr="{}",
                 )
 
     # -- reading ----------------------------------------------------------------------
@@ -264,3 +288,10 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["GenerationClient", "InvalidRequest", "NotFound", "QueueFull"]
+
+
+def _body(item: Any, index: int = 0) -> tuple[str, Any, str | None]:
+    """(where, request body, parse error) of a request dict or a file ``Line``."""
+    if isinstance(item, Line):
+        return f"line {item.number}", item.request, item.error
+    return f"request {index}", item, None

@@ -42,7 +42,8 @@ class Engine:
                  pad: PadChoice, adapters: dict[str, str] | None = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 32768,
                  max_prompt_tokens: int | None = None, max_new_tokens_limit: int = 2048,
-                 max_prefill_tokens: int = 8192, max_bulk_pause_ms: int = 1000,
+                 max_prefill_tokens: int = 8192, max_bulk_prefill_tokens: int = 512,
+                 max_bulk_pause_ms: int = 1000,
                  max_wait_ms_for_bucket: int = 30_000, scheduler: str = "continuous",
                  worker_name: str | None = None):
         self.model = model
@@ -55,6 +56,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_bulk_prefill_tokens = max_bulk_prefill_tokens
         self.max_bulk_pause_ms = max_bulk_pause_ms
         self.max_wait_ms_for_bucket = max_wait_ms_for_bucket
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -121,6 +123,7 @@ class Engine:
         return Scheduler(self, Limits(
             max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
             max_prefill_tokens=self.max_prefill_tokens,
+            max_bulk_prefill_tokens=self.max_bulk_prefill_tokens,
             max_bulk_pause_s=self.max_bulk_pause_ms / 1000,
             max_wait_s=self.max_wait_ms_for_bucket / 1000, static=mode == "static"))
 
@@ -231,7 +234,9 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
         max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
         max_prompt_tokens=config.max_prompt_tokens,
         max_new_tokens_limit=config.max_new_tokens_limit,
-        max_prefill_tokens=config.max_prefill_tokens, max_bulk_pause_ms=config.max_bulk_pause_ms,
+        max_prefill_tokens=config.max_prefill_tokens,
+        max_bulk_prefill_tokens=config.max_bulk_prefill_tokens,
+        max_bulk_pause_ms=config.max_bulk_pause_ms,
         max_wait_ms_for_bucket=config.max_wait_ms_for_bucket, scheduler=config.scheduler,
         worker_name=worker_name,
     )

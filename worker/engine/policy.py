@@ -97,6 +97,7 @@ class Limits:
     max_rows: int = 32
     max_kv_tokens: int = 32768
     max_prefill_tokens: int = 8192
+    max_bulk_prefill_tokens: int = 512  # bounds how long a bulk join can hold up interactive
     max_bulk_pause_s: float = 1.0
     max_wait_s: float = 30.0  # static mode's overdue rule
     static: bool = False
@@ -166,6 +167,9 @@ class _Budget:
     def pick(self, candidates: list[Waiting], lane: Lane | None, free_kv: int) -> list[Waiting]:
         """Joiners from ``candidates`` (in preference order) within the lane's limits."""
         room = self.room(lane)
+        cap = self.limits.max_prefill_tokens
+        if candidates and candidates[0].key[0] == BULK:
+            cap = min(cap, self.limits.max_bulk_prefill_tokens)
         prefill = 0
         suspect = lane is not None and lane.has_suspect
         chosen: list[Waiting] = []
@@ -176,7 +180,7 @@ class _Budget:
                 continue
             if w.reserve > free_kv and not (self.alone and not chosen):
                 continue
-            if chosen and prefill + w.prompt_tokens > self.limits.max_prefill_tokens:
+            if chosen and prefill + w.prompt_tokens > cap:
                 continue
             chosen.append(w)
             prefill += w.prompt_tokens

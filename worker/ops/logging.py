@@ -67,11 +67,19 @@ class StdoutToLog:
 
     def __init__(self, logger):
         self.logger = logger
+        self.fallback = sys.stderr  # where a logger that itself prints to stdout ends up
+        self._writing = False
 
     def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.strip():
-                self.logger.debug("library_output", line=line)
+        if self._writing:  # logging was never configured: structlog prints to stdout (us)
+            return self.fallback.write(text)
+        self._writing = True
+        try:
+            for line in text.splitlines():
+                if line.strip():
+                    self.logger.debug("library_output", line=line)
+        finally:
+            self._writing = False
         return len(text)
 
     def flush(self) -> None:

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_wait_ms_for_bucket: int = Field(30_000, ge=0)
     scheduler: Literal["continuous", "static"] = "continuous"
     max_prefill_tokens: int = Field(8192, ge=1)
+    max_bulk_prefill_tokens: int = Field(512, ge=1)
     max_bulk_pause_ms: int = Field(1000, ge=0)
     stall_timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(2, ge=1)

@@ -9,8 +9,10 @@ shutdown (running rows finish, waiting requests go back to their queues).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
+from contextlib import contextmanager
 
 import structlog
 from celery import bootsteps
@@ -38,6 +40,22 @@ def pin_device(gpu: str | None) -> str:
     return f"gpu{gpu}"
 
 
+@contextmanager
+def _interruptible():
+    """While the model loads (seconds to minutes, nothing held yet), Ctrl-C or SIGTERM stops
+    the worker at once: Celery's own handlers only set a flag that its loop reads later."""
+    def stop_now(signum, _frame):
+        log.info("worker_stopped_while_loading", signal=signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class GenerationStep(bootsteps.StartStopStep):
     """Worker bootstep: load the engine, then run the batching consumer in a thread."""
 
@@ -49,20 +67,30 @@ class GenerationStep(bootsteps.StartStopStep):
         self.thread: threading.Thread | None = None
 
     def start(self, worker) -> None:
+        settings = get_settings()
+        log.info("engine_loading", worker=worker.hostname, model=settings.model,
+                 backend=settings.backend)
+        with _interruptible():
+            self._load(worker, settings)
+        self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-steps")
+        self.thread.start()
+
+    def _load(self, worker, settings) -> None:
+        """Load the engine, run the self-check, build the consumer (not started yet)."""
         from worker.engine import load_engine
         from worker.engine.selfcheck import enforce
         from worker.ops.metrics import WorkerMetrics
         from worker.queue.consumer import Consumer
         from worker.tokencount import publish as publish_tokenizer
 
-        settings = get_settings()
         engine = load_engine(
             settings.model, backend=settings.backend, dtype=settings.dtype,
             adapters=settings.adapters, worker_name=worker.hostname,
             **settings.model_dump(include={"max_batch_size", "max_batch_tokens",
                                            "max_prompt_tokens", "max_new_tokens_limit",
                                            "cache_dir", "load_in_4bit", "scheduler",
-                                           "max_prefill_tokens", "max_bulk_pause_ms",
+                                           "max_prefill_tokens", "max_bulk_prefill_tokens",
+                                           "max_bulk_pause_ms",
                                            "max_wait_ms_for_bucket"}),
         )
         check = enforce(engine, settings.self_check, log, cache_dir=settings.cache_dir)
@@ -70,8 +98,6 @@ class GenerationStep(bootsteps.StartStopStep):
         self.consumer = Consumer(engine, settings, worker.hostname, metrics=metrics,
                                  self_check=check)
         publish_tokenizer(self.consumer.store.redis, engine, settings.result_ttl_s)
-        self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-steps")
-        self.thread.start()
         log.info("worker_ready", worker=worker.hostname, backend=engine.backend,
                  model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token,
                  self_check=check)
