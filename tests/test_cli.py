@@ -158,8 +158,10 @@ def test_ctrl_c_during_run_keeps_what_finished_and_resume_finishes_it(tmp_path, 
     import time
 
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 400,
-                                          "custom_id": f"c{i}"}) + "\n" for i in range(160)))
+    # 20 short lines finish at once, 140 long ones are still running when Ctrl-C comes
+    source.write_text("".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 4 if i < 20
+                                          else 600, "custom_id": f"c{i}"}) + "\n"
+                              for i in range(160)))
     out_path = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
     env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
