@@ -284,15 +284,7 @@ def _batch_lines(spool, content_type: str) -> Iterator[Line]:
     the schema or carrying its error: a JSON list's items, or JSONL's non-blank lines."""
     spool.seek(0)
     if _is_json_list(content_type):
-        try:
-            items = json.load(spool)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"body is not JSON: {exc}") from None
-        except RecursionError:
-            raise InvalidRequest("body is JSON nested too deeply") from None
-        if not isinstance(items, list):
-            raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
-        for number, item in enumerate(items, start=1):
+        for number, item in enumerate(_batch_items(spool), start=1):
             try:
                 yield Line(number, request=to_request(item))
             except InvalidRequest as exc:
@@ -301,16 +293,32 @@ def _batch_lines(spool, content_type: str) -> Iterator[Line]:
     yield from read_lines(spool)
 
 
+def _batch_items(spool) -> list[Any]:
+    """The items of a JSON-list upload (read from the start of ``spool``)."""
+    spool.seek(0)
+    try:
+        items = json.load(spool)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("body is JSON nested too deeply") from None
+    if not isinstance(items, list):
+        raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
+    return items
+
+
 def _is_json_list(content_type: str) -> bool:
     return "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type
 
 
 def _count_lines(spool, content_type: str) -> None:
     """Refuse an empty upload or one over ``MAX_UPLOAD_LINES`` before validating it."""
-    spool.seek(0)
-    lines = _batch_lines(spool, content_type) if _is_json_list(content_type) else (
-        raw for raw in spool if raw.strip())
-    count = sum(1 for _ in itertools.islice(lines, MAX_UPLOAD_LINES + 1))
+    if _is_json_list(content_type):  # parsed here only to count; validated by the client
+        count = len(_batch_items(spool))
+    else:
+        spool.seek(0)
+        count = sum(1 for _ in itertools.islice((r for r in spool if r.strip()),
+                                                MAX_UPLOAD_LINES + 1))
     if count > MAX_UPLOAD_LINES:
         raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
     if not count:

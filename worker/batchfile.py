@@ -51,15 +51,18 @@ def is_batch_line(obj: Any) -> bool:
     return isinstance(obj, dict) and "body" in obj and ("url" in obj or "method" in obj)
 
 
-def to_request(obj: Any) -> dict[str, Any]:
+def to_request(obj: Any, max_new_tokens_limit: int | None = None) -> dict[str, Any]:
     """A validated request dict from a plain request object or an OpenAI Batch line."""
     if is_batch_line(obj):
         obj = from_openai(obj)
-    return validate_request(obj).model_dump(exclude_none=True)
+    return validate_request(obj, max_new_tokens_limit=max_new_tokens_limit).model_dump(
+        exclude_none=True)
 
 
-def read_lines(lines: Iterable[str | bytes]) -> Iterator[Line]:
-    """Parse and validate each non-blank line; errors are reported, never raised."""
+def read_lines(lines: Iterable[str | bytes], max_new_tokens_limit: int | None = None
+               ) -> Iterator[Line]:
+    """Parse and validate each non-blank line (schema and limits); errors are reported, never
+    raised."""
     for number, raw in enumerate(lines, start=1):
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
@@ -69,7 +72,7 @@ def read_lines(lines: Iterable[str | bytes]) -> Iterator[Line]:
         if not text.strip():
             continue
         try:
-            yield Line(number, request=to_request(json.loads(text)))
+            yield Line(number, request=to_request(json.loads(text), max_new_tokens_limit))
         except json.JSONDecodeError as exc:
             yield Line(number, error=json_error(exc))
         except InvalidRequest as exc:

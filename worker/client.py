@@ -120,8 +120,7 @@ class GenerationClient:
         Publishing is pipelined. A request whose ``idempotency_key`` was seen before joins the
         job with its earlier id and is not generated again (finished ones count at once).
         """
-        items = list(requests)
-        checked = self._check_all(items)
+        checked = self._check_all(requests)
         return self._enqueue_job([checked], len(checked), priority, idempotency_scope)
 
     def submit_stream(self, source: Callable[[], Iterable[dict[str, Any] | Line]], *,
