@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES, ROOT, example_requests
+from tests.test_secrets import FORMS, PW
 
 
 def genq(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -35,6 +36,22 @@ def test_config_masks_secrets():
     assert "s3cret" not in out.stdout and "key-one" not in out.stdout
     assert shown["broker_url"] == "rediss://user:***@redis.example:6380/1"
     assert shown["result_url"] == shown["broker_url"] and shown["api_keys"] == ["***", "***"]
+
+
+@pytest.mark.parametrize(("url", "masked"), [form for form in FORMS if form[0].startswith(
+    ("redis", "sentinel")) and " " not in form[0]])
+def test_config_masks_every_url_form_that_carries_a_password(url, masked):
+    """User info, ``password=`` and ``sentinel_kwargs`` queries, sentinel node lists: in the
+    broker and the result URL, as JSON and as the table (wide enough not to wrap)."""
+    env = {"GENQ_BROKER_URL": url, "GENQ_RESULT_URL": url.replace(PW, PW + "-results"),
+           "COLUMNS": "400"}
+    out = genq("config", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["broker_url"] == shown["result_url"] == masked
+    table = genq("config", env=env)
+    assert table.returncode == 0 and masked in table.stdout, table.stdout + table.stderr
+    assert PW not in out.stdout + out.stderr + table.stdout + table.stderr
 
 
 @pytest.mark.slow

@@ -7,19 +7,26 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.metadata
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import check_jsonschema  # noqa: F401  (the Compose schema ships inside it)
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from packaging.utils import canonicalize_name
+
+from worker.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -124,6 +131,90 @@ def genq_env_names(obj) -> set[str]:
             names |= genq_env_names(item)
     return names
 
+# secrets as the operator exports them: markers to look for where they must not be
+SECRETS = {"REDIS_PASSWORD": "redis-pw-4f1c", "GENQ_API_KEYS": "api-key-4f1c",
+           "FLOWER_BASIC_AUTH": "admin:flower-pw-4f1c", "HF_TOKEN": "hf-token-4f1c"}
+
+
+def interpolated(obj, env: dict[str, str]):
+    """A loaded compose document with compose's interpolation applied to every string:
+    ``$$`` -> ``$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``."""
+    if isinstance(obj, dict):
+        return {k: interpolated(v, env) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [interpolated(v, env) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+
+    def value(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("braced") or m.group("plain")
+        if env.get(name):
+            return env[name]
+        assert m.group("op") != "?", f"{name} must be set: {m.group('arg')}"
+        return m.group("arg") or ""
+
+    return re.sub(r"\$\$|\$\{(?P<braced>\w+)(?::?(?P<op>[-?])(?P<arg>[^}]*))?\}|\$(?P<plain>\w+)",
+                  value, obj)
+
+
+def k8s_env(ctr: dict) -> dict[str, str]:
+    """A container's environment, a Secret's key standing for each secretKeyRef's value."""
+    return {e["name"]: e.get("value", "secret-" + e.get("valueFrom", {}).get(
+        "secretKeyRef", {}).get("key", "")) for e in ctr.get("env", [])}
+
+
+def k8s_command(ctr: dict) -> list[str]:
+    """A container's command and args with Kubernetes' ``$(VAR)`` expansion applied."""
+    env = k8s_env(ctr)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), word)
+            for word in ctr.get("command", []) + ctr.get("args", [])]
+
+
+@contextmanager
+def redis_container(command: list[str], env: dict[str, str], workdir: Path):
+    """Run a Redis container's command here as its image would (``redis-server`` on PATH, in
+    the data directory ``workdir``) on a free port; yields the process and a client that has
+    no password."""
+    port = free_port()
+    shim = workdir / "bin"
+    shim.mkdir()
+    (shim / "redis-server").write_text(
+        f'#!/bin/sh\nexec {shutil.which("redis-server")} "$@" --port {port}\n')
+    (shim / "redis-server").chmod(0o755)
+    proc = subprocess.Popen(command, env={**env, "PATH": f"{shim}:{os.environ['PATH']}"},
+                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=2)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, "the Redis command exited"
+            assert time.monotonic() < deadline, "the Redis command never listened"
+            try:
+                client.ping()
+                break
+            except redis.AuthenticationError:
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield proc, client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def check_redis_container(proc: subprocess.Popen, client: redis.Redis, password: str) -> None:
+    """Password required and not on any command line; AOF on; no eviction."""
+    with pytest.raises(redis.AuthenticationError):
+        client.ping()
+    assert password not in " ".join(proc.args)
+    assert password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    authed = redis.Redis(port=client.connection_pool.connection_kwargs["port"],
+                         password=password, socket_timeout=2)
+    assert authed.config_get("appendonly") == {"appendonly": "yes"}
+    assert authed.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+
 
 # -- docker compose ---------------------------------------------------------------------
 
@@ -196,19 +287,35 @@ def test_compose_cpu_worker_is_a_profile_without_gpu():
     assert svc["environment"]["GENQ_MODEL"] == "demo"
 
 
-def test_compose_redis_is_persistent_non_evicting_and_password_protected():
+def test_compose_redis_is_persistent_non_evicting_and_password_protected(tmp_path):
     data = load_compose()
-    redis = data["services"]["redis"]
-    assert redis["image"].startswith("redis:7")
-    cmd = command_list(redis["command"])
-    assert cmd[cmd.index("--appendonly") + 1] == "yes"
-    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
-    assert "REDIS_PASSWORD" in cmd[cmd.index("--requirepass") + 1]
-    assert any(str(v).endswith(":/data") for v in redis["volumes"])
-    volume = redis["volumes"][0].split(":")[0]
+    redis_svc = interpolated(data, SECRETS)["services"]["redis"]
+    assert redis_svc["image"].startswith("redis:7")
+    assert redis_svc["user"] not in ("root", "0")
+    env = {k: str(v) for k, v in redis_svc["environment"].items()}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+    with redis_container(command_list(redis_svc["command"]), env, tmp_path) as (proc, client):
+        check_redis_container(proc, client, SECRETS["REDIS_PASSWORD"])
+    redis_svc = data["services"]["redis"]
+    assert any(str(v).endswith(":/data") for v in redis_svc["volumes"])
+    volume = redis_svc["volumes"][0].split(":")[0]
     assert volume in data["volumes"]
-    assert "healthcheck" in redis
-    assert "ports" not in redis, "Redis must not be published"
+    assert "healthcheck" in redis_svc
+    assert "ports" not in redis_svc, "Redis must not be published"
+
+
+def test_compose_commands_carry_no_secret():
+    """Every secret reaches its service through the environment: none is on a command line
+    (``ps`` shows those to every user), once compose has filled in the variables."""
+    services = interpolated(load_compose(), SECRETS)["services"]
+    for name, svc in services.items():
+        for words in (svc.get("command", []), svc.get("entrypoint", []),
+                      svc.get("healthcheck", {}).get("test", [])):
+            text = " ".join(command_list(words))
+            assert "--requirepass" not in text, name
+            for var, secret in SECRETS.items():
+                assert secret not in text, f"{name}: {var} on its command line"
+    assert SECRETS["REDIS_PASSWORD"] in services["gateway"]["environment"]["GENQ_BROKER_URL"]
 
 
 def test_compose_gateway_uses_redis_password_and_api_keys():
@@ -564,19 +671,40 @@ def test_secret_references_point_at_keys_of_the_example_secret():
     assert secret["stringData"]["redis-password"] in secret["stringData"]["broker-url"]
 
 
-def test_kubernetes_redis_is_persistent_and_non_evicting():
+def test_kubernetes_redis_is_persistent_and_non_evicting(tmp_path):
     sts = k8s_one("StatefulSet", "genqueue-redis")
     ctr = container(sts)
-    args = ctr["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert "secretKeyRef" in env_of(ctr)["REDIS_PASSWORD"]["valueFrom"]
+    env = k8s_env(ctr)
+    data = [m["mountPath"] for m in ctr["volumeMounts"] if m["name"] == "data"]
+    command = [word.replace(data[0], str(tmp_path)) for word in k8s_command(ctr)]  # the volume
+    with redis_container(command, env, tmp_path) as (proc, client):
+        check_redis_container(proc, client, env["REDIS_PASSWORD"])
     claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
     assert {m["name"] for m in ctr["volumeMounts"] if m["mountPath"] == "/data"} <= claims
     service = k8s_one("Service", sts["spec"]["serviceName"])
     assert service["spec"]["clusterIP"] == "None"
     assert "managed" in (K8S / "redis.yaml").read_text().lower()
+
+
+def test_kubernetes_commands_carry_no_secret():
+    """No container puts a Secret's value on a command line (``$(VAR)`` in command or args,
+    or in an exec probe, would); each reads it from its environment."""
+    secret_values = set(k8s_one("Secret")["stringData"].values())
+    checked = 0
+    for _, doc in k8s_documents():
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for ctr in pod.get("containers", []):
+            env = k8s_env(ctr)
+            secrets = {v for v in env.values() if v.startswith("secret-")}
+            probes = [ctr.get(p, {}).get("exec", {}).get("command", [])
+                      for p in ("readinessProbe", "livenessProbe", "startupProbe")]
+            for words in [k8s_command(ctr), *probes]:
+                text = " ".join(words)
+                assert "--requirepass" not in text, ctr["name"]
+                assert not any(s in text for s in secrets | secret_values), ctr["name"]
+            checked += bool(secrets)
+    assert checked >= 3  # redis, gateway, worker
 
 
 def test_kubernetes_gateway_probes_and_env():

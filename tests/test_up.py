@@ -1,28 +1,44 @@
 """`genq up` as a user runs it: nothing configured, the embedded stack, Ctrl-C, and a second
-run on the same data directory that finishes what the first left queued."""
+run on the same data directory that finishes what the first left queued; no password on any
+command line, and the gateway on 127.0.0.1 unless asked otherwise."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import ROOT
-from worker.stack import free_port
+from worker.stack import free_port, write_private
 
 pytestmark = pytest.mark.slow
 
 
-def start_up(port: int, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--gpus", "none",
-                             "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start_up():
+    """Start ``genq up --gpus none --port PORT``; what a failed test left running is stopped."""
+    procs: list[subprocess.Popen] = []
+
+    def start(port: int, env: dict) -> subprocess.Popen:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "up", "--gpus", "none", "--port", str(port)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            ctrl_c(proc)
 
 
 def wait_ready(http: httpx.Client, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -44,7 +60,7 @@ def ctrl_c(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir):
+def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir, start_up):
     env = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
     env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
                GENQ_BACKEND="transformers", GENQ_MAX_BATCH_SIZE="2", GENQ_POOL_SIZE="2")
@@ -81,3 +97,83 @@ def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir):
     worker_pid = int(re.search(r"worker \S+: pid (\d+)", out).group(1))
     with pytest.raises(ProcessLookupError):  # not orphaned
         os.kill(worker_pid, 0)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat_line = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue  # gone meanwhile
+        if stat_line:
+            parents[int(entry.name)] = int(stat_line.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        parent_pid = todo.pop()
+        children = [p for p, parent in parents.items() if parent == parent_pid]
+        found += children
+        todo += children
+    return found
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses with a TCP socket listening on ``port`` (IPv4 and IPv6)."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # each 32-bit word in the host's byte order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_genq_up_keeps_the_password_off_command_lines_and_the_gateway_local(tmp_path, cache_dir,
+                                                                          start_up):
+    """The embedded Redis reads its password from a 0600 config file, the workers get it in
+    their environment; no process `genq up` starts has it in its command line. The gateway
+    listens on 127.0.0.1 only by default."""
+    password = "up-secret-7c2a9f"
+    (tmp_path / "data" / "redis").mkdir(parents=True)
+    write_private(tmp_path / "data" / "redis" / "password", password)
+    env = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
+    env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
+               GENQ_BACKEND="transformers")
+    port = free_port()
+    proc = start_up(port, env)
+    shown = ""
+    while "gateway: http://" not in shown:
+        line = proc.stdout.readline()
+        assert line, shown
+        shown += line
+    redis_port = int(re.search(r"embedded Redis on 127\.0\.0\.1:(\d+)", shown).group(1))
+    workers = [int(pid) for pid in re.findall(r"worker \S+: pid (\d+)", shown)]
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if http.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the gateway never answered"
+        time.sleep(0.2)
+    started = descendants(proc.pid)
+    assert set(workers) <= set(started) and len(started) > len(workers)  # + redis-server
+    for pid in [proc.pid, *started]:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline, cmdline
+    for pid in workers:  # the broker URL, password included, comes in the environment
+        assert f":{password}@".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    config = Path(redis.Redis(port=redis_port, password=password).info("server")["config_file"])
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
+    assert f'requirepass "{password}"' in config.read_text().splitlines()
+    assert listening_addresses(port) == {"127.0.0.1"}
+    out = ctrl_c(proc)
+    assert proc.returncode == 0 and "stopped" in out, out[-3000:]
+    assert not config.exists()

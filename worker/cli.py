@@ -138,7 +138,9 @@ def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1
 @app.command()
 def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list like 0,1.")] = "all",
        port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
-       host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1") -> None:
+       host: Annotated[str, typer.Option(
+           help="Gateway address: this machine only by default; 0.0.0.0 for every interface."
+       )] = "127.0.0.1") -> None:
     """Run the whole stack here: Redis (embedded if none answers), workers, gateway."""
     from worker.stack import run_stack
 

@@ -3,7 +3,9 @@ broker answers) and worker processes, started and stopped in order.
 
 The embedded Redis is a ``redis-server`` from PATH with append-only persistence in a data
 directory (reused across runs, so queued requests survive), bound to 127.0.0.1 with a
-generated password kept in that directory.
+generated password kept in that directory. Secrets never go on a command line (``ps`` shows
+those to every user): Redis reads its password from a 0600 config file in a private run
+directory, and the workers get the broker URL in their environment.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -50,6 +53,12 @@ def broker_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by this user only (0600 from the start) holding ``text``."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+
+
 class EmbeddedRedis:
     """A private ``redis-server`` with append-only persistence and a password."""
 
@@ -58,39 +67,52 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         secret = self.dir / "password"
         if not secret.exists():
-            secret.write_text(secrets.token_urlsafe(24))
-            secret.chmod(0o600)
+            write_private(secret, secrets.token_urlsafe(24))
         self.password = secret.read_text().strip()
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.config: Path | None = None
 
     @property
     def url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _write_config(self) -> Path:
+        """The settings, password included, as a 0600 file in a new 0700 directory (under
+        ``XDG_RUNTIME_DIR`` when set), for ``redis-server <file>``."""
+        here = self.dir.absolute()  # Redis changes into `dir` before it opens `logfile`
+        settings = {"port": self.port, "bind": "127.0.0.1", "dir": here, "appendonly": "yes",
+                    "appendfsync": "everysec", "save": "", "requirepass": self.password,
+                    "maxmemory-policy": "noeviction", "protected-mode": "yes",
+                    "logfile": here / "redis.log"}
+        run_dir = tempfile.mkdtemp(prefix="genq-redis-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        path = Path(run_dir) / "redis.conf"
+        quote = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n"}  # Redis's "..." escapes
+        write_private(path, "".join(f'{key} "{str(value).translate(quote)}"\n'
+                                    for key, value in settings.items()))
+        return path
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         """Start it and wait until it answers."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
+        self.config = self._write_config()
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--requirepass", self.password, "--maxmemory-policy", "noeviction",
-             "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [binary, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only: we stop Redis last
         )
         deadline = time.monotonic() + timeout
         while not broker_answers(self.url, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
             time.sleep(0.05)
         log.info("embedded_redis_started", port=self.port, dir=str(self.dir))
         return self
 
     def stop(self) -> None:
-        """Stop it (SIGTERM: Redis flushes its append-only file first)."""
+        """Stop it (SIGTERM: Redis flushes its append-only file first) and remove its config."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -98,6 +120,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+        if self.config:
+            shutil.rmtree(self.config.parent, ignore_errors=True)
+            self.config = None
 
 
 @contextmanager
@@ -167,11 +192,13 @@ def run_stack(gpus: str, host: str, port: int, console) -> int:
 
     import uvicorn
 
+    from worker.ops.logging import mask_secrets
+
     devices = select_gpus(gpus)
     configured = os.environ.get("GENQ_BROKER_URL")
     broker = ExitStack()
     if configured and broker_answers(configured):
-        console.print(f"broker: {configured.split('@')[-1]} (GENQ_BROKER_URL)")
+        console.print(f"broker: {mask_secrets(configured)} (GENQ_BROKER_URL)")
     else:
         server = broker.enter_context(embedded_broker())
         console.print(f"broker: embedded Redis on 127.0.0.1:{server.port}, data in {server.dir}")

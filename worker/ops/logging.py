@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
@@ -12,6 +14,58 @@ import structlog
 # records go to the log only at DEBUG (GENQ_LOG_LEVEL=DEBUG shows them)
 NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggingface_hub",
          "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "celery.redirected")
+
+
+# the password in a URL's user info (up to its last ``@``), a URL (``;`` separates the nodes
+# of a kombu sentinel URL), and ``key=value`` or ``"key": value`` where the key names a password
+USERINFO = re.compile(r"""(://[^\s/?#@:'"]*):[^\s/'"]*@""")
+URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>;]+""")
+SECRET_WORD = re.compile(r"passw(?:or)?d", re.IGNORECASE)
+SECRET_PAIR = re.compile(
+    r"""([\w.-]*passw(?:or)?d[\w.-]*["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s&,;'"})\]]+)""",
+    re.IGNORECASE)
+
+
+def _mask_query(url: str) -> str:
+    """``url`` with every query parameter that names or holds a password (``password=``,
+    ``sentinel_kwargs={"password": ...}``, percent-encoded or not) as ``***``."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:  # not parseable: show only the scheme
+        return url.split("://", 1)[0] + "://***"
+    if not any(SECRET_WORD.search(k + v) for k, v in query):
+        return url
+    query = [(k, "***" if SECRET_WORD.search(k + v) else v) for k, v in query]
+    return parts._replace(query=urlencode(query, safe="*")).geturl()
+
+
+def _mask_value(match: re.Match) -> str:
+    quote = match.group(2)[0] if match.group(2)[0] in "\"'" else ""
+    return f"{match.group(1)}{quote}***{quote}"
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the passwords in its URLs and ``password=...`` values masked."""
+    text = URL.sub(lambda m: _mask_query(m.group(0)), USERINFO.sub(r"\1:***@", text))
+    return SECRET_PAIR.sub(_mask_value, text)
+
+
+def _masked(value):
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return mask_secrets(repr(value))  # what JSONRenderer would print, masked
+
+
+def mask_processor(_logger, _method, event_dict: dict) -> dict:
+    """structlog processor: mask passwords in every value (URLs, ``password=``)."""
+    return _masked(event_dict)
 
 
 def _stderr():
@@ -28,7 +82,8 @@ def configure_logging(level: str = "INFO") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        processors=[*shared, structlog.processors.format_exc_info, mask_processor,
+                    structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *_: structlog.PrintLogger(_stderr()),
         cache_logger_on_first_use=False,
@@ -38,6 +93,8 @@ def configure_logging(level: str = "INFO") -> None:
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                mask_processor,
                 structlog.processors.JSONRenderer(),
             ],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
