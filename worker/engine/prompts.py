@@ -1,31 +1,41 @@
-"""Turning a request into prompt token ids, exactly as every batch sees them."""
+"""Turning a request into prompt token ids, exactly as every batch sees them.
+
+User text never yields control tokens: chat message contents holding special-token text,
+and a raw ``prompt`` unless the request sets ``raw_special_tokens``, are tokenized with
+special tokens split (``worker.tokencount.prompt_parts``, which the enqueue-time counter
+shares, decides which text that is).
+"""
 
 from __future__ import annotations
 
 from worker.schema import GenerationRequest
+from worker.tokencount import prompt_parts, special_pattern
 
 
-def render(tokenizer, request: GenerationRequest) -> tuple[str, bool]:
-    """(prompt text, whether the tokenizer should add its special tokens).
+def _parts(tokenizer, request: GenerationRequest, pattern) -> list[tuple[str, bool, bool]]:
+    """``(text, add_special_tokens, split_special_tokens)`` parts of the prompt, in order.
 
     Chat ``messages`` go through the chat template with ``add_generation_prompt=True``; the
     template already holds any BOS, so no special tokens are added on top of it.
     """
-    if request.messages is not None:
-        turns = [m.model_dump() for m in request.messages]
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return text, False
-    return request.prompt, True
+    def render(turns: list[dict]) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    messages = None if request.messages is None else [m.model_dump() for m in request.messages]
+    return prompt_parts(messages, request.prompt, bool(request.raw_special_tokens), render, pattern)
 
 
 def encode(tokenizer, requests: list[GenerationRequest]) -> list[list[int]]:
-    """Prompt token ids of each request (no padding), tokenized in two batched calls."""
-    rendered = [render(tokenizer, r) for r in requests]
-    ids: list[list[int] | None] = [None] * len(requests)
-    for add_special in (False, True):
-        idx = [i for i, (_, add) in enumerate(rendered) if add is add_special]
-        if idx:
-            enc = tokenizer([rendered[i][0] for i in idx], add_special_tokens=add_special)
-            for i, row in zip(idx, enc["input_ids"], strict=True):
-                ids[i] = list(row)
-    return ids  # type: ignore[return-value]
+    """Prompt token ids of each request (no padding), one batched tokenizer call per kind of
+    part (special tokens added or not, split or not)."""
+    pattern = special_pattern(tokenizer.added_tokens_decoder)
+    split = [_parts(tokenizer, r, pattern) for r in requests]
+    ids: list[list[list[int]]] = [[[] for _ in p] for p in split]
+    for add, plain in {(a, s) for p in split for _, a, s in p}:
+        refs = [(i, j) for i, p in enumerate(split) for j, (_, a, s) in enumerate(p)
+                if (a, s) == (add, plain)]
+        enc = tokenizer([split[i][j][0] for i, j in refs], add_special_tokens=add,
+                        split_special_tokens=plain)
+        for (i, j), row in zip(refs, enc["input_ids"], strict=True):
+            ids[i][j] = list(row)
+    return [[t for row in rows for t in row] for rows in ids]
