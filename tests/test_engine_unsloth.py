@@ -29,3 +29,40 @@ def test_padding_side_is_forced_left_even_if_flipped(unsloth_engine):
     expected = [r["text"] for r in unsloth_engine.generate(req)]
     unsloth_engine.tokenizer.padding_side = "right"  # what for_training / get_peft_model do
     assert [r["text"] for r in unsloth_engine.generate(req)] == expected
+
+
+def test_unsloth_gets_the_models_whole_context(unsloth_engine, demo_engine):
+    """Unsloth cuts inputs longer than its ``max_seq_length``: it is the model's context."""
+    assert unsloth_engine.model.max_seq_length == unsloth_engine.context_length
+    assert unsloth_engine.context_length == demo_engine.context_length == 8192
+
+
+SHORT = 96
+
+
+@pytest.fixture(scope="module")
+def short_unsloth(cache_dir):
+    """The demo model through Unsloth with GENQ_MAX_SEQ_LENGTH=SHORT."""
+    from worker.engine import load_engine
+
+    return load_engine("demo", backend="unsloth", dtype="float32", cache_dir=cache_dir,
+                       max_seq_length=SHORT)
+
+
+def test_max_seq_length_reaches_unsloth_and_longer_requests_are_refused(short_unsloth, demo_engine):
+    from worker.errors import PromptTooLong
+
+    assert short_unsloth.model.max_seq_length == short_unsloth.context_length == SHORT
+    request = example_requests(1)[0]
+    prompt_tokens = short_unsloth.prepare({**request, "max_new_tokens": 1})
+    fits = {**request, "max_new_tokens": SHORT - prompt_tokens}
+    over = {**request, "max_new_tokens": SHORT - prompt_tokens + 1}
+    assert prompt_tokens > SHORT // 2 and fits["max_new_tokens"] >= 8
+    with pytest.raises(PromptTooLong, match=f"context {SHORT}"):
+        short_unsloth.sequence(over)
+    result, refused = short_unsloth.generate([fits, over])
+    assert refused["status"] == "failed" and refused["error"]["code"] == "prompt_too_long"
+    assert result["status"] == "succeeded"
+    assert result["text"] == demo_engine.generate([fits])[0]["text"]
+    long_prompt = {"prompt": "word " * SHORT, "max_new_tokens": 1}
+    assert short_unsloth.generate([long_prompt])[0]["error"]["code"] == "prompt_too_long"

@@ -17,7 +17,13 @@ import structlog
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from worker.engine.loading import load_adapters, load_model, select_adapter
+from worker.engine.loading import (
+    load_adapters,
+    load_model,
+    model_context,
+    neutralise_generation_config,
+    select_adapter,
+)
 from worker.engine.padding import PadChoice, apply_pad_token, eos_ids
 from worker.engine.policy import Limits
 from worker.engine.prompts import encode
@@ -41,7 +47,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, backend: str, model_name: str, dtype: str,
                  pad: PadChoice, adapters: dict[str, str] | None = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 32768,
-                 max_prompt_tokens: int | None = None, max_new_tokens_limit: int = 2048,
+                 max_prompt_tokens: int | None = None, max_seq_length: int | None = None,
+                 max_new_tokens_limit: int = 2048,
                  max_prefill_tokens: int = 8192, max_bulk_prefill_tokens: int = 512,
                  max_bulk_pause_ms: int = 1000,
                  max_wait_ms_for_bucket: int = 30_000, scheduler: str = "continuous",
@@ -61,8 +68,10 @@ class Engine:
         self.max_wait_ms_for_bucket = max_wait_ms_for_bucket
         self.max_new_tokens_limit = max_new_tokens_limit
         self.worker_name = worker_name
-        context = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.context_length = int(context)
+        # the model's context, capped by GENQ_MAX_SEQ_LENGTH and by what the backend accepts
+        # (Unsloth cuts longer inputs to its max_seq_length)
+        limits = (model_context(model.config), max_seq_length, getattr(model, "max_seq_length", None))
+        self.context_length = min(int(limit) for limit in limits if limit)
         self.max_prompt_tokens = max_prompt_tokens
         self.eos_ids = frozenset(eos_ids(tokenizer, model.config) | _generation_eos(model))
         self.device = next(model.parameters()).device
@@ -151,8 +160,8 @@ class Engine:
     def failed(self, request_id: str, body: Any, exc: GenqError) -> dict[str, Any]:
         """The result of a request that failed before it ran."""
         log.info("request_failed", request_id=request_id, code=exc.code, message=exc.message)
-        return {**result_record(request_id, "failed", body, worker=self.worker_name,
-                                model=self.model_name), "error": exc.as_error()}
+        return result_record(request_id, "failed", body, worker=self.worker_name,
+                             model=self.model_name, error=exc.as_error())
 
     def select_adapter(self, adapter: str | None) -> None:
         """Make ``adapter`` (None: the base model) the active weights for the next forward."""
@@ -166,8 +175,7 @@ class Engine:
         body = {k: v for k, v in raw.items() if k != "id"} if isinstance(raw, dict) else raw
         request = validate_request(body, max_new_tokens_limit=self.max_new_tokens_limit)
         if request.adapter is not None and request.adapter not in self.adapters:
-            raise InvalidRequest(f"adapter: unknown adapter {request.adapter!r}; "
-                                 f"configured: {sorted(self.adapters) or 'none'}")
+            raise InvalidRequest(f"adapter: no adapter {request.adapter!r} on this worker")
         return request
 
     def _encode_one(self, request: GenerationRequest) -> list[int]:
@@ -214,16 +222,20 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
     """Load a model with its tokenizer rules applied, ready for ``Engine.generate``.
 
     ``settings`` are any of the ``GENQ_`` settings in lower case (``max_batch_size``,
-    ``max_batch_tokens``, ``max_prompt_tokens``, ``max_new_tokens_limit``, ``scheduler``,
-    ``max_prefill_tokens``, ``cache_dir``, ``load_in_4bit``, ...); the rest default from the
-    environment.
+    ``max_batch_tokens``, ``max_prompt_tokens``, ``max_seq_length``, ``max_new_tokens_limit``,
+    ``scheduler``, ``max_prefill_tokens``, ``cache_dir``, ``load_in_4bit``, ...); the rest
+    default from the environment. The model's own generation config keeps only its token ids:
+    each request's settings are the only ones applied.
     """
     from worker.ops.settings import Settings
 
     worker_name = settings.pop("worker_name", None)
     config = Settings(model=model, backend=backend, dtype=dtype, adapters=adapters or {}, **settings)
     loaded = load_model(config.model, config.backend, config.dtype, Path(config.cache_dir),
-                        load_in_4bit=config.load_in_4bit)
+                        load_in_4bit=config.load_in_4bit, max_seq_length=config.max_seq_length)
+    dropped = neutralise_generation_config(loaded.model)
+    if dropped:
+        log.info("generation_config_neutralised", model=loaded.model_name, dropped=dropped)
     pad = apply_pad_token(loaded.tokenizer, loaded.model)
     log.info("pad_token_chosen", token=pad.token, token_id=pad.token_id, reason=pad.reason,
              eos_ids=sorted(eos_ids(loaded.tokenizer, loaded.model.config)))
@@ -232,7 +244,7 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
         loaded.model, loaded.tokenizer, backend=loaded.backend, model_name=loaded.model_name,
         dtype=loaded.dtype, pad=pad, adapters=config.adapters,
         max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
+        max_prompt_tokens=config.max_prompt_tokens, max_seq_length=config.max_seq_length,
         max_new_tokens_limit=config.max_new_tokens_limit,
         max_prefill_tokens=config.max_prefill_tokens,
         max_bulk_prefill_tokens=config.max_bulk_prefill_tokens,

@@ -18,6 +18,7 @@ from worker.engine.demo import DEMO_ID, DEMO_NAME, demo_model_dir
 log = structlog.get_logger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 @dataclass
@@ -44,6 +45,32 @@ def adapter_base(path: str) -> str | None:
     if not config.is_file():
         return None
     return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def model_context(config) -> int:
+    """The context a model config declares (``max_position_embeddings``; 4096 if it has none)."""
+    return int(getattr(config, "max_position_embeddings", None) or 4096)
+
+
+def neutralise_generation_config(model) -> dict[str, object]:
+    """Give ``model`` a generation config holding only its token ids (bos, eos, pad, decoder
+    start), so no checkpoint default (penalties, sampling, suppressed tokens, lengths) applies
+    anywhere, ``model.generate`` included; returns the dropped settings that would have
+    changed generation."""
+    from transformers import GenerationConfig
+
+    current = getattr(model, "generation_config", None)
+    if current is None:
+        return {}
+    # transformers 5 leaves unset fields None (4.x fills its defaults, which to_diff_dict omits)
+    defaults = getattr(current, "_get_default_generation_params", dict)()
+    dropped = {key: value for key, value in current.to_diff_dict().items()
+               if key not in GENERATION_TOKEN_IDS and not key.startswith(("_", "transformers_"))
+               and value not in (None, False) and value != defaults.get(key)}
+    model.generation_config = GenerationConfig(**{
+        key: getattr(current, key) for key in GENERATION_TOKEN_IDS
+        if getattr(current, key, None) is not None})
+    return dropped
 
 
 def _torch_dtype(dtype: str | None):
@@ -108,13 +135,17 @@ def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,
 
 
 def _load_unsloth(path, name, torch_dtype, load_in_4bit, max_seq_length) -> Loaded:
+    """Unsloth truncates longer inputs to its ``max_seq_length`` and RoPE-scales the model
+    when it exceeds the config's context, so it gets the context, or less if asked."""
+    from transformers import AutoConfig  # unsloth_available() imported unsloth before it
     from unsloth import FastLanguageModel
 
+    context = model_context(AutoConfig.from_pretrained(adapter_base(path) or path))
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         dtype=torch_dtype,
         load_in_4bit=load_in_4bit,
-        max_seq_length=max_seq_length or 4096,
+        max_seq_length=min(context, max_seq_length or context),
         use_exact_model_name=True,
     )
     FastLanguageModel.for_inference(model)
