@@ -96,7 +96,9 @@ def test_api_keys(gateway):
     assert ok.status_code == 202
     assert http.get(f"/v1/generations/{ok.json()['id']}").status_code == 401
     assert http.get(f"/v1/generations/{ok.json()['id']}",
-                    headers={"Authorization": "Bearer k1"}).status_code == 200
+                    headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert http.get(f"/v1/generations/{ok.json()['id']}",  # another key's: not revealed
+                    headers={"Authorization": "Bearer k1"}).status_code == 404
     assert http.get("/healthz").status_code == 200
     assert "k1" not in http.get("/openapi.json").text
 

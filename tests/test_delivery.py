@@ -18,7 +18,7 @@ def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url
     settings = client.settings.model_copy(update={"visibility_timeout_s": 2})
     options = transport_options(settings)
     broker = redis.Redis.from_url(redis_url)
-    inbox = Inbox(broker, REQUEST_QUEUES, options)
+    inbox = Inbox(broker, options)
     ids = [client.submit(prompt=f"p{i}", max_new_tokens=2) for i in range(3)]
     bulk = client.submit(prompt="bulk one", priority="bulk")
     held, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
@@ -41,7 +41,7 @@ def test_only_json_messages_decode(redis_url):
     with Connection(redis_url) as conn:
         conn.Producer().publish({"x": 1}, routing_key="genq.bulk", exchange="",
                                 serializer="pickle")
-    inbox = Inbox(redis.Redis.from_url(redis_url), REQUEST_QUEUES, {})
+    inbox = Inbox(redis.Redis.from_url(redis_url), {})
     [delivery], _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 5))
     with pytest.raises(Undecodable, match="never pickle"):
         delivery.decode()
@@ -60,7 +60,7 @@ def test_the_unacked_record_is_the_one_kombu_writes(redis_url):
             producer.publish({"n": i}, routing_key="genq.bulk", exchange="genq.bulk",
                              declare=[kombu_queue("genq.bulk")], serializer="json")
         theirs = conn.default_channel.basic_get("genq.bulk", no_ack=False)  # kombu records it
-        [ours], _ = Inbox(broker, REQUEST_QUEUES, options).fetch({"genq.bulk": 1})
+        [ours], _ = Inbox(broker, options).fetch({"genq.bulk": 1})
         assert broker.zcard(options.get("unacked_index_key", "unacked_index")) == 2
         records = {k.decode(): json.loads(v) for k, v in broker.hgetall("unacked").items()}
         kombu_record, our_record = records[theirs.delivery_tag], records[ours.tag]

@@ -27,8 +27,8 @@ def test_racing_submitters_get_one_request(client, redis_url):
     assert redis.Redis.from_url(redis_url).llen("genq.interactive") == 1  # queued once
     with pytest.raises(IdempotencyConflict):
         client.submit(prompt="different", max_new_tokens=4, idempotency_key="k-1")
-    assert client.submit(prompt="same", max_new_tokens=4, idempotency_key="k-1",
-                         idempotency_scope="another tenant") != ids[0]
+    assert client.as_owner("another-tenant").submit(
+        prompt="same", max_new_tokens=4, idempotency_key="k-1") != ids[0]
 
 
 @pytest.mark.slow

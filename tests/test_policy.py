@@ -21,6 +21,7 @@ from worker.engine.policy import (
     Running,
     Waiting,
     decide,
+    fair_order,
     starved_since,
 )
 
@@ -268,3 +269,21 @@ def test_static_serves_an_overdue_request_first_whatever_its_priority():
     limits = Limits(static=True, max_wait_s=30.0)
     assert decide([old_bulk, inter], [], limits, now=129.0).admit == [inter.id]
     assert decide([old_bulk, inter], [], limits, now=131.0).admit[0] == old_bulk.id
+
+
+def test_bulk_owners_take_weighted_turns_then_their_jobs():
+    """A small job behind another owner's large backlog is admitted in turns, not after it."""
+    big = [Waiting(f"big{i}", BULK, None, 10, 10, float(i), owner="a", job="j1") for i in range(50)]
+    small = [Waiting(f"sm{i}", BULK, None, 10, 10, 100.0 + i, owner="b", job="j2") for i in range(5)]
+    second = [Waiting(f"a2-{i}", BULK, None, 10, 10, 200.0 + i, owner="a", job="j3")
+              for i in range(5)]
+    order = [w.id for w in fair_order(big + small + second)]
+    assert order[:4] == ["big0", "sm0", "sm1", "a2-0"]  # a round: one turn per owner
+    assert order[4:6] == ["big1", "sm2"]  # owner a's turns alternate between its jobs
+    assert order.index("sm4") == 9
+    heavy = [Waiting(f"h{i}", BULK, None, 10, 10, float(i), owner="h", weight=3) for i in range(30)]
+    light = [Waiting(f"l{i}", BULK, None, 10, 10, 50.0 + i, owner="l") for i in range(30)]
+    first = [w.owner for w in fair_order(heavy + light)][:20]
+    assert first.count("h") == 15 and first.count("l") == 5
+    d = decide(big + small, [], Limits(max_rows=4, max_bulk_prefill_tokens=8192), now=300.0)
+    assert sorted(d.admit) == ["big0", "big1", "sm0", "sm1"]  # each owner half the joiners

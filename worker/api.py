@@ -1,72 +1,112 @@
 """The HTTP gateway (FastAPI; ``genq api``): a thin shell over ``GenerationClient``.
 
-Routes are the contract's. Bad input gets 422 with field-level messages, a full queue 429
-with ``Retry-After``, unknown ids 404. With ``GENQ_API_KEYS`` set, every route but the health
-and metrics routes needs ``Authorization: Bearer <key>`` (constant-time comparison).
+Routes are the contract's. Bad input gets 422 with field-level messages, a full queue (or a
+key over ``GENQ_MAX_PENDING_PER_KEY``) 429 with ``Retry-After``, unknown ids 404, an unreachable
+Redis 503. Bodies are limited by the bytes actually read (chunked uploads included). With
+``GENQ_API_KEYS`` set, every route but the health and metrics routes needs ``Authorization:
+Bearer <key>``; each key owns what it submits, and another key's requests and jobs answer 404
+(``GENQ_ADMIN_KEYS`` see everything).
 """
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.batchfile import Line, read_lines, to_request
+from worker.batchfile import Line, read_lines, strict_json, to_request
 from worker.client import GenerationClient
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
+from worker.ops.keys import KeyRing
 from worker.ops.settings import Settings, get_settings
-from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES
-from worker.schema import GenerationRequest
+from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, pending_by_queue
+from worker.schema import GenerationRequest, Result
 
-MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one batch upload, streamed to a spool file
+MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request (and any other body)
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one JSONL batch upload, streamed to a spool file
+MAX_JSON_LIST_BYTES = 32 * 1024 * 1024  # a JSON-list upload is parsed whole: send JSONL for more
 MAX_UPLOAD_LINES = 200_000
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/demand"}
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
+
+
+class BodyTooLarge(Exception):
+    """More body bytes arrived than the route takes."""
+
+
+def body_limit(path: str, content_type: str) -> int:
+    """How many body bytes a route takes."""
+    if path == "/v1/batches":
+        return MAX_JSON_LIST_BYTES if _is_json_list(content_type) else MAX_UPLOAD_BYTES
+    return MAX_BODY_BYTES
+
+
+class LimitBody:
+    """ASGI middleware: count the body bytes actually received (``Content-Length`` or chunked)
+    and stop at the route's limit with 413, before the body is parsed or stored. Reading stops
+    with ``BodyTooLarge``; whatever the app makes of that, the answer sent is the 413."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = body_limit(scope["path"], headers.get("content-type", ""))
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(limit)(scope, receive, send)
+        seen, over, answered = 0, False, False
+
+        async def counted():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = True
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def answer(message):
+            nonlocal answered
+            if not over:
+                answered = True
+                return await send(message)
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                await _too_large(limit)(scope, receive, send)
+
+        try:
+            await self.app(scope, counted, answer)
+        except Exception:  # BodyTooLarge, maybe wrapped in an ExceptionGroup by a middleware
+            if not over:
+                raise
+            if not answered:
+                await _too_large(limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"body larger than {limit} bytes", "code": "too_large"},
+                        status_code=413)
 
 
 class Accepted(BaseModel):
     id: str
     status: str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class BatchInfo(BaseModel):
-    """The running batch a request was admitted into: its rows, and the padding of its prefill."""
-
-    size: int
-    pad_fraction: float
-
-
-class Result(BaseModel):
-    """A result exactly as the contract states it."""
-
-    id: str
-    status: str
-    custom_id: str | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    timings: dict[str, float | None] | None = None
-    batch: BatchInfo | None = None
-    worker: str | None = None
-    model: str | None = None
-    adapter: str | None = None
-    metadata: dict[str, Any] | None = None
-    error: dict[str, str] | None = None
 
 
 class Cancelled(BaseModel):
@@ -94,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The gateway app for these settings (tests build one per Redis)."""
     settings = settings or get_settings()
     client = GenerationClient(settings=settings)
-    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    keyring = KeyRing(settings)
     registry = CollectorRegistry()
     http_requests = Counter("genq_http_requests", "HTTP requests by route and status",
                             ["route", "status"], registry=registry)
@@ -109,24 +149,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.client = client
 
     @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
+    async def auth(request: Request, call_next):
         path = request.url.path
-        length = request.headers.get("content-length")
-        limit = MAX_UPLOAD_BYTES if path == "/v1/batches" else MAX_BODY_BYTES
-        if length and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"body larger than {limit} bytes"}, status_code=413)
-        if keys and path not in OPEN_PATHS and not path.startswith(("/docs", "/openapi")):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            given = token.strip().encode()
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
+        request.state.client = client
+        if keyring.enabled:
+            principal = keyring.authenticate(request.headers.get("authorization", ""))
+            if principal is not None:
+                request.state.client = client.as_owner(
+                    principal.id, admin=principal.admin, weight=principal.weight,
+                    raw_tokens=principal.raw_tokens)
+            elif path not in OPEN_PATHS and not path.startswith(("/docs", "/openapi")):
                 return JSONResponse({"detail": "missing or invalid API key"}, status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
+            request.state.authenticated = principal is not None
+        else:
+            request.state.authenticated = True
         response = await call_next(request)
         route = request.scope.get("route")
         http_requests.labels(route=getattr(route, "path", "unmatched"),
                              status=response.status_code).inc()
         return response
+
+    app.add_middleware(LimitBody)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, __: RecursionError):
+        return JSONResponse({"detail": "JSON nested too deeply", "code": "invalid_request"},
+                            status_code=422)
+
+    async def unavailable(_: Request, __: Exception):
+        return JSONResponse({"detail": "the queue (Redis) is unreachable; retry later",
+                             "code": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
+
+    for error in UNAVAILABLE:
+        app.add_exception_handler(error, unavailable)
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_: Request, exc: InvalidRequest):
@@ -154,61 +210,59 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def create_generation(body: GenerationRequest, request: Request) -> Accepted:
         """Queue one generation request (repeats with the same ``idempotency_key`` return
         the first id; keys are scoped per API key)."""
-        scope = request.headers.get("authorization", "") if keys else ""
-        rid = client.submit(**body.model_dump(exclude_none=True), idempotency_scope=scope)
+        rid = request.state.client.submit(request=body)  # validated once, here
         return Accepted(id=rid, status="queued")
 
     @app.get("/v1/generations/{request_id}", response_model=Result)
-    def get_generation(request_id: str) -> dict:
+    def get_generation(request_id: str, request: Request) -> dict:
         """The result as it stands (queued, running or final)."""
-        return client.get(request_id)
+        return request.state.client.get(request_id)
 
     @app.delete("/v1/generations/{request_id}", response_model=Cancelled)
-    def cancel_generation(request_id: str) -> Cancelled:
+    def cancel_generation(request_id: str, request: Request) -> Cancelled:
         """Cancel a queued or running request."""
-        return Cancelled(id=request_id, cancelled=client.cancel(request_id))
+        return Cancelled(id=request_id, cancelled=request.state.client.cancel(request_id))
 
     @app.post("/v1/batches", status_code=202, response_model=Batch,
               openapi_extra={"requestBody": {"content": {
                   "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
                   "application/jsonl": {"schema": {"type": "string"}}}, "required": True}})
     async def create_batch(request: Request) -> dict:
-        """Queue a bulk job: a JSON list, or JSONL (request objects or OpenAI Batch lines)."""
+        """Queue a bulk job: JSONL (request objects or OpenAI Batch lines, streamed to a spool
+        file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB)."""
+        owner = request.state.client
         spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-        size = 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_UPLOAD_BYTES:
-                raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
-            spool.write(chunk)
+            spool.write(chunk)  # LimitBody counts the bytes
         content_type = request.headers.get("content-type", "")
         await run_in_threadpool(_count_lines, spool, content_type)
-        job_id = await run_in_threadpool(client.submit_stream,
+        job_id = await run_in_threadpool(owner.submit_stream,
                                          lambda: _batch_lines(spool, content_type))
-        return await run_in_threadpool(client.job, job_id)
+        return await run_in_threadpool(owner.job, job_id)
 
     @app.get("/v1/batches/{job_id}", response_model=Batch)
-    def get_batch(job_id: str) -> dict:
+    def get_batch(job_id: str, request: Request) -> dict:
         """A bulk job's status and counts."""
-        return client.job(job_id)
+        return request.state.client.job(job_id)
 
     @app.get("/v1/batches/{job_id}/results", response_class=StreamingResponse,
              responses={200: {"content": {"application/jsonl": {}}}})
-    def batch_results(job_id: str) -> StreamingResponse:
+    def batch_results(job_id: str, request: Request) -> StreamingResponse:
         """Every result of the job as JSONL, in submission order."""
-        client.job(job_id)  # 404 before streaming starts
+        owner = request.state.client
+        owner.job(job_id)  # 404 before streaming starts
 
         def lines() -> Iterator[bytes]:
-            for res in client.job_results(job_id):
-                yield (json.dumps(res, ensure_ascii=False) + "\n").encode()
+            for res in owner.job_results(job_id):
+                yield (json.dumps(res, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
         return StreamingResponse(lines(), media_type="application/jsonl")
 
     @app.delete("/v1/batches/{job_id}", response_model=Batch)
-    def cancel_batch(job_id: str) -> dict:
+    def cancel_batch(job_id: str, request: Request) -> dict:
         """Cancel every unfinished request of the job."""
-        client.cancel_job(job_id)
-        return client.job(job_id)
+        request.state.client.cancel_job(job_id)
+        return request.state.client.job(job_id)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -216,24 +270,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"ok": True}
 
     @app.get("/readyz")
-    def readyz(response: Response) -> dict:
-        """Ready when the broker answers and at least one worker heartbeat is fresh."""
+    def readyz(request: Request, response: Response) -> dict:
+        """Ready when the broker answers and at least one worker heartbeat is fresh. Without
+        a valid API key (when keys are set) it says only whether it is ready."""
         try:
             broker = bool(client.broker.ping())
             workers = client.store.workers()
         except Exception as exc:  # redis down: not ready, say why
             response.status_code = 503
-            return {"ready": False, "broker": False, "workers": [], "error": str(exc)[:200]}
-        ready = broker and bool(workers)
-        response.status_code = 200 if ready else 503
-        return {"ready": ready, "broker": broker, "workers": workers}
+            out = {"ready": False, "broker": False, "workers": [], "error": str(exc)[:200]}
+        else:
+            ready = broker and bool(workers)
+            response.status_code = 200 if ready else 503
+            out = {"ready": ready, "broker": broker, "workers": workers}
+        return out if request.state.authenticated else {"ready": out["ready"]}
 
     def current_demand() -> tuple[dict[str, int], dict[str, int], int]:
         """(list lengths, demand per priority: queued + held + running, live workers)."""
-        pipe = client.broker.pipeline(transaction=False)
-        for q in REQUEST_QUEUES:
-            pipe.llen(q)
-        lengths = dict(zip(REQUEST_QUEUES, pipe.execute(), strict=True))
+        lengths = pending_by_queue(client.broker)
         workers = client.store.workers()
         per_priority = {}
         for priority, q in (("interactive", INTERACTIVE_QUEUE), ("bulk", BULK_QUEUE)):
@@ -297,8 +351,8 @@ def _batch_items(spool) -> list[Any]:
     """The items of a JSON-list upload (read from the start of ``spool``)."""
     spool.seek(0)
     try:
-        items = json.load(spool)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        items = json.load(spool, parse_constant=strict_json)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest("body is JSON nested too deeply") from None

@@ -14,7 +14,11 @@ from worker.schema import validate_request
 OPENAI_FIELDS = {"messages": "messages", "max_tokens": "max_new_tokens",
                  "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
                  "top_p": "top_p", "stop": "stop", "seed": "seed", "metadata": "metadata"}
-OPENAI_IGNORED = {"model", "n", "stream", "user", "logprobs", "top_logprobs"}
+# accepted and not used: the worker's model answers; ``user`` is the caller's own label
+OPENAI_IGNORED = {"model", "user"}
+# accepted only at the value that asks for nothing genqueue does not do
+OPENAI_NEUTRAL = {"n": (1,), "stream": (False,), "logprobs": (False,), "top_logprobs": (0,),
+                  "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0)}
 
 
 @dataclass
@@ -39,6 +43,11 @@ def from_openai(line: dict[str, Any]) -> dict[str, Any]:
     for key, value in body.items():
         if key in OPENAI_FIELDS:
             request[OPENAI_FIELDS[key]] = value
+        elif key in OPENAI_NEUTRAL:
+            if value is not None and (isinstance(value, bool) != isinstance(
+                    OPENAI_NEUTRAL[key][0], bool) or value not in OPENAI_NEUTRAL[key]):
+                raise InvalidRequest(f"body.{key}: {json.dumps(value)[:40]} is not supported "
+                                     f"(only {json.dumps(OPENAI_NEUTRAL[key][0])})")
         elif key not in OPENAI_IGNORED:
             raise InvalidRequest(f"body.{key}: not supported")
     if "custom_id" in line:
@@ -72,13 +81,21 @@ def read_lines(lines: Iterable[str | bytes], max_new_tokens_limit: int | None = 
         if not text.strip():
             continue
         try:
-            yield Line(number, request=to_request(json.loads(text), max_new_tokens_limit))
+            yield Line(number, request=to_request(json.loads(text, parse_constant=strict_json),
+                                                  max_new_tokens_limit))
         except json.JSONDecodeError as exc:
             yield Line(number, error=json_error(exc))
         except InvalidRequest as exc:
             yield Line(number, error=exc.message)
         except RecursionError:
             yield Line(number, error="JSON nested too deeply")
+        except ValueError as exc:  # NaN or Infinity
+            yield Line(number, error=str(exc))
+
+
+def strict_json(constant: str) -> Any:
+    """``json.loads(..., parse_constant=strict_json)``: NaN and Infinity are not JSON."""
+    raise ValueError(f"not JSON: {constant} is not a JSON number")
 
 
 def json_error(exc: json.JSONDecodeError) -> str:

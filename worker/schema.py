@@ -7,9 +7,17 @@ worker validates again (foreign producers exist), and the engine validates what 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from worker.errors import InvalidRequest
 
@@ -18,10 +26,22 @@ MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 8
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON ``true``/``false`` are not numbers (pydantic would read ``true`` as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class Message(BaseModel):
     """One chat turn."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
@@ -45,25 +65,27 @@ def _depth(value: Any, level: int = 0) -> int:
 
 
 class GenerationRequest(BaseModel):
-    """A generation request exactly as the contract states it."""
+    """A generation request exactly as the contract states it. Numbers are finite (no NaN
+    or Infinity anywhere, metadata included) and never booleans."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=100_000)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    max_new_tokens: Int = Field(256, ge=1)
+    temperature: Float = Field(0.0, ge=0.0, le=10.0)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Int | None = Field(None, ge=0, le=100_000)
+    repetition_penalty: Float | None = Field(None, gt=0.0, le=10.0)
     stop: list[str] | None = Field(None, max_length=4)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     adapter: str | None = Field(None, min_length=1, max_length=128)
     priority: Literal["interactive", "bulk"] | None = None
-    expires_in_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    expires_in_s: Float | None = Field(None, gt=0, le=30 * 24 * 3600)
     custom_id: str | None = Field(None, max_length=512)
     metadata: dict[str, Any] | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    raw_special_tokens: bool | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -95,8 +117,12 @@ class GenerationRequest(BaseModel):
         if _depth(value) > MAX_METADATA_DEPTH:
             raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
         try:
-            size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
-        except (TypeError, ValueError, UnicodeEncodeError) as exc:
+            size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        except ValueError as exc:
+            if "JSON compliant" in str(exc):
+                raise ValueError("metadata holds NaN or Infinity, which is not JSON") from exc
+            raise ValueError("metadata must be JSON-serializable UTF-8") from exc
+        except (TypeError, UnicodeEncodeError) as exc:
             raise ValueError("metadata must be JSON-serializable UTF-8") from exc
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes, more than {MAX_METADATA_BYTES}")
@@ -112,6 +138,13 @@ class GenerationRequest(BaseModel):
         return self
 
     @property
+    def prompt_chars(self) -> int:
+        """Characters of prompt text: the prompt, or every message's content."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.content) for m in self.messages or ())
+
+    @property
     def samples(self) -> bool:
         """Whether this request samples (temperature > 0) rather than decoding greedily."""
         return self.temperature > 0
@@ -125,8 +158,10 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_request(data: Any, *, max_new_tokens_limit: int | None = None) -> GenerationRequest:
-    """Validate one request dict; raise ``InvalidRequest`` naming every bad field."""
+def validate_request(data: Any, *, max_new_tokens_limit: int | None = None,
+                     max_prompt_chars: int | None = None) -> GenerationRequest:
+    """Validate one request dict; raise ``InvalidRequest`` naming every bad field.
+    ``max_prompt_chars`` caps the prompt text (all messages together) before any tokenizing."""
     if isinstance(data, GenerationRequest):
         req = data
     elif not isinstance(data, dict):
@@ -140,20 +175,54 @@ def validate_request(data: Any, *, max_new_tokens_limit: int | None = None) -> G
         raise InvalidRequest(
             f"max_new_tokens: {req.max_new_tokens} is above the limit {max_new_tokens_limit}"
         )
+    if max_prompt_chars is not None and req.prompt_chars > max_prompt_chars:
+        raise InvalidRequest(f"prompt: {req.prompt_chars} characters, more than the limit "
+                             f"{max_prompt_chars} (GENQ_MAX_PROMPT_CHARS)")
     return req
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class BatchInfo(BaseModel):
+    """The running batch a request was admitted into: its rows, and the padding of its prefill."""
+
+    size: int
+    pad_fraction: float
+
+
+class Result(BaseModel):
+    """A result exactly as the contract states it: the one definition of its shape, used by
+    the engine, the workers, the result store and the gateway."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+    custom_id: str | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: dict[str, float | None] | None = None
+    batch: BatchInfo | None = None
+    worker: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    metadata: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+
 def result_record(request_id: str, status: str, request: Any = None, *, job_id: str | None = None,
-                  worker: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """A result with every contract field (the one definition of its shape), for ``request``
-    as received (only well-typed ``custom_id``, ``adapter`` and ``metadata`` are echoed)."""
+                  worker: str | None = None, model: str | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """A ``Result`` as stored (plus the internal ``job_id``) for ``request`` as received (only
+    well-typed ``custom_id``, ``adapter`` and ``metadata`` are echoed); ``fields`` fill the
+    rest (``text``, ``usage``, ``error``...), checked against the model."""
     body = request if isinstance(request, dict) else {}
     custom_id, adapter, metadata = body.get("custom_id"), body.get("adapter"), body.get("metadata")
-    return {
-        "id": request_id, "status": status,
-        "custom_id": custom_id if isinstance(custom_id, str) else None,
-        "text": None, "finish_reason": None, "usage": None, "timings": None, "batch": None,
-        "worker": worker, "model": model, "adapter": adapter if isinstance(adapter, str) else None,
-        "metadata": metadata if isinstance(metadata, dict) else None, "error": None,
-        "job_id": job_id,
-    }
+    result = Result(
+        id=request_id, status=status, worker=worker, model=model,
+        custom_id=custom_id if isinstance(custom_id, str) else None,
+        adapter=adapter if isinstance(adapter, str) else None,
+        metadata=metadata if isinstance(metadata, dict) else None, **fields)
+    return {**result.model_dump(), "job_id": job_id}

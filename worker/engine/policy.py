@@ -15,10 +15,14 @@ The continuous rules:
   lacks, the youngest bulk rows are evicted back to the queue (they restart later). So a bulk
   request is admitted within ``max_bulk_pause_s`` of a moment when no interactive request waits
   and its lane has room.
-- Bulk joiners: the oldest waiting request of the lane's adapter (it is always admitted first:
-  anti-starvation by submit time), then the ones closest to it in prompt length. When the
-  oldest bulk request overall cannot join for lack of KV room, other bulk lanes admit nothing
-  until it can, so no adapter starves.
+- Bulk requests take turns (``fair_order``): weighted round-robin across owners (an owner of
+  weight w gets w turns per round), then across each owner's jobs, oldest first within a job;
+  with one owner and one job this is submit order. So a small job submitted behind another
+  owner's large backlog finishes after about (its size x active owners) admissions.
+- Bulk joiners: the first waiting request of the lane's adapter in turn order (it is always
+  admitted first: anti-starvation), then the rest of its round, closest in prompt length first,
+  then later rounds. When the first bulk request overall cannot join for lack of KV room,
+  other bulk lanes admit nothing until it can, so no adapter starves.
 - Limits: rows per lane (``max_rows``, lower after an out-of-memory error), KV tokens reserved
   across lanes (prompt + ``max_new_tokens`` per row: ``GENQ_MAX_BATCH_TOKENS``), prompt tokens
   prefilled per join (``max_prefill_tokens``; one joiner always fits), and at most one
@@ -50,6 +54,9 @@ class Waiting:
     max_new_tokens: int
     submitted_at: float
     suspect: bool = False
+    owner: str | None = None
+    job: str | None = None
+    weight: int = 1
 
     @property
     def key(self) -> LaneKey:
@@ -124,7 +131,7 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
     inter_waiting = sorted((w for w in waiting if w.priority == INTERACTIVE),
                            key=lambda w: w.submitted_at)
     running = {key for key in by_key if key[0] == INTERACTIVE}
-    bulk_waiting = sorted((w for w in waiting if w.priority == BULK), key=lambda w: w.submitted_at)
+    bulk_waiting = fair_order([w for w in waiting if w.priority == BULK])
     bulk_lanes = {key for key in by_key if key[0] == BULK}
     if not (inter_waiting or running):
         return _serve_bulk(bulk_waiting, by_key, budget)
@@ -140,6 +147,37 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
     if decision.lane is None and bulk_lanes:  # what waits needs room only finishing rows free
         decision = Decision(lane=_round_robin(bulk_lanes, by_key)[0])
     return decision
+
+
+def fair_order(waiting: list[Waiting]) -> list[Waiting]:
+    """Requests in weighted turns: owners in round-robin (weight w: w turns per round), each
+    owner's turns shared round-robin by its jobs, oldest first within a job."""
+    return [w for _, w in _turns(waiting)]
+
+
+def _turns(waiting: list[Waiting]) -> list[tuple[int, Waiting]]:
+    """(round, request) in turn order."""
+    owners: dict[str | None, dict[str | None, list[Waiting]]] = {}
+    for w in sorted(waiting, key=lambda w: w.submitted_at):
+        owners.setdefault(w.owner, {}).setdefault(w.job, []).append(w)
+    turns = []
+    for jobs in owners.values():
+        queues = list(jobs.values())
+        interleaved = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)]
+        turns += [(i // max(1, w.weight), w) for i, w in enumerate(interleaved)]
+    turns.sort(key=lambda t: (t[0], t[1].submitted_at))
+    return turns
+
+
+def _owners_in_turn(waiting: list[Waiting], key) -> list[Waiting]:
+    """Each owner's requests ordered by ``key``, the owners taking weighted turns."""
+    owners: dict[str | None, list[Waiting]] = {}
+    for w in waiting:
+        owners.setdefault(w.owner, []).append(w)
+    ranked = [(i // max(1, w.weight), n, w) for n, group in enumerate(owners.values())
+              for i, w in enumerate(sorted(group, key=key))]
+    ranked.sort(key=lambda t: (t[0], t[1]))
+    return [w for _, _, w in ranked]
 
 
 def starved_since(previous: float | None, served: LaneKey | None, bulk_pending: bool,
@@ -232,8 +270,8 @@ def _serve_bulk(bulk_waiting: list[Waiting], by_key: dict[LaneKey, Lane], budget
         chosen: list[Waiting] = []
         if mine:
             anchor = mine[0]
-            rest = sorted(mine[1:], key=lambda w: (abs(w.prompt_tokens - anchor.prompt_tokens),
-                                                   w.submitted_at))
+            rest = _owners_in_turn(mine[1:], key=lambda w: (
+                abs(w.prompt_tokens - anchor.prompt_tokens), w.submitted_at))
             chosen = budget.pick([anchor, *rest], by_key.get(key), budget.free_kv)
             if chosen[:1] != [anchor]:
                 chosen = []  # the oldest goes first or nobody does

@@ -227,7 +227,7 @@ class Scheduler:
         place: it is back in the dict at the end, but its handle is older)."""
         ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
         return [Waiting(s.handle, s.priority, s.adapter, s.prompt_tokens, s.max_new_tokens,
-                        s.submitted_at, s.suspect) for s in ordered]
+                        s.submitted_at, s.suspect, s.owner, s.job, s.weight) for s in ordered]
 
     def _lane_view(self) -> list[Lane]:
         return [Lane(key[0], key[1],

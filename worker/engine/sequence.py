@@ -27,6 +27,9 @@ class Sequence:
     submitted_at: float = field(default_factory=time.time)
     expires_at: float | None = None  # wall clock deadline (``expires_in_s``)
     suspect: bool = False  # was running on a worker that died: never shares a lane with another
+    owner: str | None = None  # who submitted it, and its job: bulk admission takes turns
+    job: str | None = None
+    weight: int = 1  # the owner's share of bulk admission
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     status: str | None = None  # set when it ends other than by generating: cancelled, expired
@@ -99,23 +102,19 @@ class Sequence:
 
     def result(self, tokenizer, *, worker: str | None, model: str | None) -> dict[str, Any]:
         """The contract's result for a finished row."""
-        record = result_record(self.id, "failed", self.body, worker=worker, model=model)
         if self.error is not None:
-            return {**record, "error": self.error}
+            return result_record(self.id, "failed", self.body, worker=worker, model=model,
+                                 error=self.error)
         text, cut = cut_at_stop(self.text(tokenizer), self.request.stop)
-        reason = "stop_sequence" if cut else self.finish_reason
         end = self.finished_at or time.time()
         start = self.admitted_at or end
-        return {
-            **record,
-            "status": self.status or "succeeded",
-            "text": text,
-            "finish_reason": reason,
-            "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.tokens)},
-            "timings": {"queued_ms": _ms(start - self.submitted_at), "generate_ms": _ms(end - start),
-                        "total_ms": _ms(end - self.submitted_at)},
-            "batch": self.batch,
-        }
+        return result_record(
+            self.id, self.status or "succeeded", self.body, worker=worker, model=model, text=text,
+            finish_reason="stop_sequence" if cut else self.finish_reason,
+            usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.tokens)},
+            timings={"queued_ms": _ms(start - self.submitted_at), "generate_ms": _ms(end - start),
+                     "total_ms": _ms(end - self.submitted_at)},
+            batch=self.batch)
 
 
 def _ms(seconds: float) -> float:

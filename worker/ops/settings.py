@@ -37,13 +37,20 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(2, ge=1)
     max_prompt_tokens: int | None = Field(None, ge=1)
+    max_seq_length: int | None = Field(None, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
     max_pending: int = Field(100_000, ge=1)
+    max_pending_per_key: int | None = Field(None, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+    job_submit_timeout_s: float = Field(60.0, gt=0)
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     visibility_timeout_s: int = Field(60, ge=2)
     pool_size: int | None = Field(None, ge=1)
     metrics_port: int | None = None
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    raw_token_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    key_weights: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: str = "INFO"
     self_check: Literal["strict", "warn", "off"] = "strict"
@@ -63,11 +70,26 @@ class Settings(BaseSettings):
             return out
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "raw_token_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: object) -> object:
+        """Comma-separated; each key bare or ``name:key`` (see ``worker.ops.keys``)."""
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("key_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: object) -> object:
+        """``name=weight,name2=weight2``: a key's share of bulk admission (default 1)."""
+        if isinstance(value, str):
+            out = {}
+            for pair in (p.strip() for p in value.split(",") if p.strip()):
+                name, sep, weight = pair.partition("=")
+                if not sep or not weight.strip().isdigit() or int(weight) < 1:
+                    raise ValueError(f"GENQ_KEY_WEIGHTS entry {pair!r} is not name=positive-int")
+                out[name.strip()] = int(weight)
+            return out
         return value
 
     @property
@@ -77,27 +99,21 @@ class Settings(BaseSettings):
         return url.get_secret_value()
 
     def masked(self) -> dict[str, object]:
-        """Effective settings with passwords and keys masked (for ``genq config``)."""
-        from urllib.parse import urlsplit, urlunsplit
-
-        def mask_url(url: str) -> str:
-            parts = urlsplit(url)
-            if parts.password is None:
-                return url
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            user = parts.username or ""
-            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        """Effective settings with passwords and keys masked (for ``genq config``): every URL
+        form that carries one (user info, ``password=`` and ``sentinel_kwargs`` queries)."""
+        from worker.ops.logging import mask_secrets
 
         data = self.model_dump()
-        data["broker_url"] = mask_url(self.broker_url.get_secret_value())
-        data["result_url"] = mask_url(self.result_backend_url)
+        data["broker_url"] = mask_secrets(self.broker_url.get_secret_value())
+        data["result_url"] = mask_secrets(self.result_backend_url)
         data["api_keys"] = ["***"] * len(self.api_keys)
+        data["admin_keys"] = ["***"] * len(self.admin_keys)
         data["cache_dir"] = str(self.cache_dir)
         # the value each default resolves to, rather than null
         data["pool_size"] = self.pool_size or self.max_batch_size
         data["max_prompt_tokens"] = self.max_prompt_tokens or "the model's context length"
+        data["max_seq_length"] = self.max_seq_length or "the model's context length"
+        data["max_pending_per_key"] = self.max_pending_per_key or "no limit per key"
         data["metrics_port"] = self.metrics_port or "off (no metrics server)"
         if self.dtype in (None, "auto"):
             from worker.stack import count_gpus

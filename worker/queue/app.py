@@ -17,11 +17,44 @@ INTERACTIVE_QUEUE = "genq.interactive"
 BULK_QUEUE = "genq.bulk"
 REQUEST_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)  # served in this order
 CONTROL_QUEUE = "genq.control"  # the Celery consumer's own queue; nothing is sent there
+OWNER_QUEUES_KEY = "genq:bulk:queues"  # set: every owner's bulk list ever published to
+WEIGHTS_KEY = "genq:bulk:weights"  # hash: owner bulk list -> its weight in admission
+BULK_BELL = "genq:bell:bulk"  # rung after publishing to an owner's bulk list
+# kombu's Redis transport puts a message sent with Celery's priority=N on ``<queue>\x06\x16<step>``
+PRIORITY_STEPS = ("\x06\x163", "\x06\x166", "\x06\x169")
 
 
-def queue_for(priority: str | None) -> str:
-    """The Redis list a request goes to: interactive unless it says bulk."""
-    return BULK_QUEUE if priority == "bulk" else INTERACTIVE_QUEUE
+def queue_for(priority: str | None, owner: str | None = None) -> str:
+    """The Redis list a request goes to: interactive unless it says bulk; an owner's bulk
+    requests have a list of their own, so workers can take from owners in turn."""
+    if priority != "bulk":
+        return INTERACTIVE_QUEUE
+    return f"{BULK_QUEUE}.{owner}" if owner else BULK_QUEUE
+
+
+def logical_queue(name: str) -> str:
+    """``genq.interactive`` or ``genq.bulk`` for any list a request can be on."""
+    return BULK_QUEUE if name.startswith(BULK_QUEUE) else INTERACTIVE_QUEUE
+
+
+def request_lists(client) -> tuple[list[str], list[str]]:
+    """(interactive lists, bulk lists) that requests can be on: the two queues, the lists of
+    Celery's priority steps (a foreign producer's ``priority=``), and every owner's list."""
+    owners = sorted(m.decode() if isinstance(m, bytes) else m
+                    for m in client.smembers(OWNER_QUEUES_KEY))
+    interactive = [INTERACTIVE_QUEUE, *(INTERACTIVE_QUEUE + s for s in PRIORITY_STEPS)]
+    return interactive, [BULK_QUEUE, *(BULK_QUEUE + s for s in PRIORITY_STEPS), *owners]
+
+
+def pending_by_queue(client) -> dict[str, int]:
+    """How many requests wait on Redis, per logical queue (one round trip after the lookup)."""
+    interactive, bulk = request_lists(client)
+    pipe = client.pipeline(transaction=False)
+    for name in (*interactive, *bulk):
+        pipe.llen(name)
+    lengths = pipe.execute()
+    return {INTERACTIVE_QUEUE: sum(lengths[:len(interactive)]),
+            BULK_QUEUE: sum(lengths[len(interactive):])}
 
 
 def kombu_queue(name: str) -> Queue:

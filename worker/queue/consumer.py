@@ -52,7 +52,8 @@ class Consumer:
         self.mode = "static" if self.loop.limits.static else "continuous"
         self.link = Link(settings, name, self.store, metrics=metrics, info={
             "model": engine.model_name, "backend": engine.backend, "scheduler": self.mode,
-            "self_check": self_check})
+            "self_check": self_check, "adapters": sorted(engine.adapters),
+            "max_new_tokens_limit": engine.max_new_tokens_limit})
         self.pool_size = settings.pool_size or settings.max_batch_size
         self.wait_s = settings.batch_wait_ms / 1000
         self.arrivals: dict[str, Arrival] = {}  # held requests: waiting or running
@@ -184,6 +185,7 @@ class Consumer:
             self.arrivals[env.id] = arrival
             self._store([result])
             return
+        seq.owner, seq.job, seq.weight = env.owner, env.job_id, env.weight
         self.arrivals[env.id] = arrival
         self.received[env.id] = time.monotonic()
         self.loop.add(seq)

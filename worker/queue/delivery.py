@@ -23,60 +23,122 @@ from typing import Any
 
 import redis
 
-# KEYS: request queues in priority order, the unacked hash and its index, the workers' heartbeat
-# hash. ARGV: now, how many this worker holds, then how many it wants from each queue.
+from worker.queue.app import (
+    BULK_BELL,
+    BULK_QUEUE,
+    INTERACTIVE_QUEUE,
+    WEIGHTS_KEY,
+    logical_queue,
+    request_lists,
+)
+
+BULK_TURN_KEY = "genq:bulk:turn"  # whose turn it is among the bulk lists
+
+# KEYS: the unacked hash and its index, the workers' heartbeat hash, the bulk turn counter, the
+# bulk bell, then the interactive lists, then the bulk lists. ARGV: now, how many this worker
+# holds, how many interactive lists, how many it wants of each priority, the adapters it serves
+# (JSON list), then one weight per bulk list.
 # A worker takes at most its share of everything not finished, ceil((queued + held by every
 # worker) / live workers) minus what it holds (at least one when it holds none), so a small job
 # spreads across workers. Live workers are the fresh heartbeats; held messages are kombu's
-# unacked index. Returns the length of each queue left, then tag, raw, queue triples; a message
-# that is not a kombu envelope comes back with an empty tag and is not recorded (it is rejected).
+# unacked index. Interactive lists are read in order; bulk lists in weighted turns (a list of
+# weight w gets w turns in a round; the turn counter survives between calls), so one owner's
+# backlog never holds another owner's job up. A message for an adapter this worker lacks but a
+# live worker serves is left in place (in order) for that worker. Returns the number of messages
+# left per priority, then tag, raw, list triples; a message that is not a kombu envelope comes
+# back with an empty tag and is not recorded (it is rejected).
 FETCH = """
-local now, mine = tonumber(ARGV[1]), tonumber(ARGV[2])
-local nq = #KEYS - 3
-local unacked, index, workers = KEYS[nq + 1], KEYS[nq + 2], KEYS[nq + 3]
-local live = 0
+local now, mine, ninter = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local want_inter, want_bulk = tonumber(ARGV[4]), tonumber(ARGV[5])
+local unacked, index, workers, turn, bell = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local first, nlists = 6, #KEYS - 5
+local served = {}
+for _, a in ipairs(cjson.decode(ARGV[6])) do served[a] = true end
+local live, elsewhere = 0, {}
 local beats = redis.call('HGETALL', workers)
 for i = 2, #beats, 2 do
   local ok, w = pcall(cjson.decode, beats[i])
   if ok and type(w) == 'table' and tonumber(w['at']) and
-     now - tonumber(w['at']) < (tonumber(w['ttl']) or 15) then live = live + 1 end
+     now - tonumber(w['at']) < (tonumber(w['ttl']) or 15) then
+    live = live + 1
+    if type(w['adapters']) == 'table' then
+      for _, a in ipairs(w['adapters']) do elsewhere[a] = true end
+    end
+  end
 end
 local total = redis.call('ZCARD', index)
-for i = 1, nq do total = total + redis.call('LLEN', KEYS[i]) end
+for i = 0, nlists - 1 do total = total + redis.call('LLEN', KEYS[first + i]) end
 local budget = math.ceil(total / math.max(live, 1)) - mine
 if mine == 0 and budget < 1 then budget = 1 end
-local out = {}
-for i = 1, nq do
-  local n = math.min(tonumber(ARGV[2 + i]), budget)
-  local taken = 0
-  while taken < n do
-    local raw = redis.call('RPOP', KEYS[i])
+local out, skipped = {}, {}
+local function take(key)
+  local passed = {}
+  local got = false
+  while not got do
+    local raw = redis.call('RPOP', key)
     if not raw then break end
     local ok, msg = pcall(cjson.decode, raw)
-    local tag, info = nil, nil
+    local tag, info, adapter = nil, nil, nil
     if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
       tag = msg['properties']['delivery_tag']
       info = msg['properties']['delivery_info']
+      if type(msg['headers']) == 'table' then adapter = msg['headers']['genq_adapter'] end
     end
-    if type(tag) == 'string' and type(info) == 'table' then
-      local ex, rk = info['exchange'] or KEYS[i], info['routing_key'] or KEYS[i]
-      redis.call('HSET', unacked, tag,
-                 '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-      redis.call('ZADD', index, now, tag)
+    if type(adapter) == 'string' and not served[adapter] and elsewhere[adapter]
+       and #passed < 64 then
+      table.insert(passed, raw)
     else
-      tag = ''
+      if type(tag) == 'string' and type(info) == 'table' then
+        local ex, rk = info['exchange'] or key, info['routing_key'] or key
+        redis.call('HSET', unacked, tag,
+                   '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+        redis.call('ZADD', index, now, tag)
+      else
+        tag = ''
+      end
+      table.insert(out, tag)
+      table.insert(out, raw)
+      table.insert(out, key)
+      got = true
     end
-    table.insert(out, tag)
-    table.insert(out, raw)
-    table.insert(out, KEYS[i])
-    taken = taken + 1
   end
-  budget = budget - taken
+  for j = #passed, 1, -1 do redis.call('RPUSH', key, passed[j]) end
+  return got
 end
-local left = {}
-for i = 1, nq do table.insert(left, redis.call('LLEN', KEYS[i])) end
-for _, v in ipairs(out) do table.insert(left, v) end
-return left
+local n = math.min(want_inter, budget)
+for i = 0, ninter - 1 do
+  while n > 0 and take(KEYS[first + i]) do n = n - 1; budget = budget - 1 end
+end
+n = math.min(want_bulk, budget)
+if want_bulk > 0 then redis.call('DEL', bell) end
+local turns = {}
+for i = ninter, nlists - 1 do
+  if redis.call('LLEN', KEYS[first + i]) > 0 then
+    for _ = 1, math.max(1, tonumber(ARGV[7 + i - ninter]) or 1) do
+      table.insert(turns, KEYS[first + i])
+    end
+  end
+end
+local at = tonumber(redis.call('GET', turn) or '0') or 0
+local misses, empty = 0, {}
+while n > 0 and #turns > 0 and misses < #turns do
+  local key = turns[at % #turns + 1]
+  at = at + 1
+  if not empty[key] and take(key) then
+    n = n - 1; budget = budget - 1; misses = 0
+  else
+    empty[key] = true; misses = misses + 1
+  end
+end
+redis.call('SET', turn, at)
+local left_inter, left_bulk = 0, 0
+for i = 0, nlists - 1 do
+  local len = redis.call('LLEN', KEYS[first + i])
+  if i < ninter then left_inter = left_inter + len else left_bulk = left_bulk + len end
+end
+local res = {left_inter, left_bulk}
+for _, v in ipairs(out) do table.insert(res, v) end
+return res
 """
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -91,7 +153,12 @@ class Delivery:
 
     tag: str
     raw: bytes
-    queue: str
+    queue: str  # the Redis list it came from
+
+    @property
+    def priority_queue(self) -> str:
+        """``genq.interactive`` or ``genq.bulk``: the priority it was queued at."""
+        return logical_queue(self.queue)
 
     def decode(self) -> tuple[Any, dict[str, Any]]:
         """(body, headers) of a JSON message; ``Undecodable`` for anything else, whatever its
@@ -125,24 +192,29 @@ class Delivery:
 class Inbox:
     """Fetch, ack and requeue request messages on a Redis broker, atomically."""
 
-    def __init__(self, client: redis.Redis, queues: tuple[str, ...], transport: dict[str, Any],
-                 workers_key: str = "genq:workers"):
+    def __init__(self, client: redis.Redis, transport: dict[str, Any],
+                 workers_key: str = "genq:workers", adapters: list[str] | None = None):
         self.redis = client
-        self.queues = queues
         self.unacked = transport.get("unacked_key", "unacked")
         self.index = transport.get("unacked_index_key", "unacked_index")
         self.workers_key = workers_key
+        self.adapters = json.dumps(sorted(adapters or []))
         self._fetch = client.register_script(FETCH)
 
     def fetch(self, want: dict[str, int], held: int = 0) -> tuple[list[Delivery], dict[str, int]]:
-        """Up to ``want[queue]`` messages from each queue, in priority order, within the share
-        of a worker that holds ``held`` messages, each unacked until acked; and how many
-        messages each queue still holds."""
-        args = [time.time(), held, *(max(0, want.get(q, 0)) for q in self.queues)]
-        flat = self._fetch(keys=[*self.queues, self.unacked, self.index, self.workers_key],
-                           args=args)
-        left = dict(zip(self.queues, (int(x) for x in flat[:len(self.queues)]), strict=True))
-        flat = flat[len(self.queues):]
+        """Up to ``want[queue]`` messages of each priority (``genq.interactive``,
+        ``genq.bulk``: every list of that priority), interactive first, within the share of a
+        worker that holds ``held`` messages, each unacked until acked; and how many messages
+        of each priority are still queued."""
+        interactive, bulk = request_lists(self.redis)
+        weights = self.redis.hmget(WEIGHTS_KEY, bulk) if bulk else []
+        args = [time.time(), held, len(interactive), max(0, want.get(INTERACTIVE_QUEUE, 0)),
+                max(0, want.get(BULK_QUEUE, 0)), self.adapters,
+                *(int(w) if w else 1 for w in weights)]
+        flat = self._fetch(keys=[self.unacked, self.index, self.workers_key, BULK_TURN_KEY,
+                                 BULK_BELL, *interactive, *bulk], args=args)
+        left = {INTERACTIVE_QUEUE: int(flat[0]), BULK_QUEUE: int(flat[1])}
+        flat = flat[2:]
         return [Delivery(tag.decode(), raw, queue.decode())
                 for tag, raw, queue in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)], left
 

@@ -30,7 +30,7 @@ import structlog
 from celery.worker import state as celery_state
 
 from worker.ops.settings import Settings
-from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES, transport_options
+from worker.queue.app import BULK_BELL, BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES, transport_options
 from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, parse
 from worker.queue.results import ResultStore
@@ -78,10 +78,13 @@ class Link:
         url = settings.broker_url.get_secret_value()
         self.broker = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
                                            health_check_interval=10)
-        self.inbox = Inbox(self.broker, REQUEST_QUEUES, transport_options(settings))
-        self.doorbells = {q: Doorbell(redis.Redis.from_url(url, socket_timeout=20,
-                                                           socket_connect_timeout=5), q, 5.0)
-                          for q in REQUEST_QUEUES}
+        self.inbox = Inbox(self.broker, transport_options(settings),
+                           adapters=list(settings.adapters))
+        # (priority, list it rings for): the bell rings for every owner's bulk list
+        self.doorbells = [(q, Doorbell(redis.Redis.from_url(url, socket_timeout=20,
+                                                            socket_connect_timeout=5), key, 5.0))
+                          for q, key in ((INTERACTIVE_QUEUE, INTERACTIVE_QUEUE),
+                                         (BULK_QUEUE, BULK_QUEUE), (BULK_QUEUE, BULK_BELL))]
         self.max_attempts = settings.max_attempts
         self.stall_timeout_s = settings.stall_timeout_s
         self.lease_every_s = max(1.0, min(5.0, settings.visibility_timeout_s / 4))
@@ -111,8 +114,9 @@ class Link:
     def start_threads(self) -> None:
         """Start the I/O thread and one doorbell thread per request queue."""
         self._threads = [threading.Thread(target=self._run, name="genq-link", daemon=True)]
-        self._threads += [threading.Thread(target=self._ring, args=(q,), name=f"genq-bell-{q}",
-                                           daemon=True) for q in REQUEST_QUEUES]
+        self._threads += [threading.Thread(target=self._ring, args=(q, bell),
+                                           name=f"genq-bell-{bell.queue}", daemon=True)
+                          for q, bell in self.doorbells]
         for t in self._threads:
             t.start()
 
@@ -302,7 +306,7 @@ class Link:
             held = len(self._held)
         deliveries, left = self.inbox.fetch(want, held)
         for q in REQUEST_QUEUES:
-            got = sum(1 for d in deliveries if d.queue == q)
+            got = sum(1 for d in deliveries if d.priority_queue == q)
             with self._lock:  # not the loop's yet: do not fetch them again meanwhile
                 self._want[q] = max(0, self._want[q] - got)
                 self._checking[q] += got
@@ -369,15 +373,16 @@ class Link:
             log.error("message_rejected", worker=self.name, reason=str(exc)[:300],
                       queue=delivery.queue, request_id=request_id)
             if request_id:
-                self.store.finish([{**result_record(request_id, "failed", worker=self.name),
-                                    "error": {"code": "invalid_request", "message": str(exc)}}])
+                self.store.finish([result_record(
+                    request_id, "failed", worker=self.name,
+                    error={"code": "invalid_request", "message": str(exc)})])
             self.inbox.ack([delivery])
             return None
 
     def _fail(self, envelope: Envelope, code: str, message: str) -> None:
-        record = {**result_record(envelope.id, "failed", envelope.request, job_id=envelope.job_id,
-                                  worker=self.name, model=self.info.get("model")),
-                  "error": {"code": code, "message": message}}
+        record = result_record(envelope.id, "failed", envelope.request, job_id=envelope.job_id,
+                               worker=self.name, model=self.info.get("model"),
+                               error={"code": code, "message": message})
         self.store.finish([record])
         self.inbox.ack([envelope.delivery])
         if self.metrics is not None:
@@ -411,6 +416,9 @@ class Link:
         pipe.execute()
         if now - self._rechecked >= RECHECK_S:  # a missed ring costs at most this long
             self._rechecked = now
+            for job_id in self.store.reap(self.settings.job_submit_timeout_s):
+                log.warning("job_reaped", worker=self.name, job_id=job_id,
+                            reason="its submitter stopped before every request was queued")
             for q in REQUEST_QUEUES:
                 self._empty[q] = False
         self._wake.set()  # shares may have changed: look at the queues again
@@ -427,9 +435,9 @@ class Link:
                       action="exit so that the requests are redelivered")
             os._exit(STALL_EXIT_CODE)
 
-    def _ring(self, queue: str) -> None:
-        """Doorbell thread: while the link waits for ``queue``, block until it holds a message."""
-        bell, armed = self.doorbells[queue], self._armed[queue]
+    def _ring(self, queue: str, bell: Doorbell) -> None:
+        """Doorbell thread: while the link waits for ``queue``, block until ``bell`` rings."""
+        armed = self._armed[queue]
         while not self._stop.is_set():
             if not armed.wait(0.5):
                 continue

@@ -1,9 +1,11 @@
 """Requests as Celery task messages, and reading them back (protocol 2, JSON only).
 
 A message is task ``genq.generate`` with the request dict as its only argument and the
-request id as the task id; genqueue's bookkeeping rides in three message headers
-(``genq_job``, ``genq_submitted``, ``genq_expires``), so a foreign Celery producer can enqueue
-with ``app.send_task("genq.generate", args=[{"prompt": "..."}], queue="genq.interactive")``.
+request id as the task id; genqueue's bookkeeping rides in message headers
+(``genq_job``, ``genq_submitted``, ``genq_expires``, ``genq_owner``, ``genq_weight``, and
+``genq_adapter`` so the fetch script can leave a request for a worker that has its adapter),
+so a foreign Celery producer can enqueue with
+``app.send_task("genq.generate", args=[{"prompt": "..."}], queue="genq.interactive")``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class Envelope:
     job_id: str | None
     submitted_at: float
     expires_at: float | None
-    delivery: Any = field(repr=False, default=None)  # the held message (queue.delivery.Delivery)
+    delivery: Any = field(repr=False, default=None)
+    owner: str | None = None  # the API key id (or client owner) that submitted it
+    weight: int = 1  # the owner's share of bulk admission  # the held message (queue.delivery.Delivery)
 
     @property
     def priority(self) -> str:
@@ -47,13 +51,19 @@ class Envelope:
         return int(self.request.get("max_new_tokens") or 256)
 
 
-def headers_for(job_id: str | None, submitted_at: float, expires_in_s: float | None) -> dict:
+def headers_for(job_id: str | None, submitted_at: float, expires_in_s: float | None,
+                owner: str | None = None, weight: int = 1, adapter: str | None = None) -> dict:
     """The genqueue headers of a request message."""
     headers: dict[str, Any] = {"genq_submitted": submitted_at}
     if job_id:
         headers["genq_job"] = job_id
     if expires_in_s:
         headers["genq_expires"] = submitted_at + expires_in_s
+    if owner:
+        headers["genq_owner"] = owner
+        headers["genq_weight"] = weight
+    if adapter:
+        headers["genq_adapter"] = adapter
     return headers
 
 
@@ -78,7 +88,7 @@ def parse(body: Any, headers: dict[str, Any], delivery=None) -> Envelope:
         value = headers.get(name)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    job_id = headers.get("genq_job")
+    job_id, owner, weight = headers.get("genq_job"), headers.get("genq_owner"), number("genq_weight")
     return Envelope(
         id=request_id,
         request=dict(request),
@@ -86,4 +96,6 @@ def parse(body: Any, headers: dict[str, Any], delivery=None) -> Envelope:
         submitted_at=number("genq_submitted") or time.time(),
         expires_at=number("genq_expires"),
         delivery=delivery,
+        owner=owner if isinstance(owner, str) else None,
+        weight=max(1, min(int(weight or 1), 1000)),
     )

@@ -10,7 +10,10 @@ Keys (all expire after ``GENQ_RESULT_TTL_S``):
 (hash) · ``genq:job:<jid>:ids`` submission order (list) · ``genq:job:<jid>:done`` and
 ``:running`` (sets) · ``genq:rjobs:<id>`` other jobs a request belongs to (idempotency keys) ·
 ``genq:idem:<scope>:<key>`` idempotency claims · ``genq:attempts:<id>`` how many times a
-worker started it · ``genq:worker:<name>`` and the hash ``genq:workers`` heartbeats.
+worker started it · ``genq:owner:<id>`` who submitted it · ``genq:pending:<owner>`` how many of
+an owner's requests are not final (the per-key quota) · ``genq:jobs:open`` jobs still being
+submitted, by last sign of life (the reaper's index) · ``genq:worker:<name>`` and the hash
+``genq:workers`` heartbeats.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ FINISH = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
+local owner = redis.call('GET', 'genq:owner:' .. ARGV[5])
+if owner then
+  if redis.call('DECR', 'genq:pending:' .. owner) < 0 then
+    redis.call('SET', 'genq:pending:' .. owner, 0)
+  end
+end
 local jobs = redis.call('SMEMBERS', 'genq:rjobs:' .. ARGV[5])
 if ARGV[4] ~= '' then table.insert(jobs, ARGV[4]) end
 for _, jid in ipairs(jobs) do
@@ -92,7 +101,18 @@ if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
+# KEYS: the owner's pending counter. ARGV: how many, the limit (0: none), ttl.
+# Counts them in only if all fit: returns the new count, or -1 - the current count.
+RESERVE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if limit > 0 and cur + n > limit then return -1 - cur end
+redis.call('INCRBY', KEYS[1], n)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return cur + n
+"""
 WORKERS_KEY = "genq:workers"  # hash: worker name -> its latest heartbeat (JSON)
+OPEN_JOBS_KEY = "genq:jobs:open"  # zset: job id -> when its submitter last showed life
 
 
 def result_key(request_id: str) -> str:
@@ -105,6 +125,14 @@ def job_key(job_id: str) -> str:
 
 def attempts_key(request_id: str) -> str:
     return f"genq:attempts:{request_id}"
+
+
+def owner_key(request_id: str) -> str:
+    return f"genq:owner:{request_id}"
+
+
+def pending_key(owner: str) -> str:
+    return f"genq:pending:{owner}"
 
 
 def _dumps(value: Any) -> str:
@@ -122,26 +150,89 @@ class ResultStore:
         self._start = self.redis.register_script(START)
         self._progress = self.redis.register_script(PROGRESS)
         self._link = self.redis.register_script(LINK)
+        self._reserve = self.redis.register_script(RESERVE)
 
     # -- producers --------------------------------------------------------------------
 
     def record_queued(self, items: Iterable[tuple[str, dict[str, Any]]],
-                      job_id: str | None = None, pipe=None) -> None:
-        """Write a ``queued`` record per (id, request), in one round trip."""
+                      job_id: str | None = None, pipe=None, owner: str | None = None) -> None:
+        """Write a ``queued`` record per (id, request), and its owner, in one round trip.
+        The record keeps the request's deadline (``expires_at``) so a reader can expire it."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        now = time.time()
         for request_id, request in items:
             record = result_record(request_id, "queued", request, job_id=job_id)
+            if request.get("expires_in_s"):
+                record["expires_at"] = now + float(request["expires_in_s"])
             pipe.set(result_key(request_id), _dumps(record), ex=self.ttl)
+            if owner:
+                pipe.set(owner_key(request_id), owner, ex=self.ttl)
         if own:
             pipe.execute()
 
-    def create_job(self, job_id: str, total: int, pipe) -> None:
-        """Add the job's counters to ``pipe``; its ids follow with ``add_job_ids``."""
+    def reserve(self, owner: str, n: int, limit: int | None) -> int | None:
+        """Count ``n`` more pending requests for ``owner`` if they all fit under ``limit``;
+        None if they do not (nothing counted), else the new count."""
+        got = int(self._reserve(keys=[pending_key(owner)], args=[n, limit or 0, self.ttl]))
+        return None if got < 0 else got
+
+    def unreserve(self, owner: str, n: int) -> None:
+        """Give back ``n`` reserved places that were never queued."""
+        if n > 0:
+            self.redis.decrby(pending_key(owner), n)
+
+    def pending(self, owner: str) -> int:
+        """How many of ``owner``'s requests are not final."""
+        return int(self.redis.get(pending_key(owner)) or 0)
+
+    def owners(self, ids: list[str]) -> list[str | None]:
+        """Who submitted each request (None: no owner recorded)."""
+        return self.redis.mget([owner_key(i) for i in ids]) if ids else []
+
+    def create_job(self, job_id: str, total: int, pipe, owner: str | None = None) -> None:
+        """Add the job (``validating`` until ``job_submitted``) to ``pipe``; its ids follow
+        with ``add_job_ids``. A job whose submitter dies before that is reaped (``reap``)."""
         key = job_key(job_id)
-        pipe.hset(key, mapping={"total": total, "created": time.time(), "succeeded": 0,
-                                "failed": 0, "cancelled": 0, "expired": 0})
+        now = time.time()
+        pipe.hset(key, mapping={"total": total, "created": now, "succeeded": 0, "failed": 0,
+                                "cancelled": 0, "expired": 0, "state": "validating",
+                                "owner": owner or ""})
         pipe.expire(key, self.ttl)
+        pipe.zadd(OPEN_JOBS_KEY, {job_id: now})
+
+    def touch_job(self, job_id: str, pipe) -> None:
+        """The submitter is alive: keep the job from being reaped."""
+        pipe.zadd(OPEN_JOBS_KEY, {job_id: time.time()}, xx=True)
+
+    def job_submitted(self, job_id: str) -> None:
+        """Every request of the job is queued: it leaves ``validating``."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), "state", "queued")
+        pipe.zrem(OPEN_JOBS_KEY, job_id)
+        pipe.execute()
+
+    def reap(self, stale_s: float = 60.0) -> list[str]:
+        """Fail jobs whose submitter stopped showing life ``stale_s`` ago while queueing (a
+        gateway or client killed mid-upload): what was queued is cancelled, what was not is
+        given back to the owner's quota, the job ends ``failed``. Safe to run anywhere, often."""
+        reaped = []
+        for job_id in self.redis.zrangebyscore(OPEN_JOBS_KEY, 0, time.time() - stale_s):
+            if not self.redis.zrem(OPEN_JOBS_KEY, job_id):
+                continue  # another reaper took it
+            fields = self.redis.hgetall(job_key(job_id))
+            ids = self.redis.lrange(f"{job_key(job_id)}:ids", 0, -1)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(job_key(job_id), mapping={
+                "total": len(ids), "state": "failed",
+                "error": "the submitter stopped before every request was queued"})
+            pipe.execute()
+            for start in range(0, len(ids), 1000):
+                self.cancel(ids[start:start + 1000])
+            if fields.get("owner"):
+                self.unreserve(fields["owner"], int(fields.get("total", 0)) - len(ids))
+            reaped.append(job_id)
+        return reaped
 
     def add_job_ids(self, job_id: str, ids: list[str], pipe) -> None:
         """Append request ids to the job, in submission order, to ``pipe``."""
@@ -244,6 +335,11 @@ class ResultStore:
             return []
         return [json.loads(r) if r else None for r in self.redis.mget(map(result_key, ids))]
 
+    def expire(self, records: list[dict[str, Any]]) -> None:
+        """End queued records whose deadline passed as ``expired`` (first final state wins)."""
+        self.finish([{**rec, "status": "expired", "finish_reason": "expired", "text": ""}
+                     for rec in records])
+
     def cancel(self, ids: list[str]) -> list[bool]:
         """Flag requests as cancelled; queued ones end ``cancelled`` at once.
 
@@ -278,8 +374,11 @@ class ResultStore:
             "running" if finished or counts["running"] else "queued")
         if status == "completed" and counts["cancelled"] and not counts["succeeded"]:
             status = "cancelled"
+        if fields.get("state") in ("validating", "failed"):
+            status = fields["state"]
         return {"id": job_id, "status": status, "counts": {k: counts[k] for k in JOB_COUNTS},
-                "created": float(fields.get("created", 0))}
+                "created": float(fields.get("created", 0)), "owner": fields.get("owner") or None,
+                "error": fields.get("error")}
 
     def job_ids(self, job_id: str, chunk: int = 1000) -> Iterator[list[str]]:
         """The job's request ids in submission order, ``chunk`` at a time."""
