@@ -47,8 +47,9 @@ def free_port() -> int:
 def broker_answers(url: str, timeout: float = 1.0) -> bool:
     """Whether a Redis answers PING at ``url``."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout,
-                                         socket_timeout=timeout).ping())
+        from worker.ops.redisconn import connect
+
+        return bool(connect(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
     except redis.RedisError:
         return False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from worker.ops.redisconn import celery_options
 from worker.ops.settings import Settings, get_settings
 
 TASK_NAME = "genq.generate"
@@ -68,7 +69,9 @@ def transport_options(settings: Settings, batch_publish: bool = False) -> dict:
     ``batch_publish`` (clients): no replay of a command that timed out, which is what lets
     kombu pipeline ``Producer.batch`` (it publishes one round trip per message otherwise); a
     submit that times out fails visibly instead of maybe queueing a message twice."""
+    sentinel = celery_options(settings).get("sentinel", {})
     return {
+        **sentinel,
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
@@ -84,6 +87,8 @@ def transport_options(settings: Settings, batch_publish: bool = False) -> dict:
 def make_app(settings: Settings | None = None, batch_publish: bool = False) -> Celery:
     """A Celery app configured from ``GENQ_`` settings (``batch_publish``: a client's)."""
     settings = settings or get_settings()
+    extra = celery_options(settings)
+    extra.pop("sentinel", None)
     app = Celery("genqueue", broker=settings.broker_url.get_secret_value(),
                  backend=settings.result_backend_url)
     app.conf.update(
@@ -97,12 +102,14 @@ def make_app(settings: Settings | None = None, batch_publish: bool = False) -> C
         worker_prefetch_multiplier=1,
         result_expires=settings.result_ttl_s,
         broker_transport_options=transport_options(settings, batch_publish),
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0},
+                                          **extra.pop("result_backend_transport_options", {})},
         broker_connection_retry_on_startup=True,
         task_default_queue=CONTROL_QUEUE,
         task_queues=[kombu_queue(q) for q in (*REQUEST_QUEUES, CONTROL_QUEUE)],
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
+        **extra,  # TLS
     )
     return app

@@ -26,6 +26,7 @@ from kombu import Connection
 
 from worker.engine.sequence import Sequence
 from worker.errors import GenqError, InvalidRequest
+from worker.ops.redisconn import celery_options
 from worker.ops.settings import Settings
 from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
 from worker.queue.link import Arrival, Link
@@ -46,7 +47,7 @@ class Consumer:
         self.settings = settings
         self.name = name
         self.metrics = metrics
-        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
+        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s, settings)
         self.loop = engine.scheduler(settings.scheduler)
         self.loop.before_admit = self._before_admit
         self.mode = "static" if self.loop.limits.static else "continuous"
@@ -104,7 +105,8 @@ class Consumer:
         while not self._stop.is_set():
             try:
                 with Connection(self.settings.broker_url.get_secret_value(),
-                                transport_options=transport_options(self.settings)) as conn:
+                                transport_options=transport_options(self.settings),
+                                ssl=celery_options(self.settings).get("broker_use_ssl")) as conn:
                     for name in REQUEST_QUEUES:
                         kombu_queue(name)(conn.default_channel).declare()
                 return

@@ -29,6 +29,7 @@ import redis
 import structlog
 from celery.worker import state as celery_state
 
+from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
 from worker.queue.app import BULK_BELL, BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES, transport_options
 from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
@@ -76,13 +77,13 @@ class Link:
         self.info = info
         self.metrics = metrics
         url = settings.broker_url.get_secret_value()
-        self.broker = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                           health_check_interval=10)
+        self.broker = connect(url, settings, socket_timeout=10, socket_connect_timeout=5,
+                              health_check_interval=10)
         self.inbox = Inbox(self.broker, transport_options(settings),
                            adapters=list(settings.adapters))
         # (priority, list it rings for): the bell rings for every owner's bulk list
-        self.doorbells = [(q, Doorbell(redis.Redis.from_url(url, socket_timeout=20,
-                                                            socket_connect_timeout=5), key, 5.0))
+        self.doorbells = [(q, Doorbell(connect(url, settings, socket_timeout=20,
+                                               socket_connect_timeout=5), key, 5.0))
                           for q, key in ((INTERACTIVE_QUEUE, INTERACTIVE_QUEUE),
                                          (BULK_QUEUE, BULK_QUEUE), (BULK_QUEUE, BULK_BELL))]
         self.max_attempts = settings.max_attempts
