@@ -127,6 +127,14 @@ def worker(gpu: Annotated[str, typer.Option(help="GPU index to pin, or 'none' fo
 
 
 @app.command()
+def notifier(name: Annotated[str | None, typer.Option(help="Worker name.")] = None) -> None:
+    """Deliver webhooks (signed, retried with backoff) from the genq.webhooks queue."""
+    from worker.queue.webhooks import run_notifier
+
+    raise typer.Exit(run_notifier(name))
+
+
+@app.command()
 def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
     """Run the HTTP gateway alone."""

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import itertools
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import redis
 from pydantic import SecretStr
 
 from worker.batchfile import Line, from_openai, is_batch_line
 from worker.errors import IdempotencyConflict, InvalidRequest, NotFound, QueueFull
+from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import (
     BULK_BELL,
@@ -60,8 +62,8 @@ class GenerationClient:
             settings = settings.model_copy(update=update)
         self.settings = settings
         self.app = make_app(settings, batch_publish=True)
-        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s)
-        self.broker = redis.Redis.from_url(settings.broker_url.get_secret_value())
+        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s, settings)
+        self.broker = connect(settings.broker_url.get_secret_value(), settings)
         self.counter = CounterCache(self.store.redis)
         self._fleet: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self.owner, self.admin, self.weight = owner or None, admin, weight
@@ -144,7 +146,8 @@ class GenerationClient:
         if keys:
             self.store.redis.delete(*keys)
 
-    def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk") -> str:
+    def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk",
+                    webhook_url: str | None = None) -> str:
         """Validate every request, then enqueue them all as one job; the job id.
 
         Items are request dicts or OpenAI Batch lines (``{"custom_id", "method", "url",
@@ -153,13 +156,15 @@ class GenerationClient:
         an ``idempotency_key`` was used before with another body (``IdempotencyConflict``), or
         the queue cannot take them all (``QueueFull``). Publishing is pipelined; until every
         request is queued the job reads ``validating``. A request whose ``idempotency_key`` was
-        seen before joins the job with its earlier id and is not generated again.
+        seen before joins the job with its earlier id and is not generated again. With
+        ``webhook_url``, ``genq notifier`` posts the job's ``batch.*`` event there when it ends.
         """
         checked = self._check_all(requests)
-        return self._enqueue_job([checked], len(checked), priority)
+        return self._enqueue_job([checked], len(checked), priority, self._hook(webhook_url))
 
     def submit_stream(self, source: Callable[[], Iterable[dict[str, Any] | Line]], *,
-                      priority: str = "bulk", chunk: int = 1000) -> str:
+                      priority: str = "bulk", chunk: int = 1000,
+                      webhook_url: str | None = None) -> str:
         """``submit_many`` for inputs too big to hold: ``source()`` is read twice, once to
         validate every request and count its prompt tokens (keeping none), once to enqueue
         them ``chunk`` at a time. ``source()`` yields request dicts (errors name their index)
@@ -172,7 +177,7 @@ class GenerationClient:
                            for b in itertools.islice(bodies, chunk)]:
                 yield part
 
-        return self._enqueue_job(chunks(), total, priority)
+        return self._enqueue_job(chunks(), total, priority, self._hook(webhook_url))
 
     def validate(self, body: Any) -> dict[str, Any]:
         """The request as ``submit`` would queue it (schema, limits and prompt length, as the
@@ -226,14 +231,14 @@ class GenerationClient:
                 if raw and json.loads(raw)["fp"] != _fingerprint(req)]
 
     def _enqueue_job(self, chunks: Iterable[list[dict[str, Any]]], total: int,
-                     priority: str) -> str:
+                     priority: str, webhook_url: str | None = None) -> str:
         if not total:
             raise InvalidRequest("submit_many needs at least one request")
         self._check_capacity(total)
         self._reserve(total)
         job_id = f"job-{uuid.uuid4()}"
         pipe = self.store.redis.pipeline(transaction=False)
-        self.store.create_job(job_id, total, pipe, owner=self.owner)
+        self.store.create_job(job_id, total, pipe, owner=self.owner, webhook_url=webhook_url)
         for requests in chunks:
             checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
                        for r in requests]
@@ -268,6 +273,8 @@ class GenerationClient:
         if request.adapter is not None and fleet and not any(
                 request.adapter in (w.get("adapters") or ()) for w in fleet):
             raise InvalidRequest(f"adapter: no worker serves adapter {request.adapter!r}")
+        if request.webhook_url:
+            self._hook(request.webhook_url)
         data = request.model_dump(exclude_none=True, exclude_defaults=False)
         counter = self.counter.get() if count_tokens else None
         if counter is not None:
@@ -278,6 +285,25 @@ class GenerationClient:
                     raise
                 # a template error: the worker reports it for this request alone
         return data
+
+    def _hook(self, url: str | None) -> str | None:
+        """A webhook URL as given, or ``InvalidRequest`` when it is not http(s) or names a
+        non-public address literally (hosts are resolved and checked again at delivery)."""
+        if url is None:
+            return None
+        from worker.queue.webhooks import UnsafeURL, check_url
+
+        try:
+            check_url(url, allow_private=True)
+            host = urlsplit(url).hostname or ""
+            address = ipaddress.ip_address(host.strip("[]")) if _is_ip(host) else None
+        except UnsafeURL as exc:
+            raise InvalidRequest(f"webhook_url: {exc}") from None
+        if (address is not None and not address.is_global
+                and not self.settings.webhook_allow_private):
+            raise InvalidRequest(f"webhook_url: {host} is not a public address "
+                                 "(GENQ_WEBHOOK_ALLOW_PRIVATE=1 allows it)")
+        return url
 
     def _fleet_info(self) -> list[dict[str, Any]]:
         """The live workers' published heartbeats (adapters, limits), re-read every 5 s."""
@@ -430,6 +456,14 @@ def _fingerprint(request: dict[str, Any]) -> str:
     only says how soon it runs)."""
     body = {k: v for k, v in request.items() if k not in ("idempotency_key", "priority")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _listed(errors: list[str], what: str) -> str:

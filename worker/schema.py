@@ -86,6 +86,8 @@ class GenerationRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     raw_special_tokens: bool | None = None
+    webhook_url: str | None = Field(None, min_length=8, max_length=2048,
+                                    pattern=r"^https?://[^\s/?#]+([/?#]\S*)?$")
 
     @field_validator("stop", mode="before")
     @classmethod

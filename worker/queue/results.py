@@ -12,8 +12,9 @@ Keys (all expire after ``GENQ_RESULT_TTL_S``):
 ``genq:idem:<scope>:<key>`` idempotency claims · ``genq:attempts:<id>`` how many times a
 worker started it · ``genq:owner:<id>`` who submitted it · ``genq:pending:<owner>`` how many of
 an owner's requests are not final (the per-key quota) · ``genq:jobs:open`` jobs still being
-submitted, by last sign of life (the reaper's index) · ``genq:worker:<name>`` and the hash
-``genq:workers`` heartbeats.
+submitted, by last sign of life (the reaper's index) · ``genq:hook:<id>`` a request's webhook URL
+· ``genq:events`` webhook events for ``genq notifier`` (see ``worker.queue.webhooks``) ·
+``genq:worker:<name>`` and the hash ``genq:workers`` heartbeats.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
-
 from worker.errors import NotFound
+from worker.ops.redisconn import connect
+from worker.ops.settings import Settings
 from worker.schema import result_record
 
 FINAL = ("succeeded", "failed", "cancelled", "expired")
@@ -56,6 +57,12 @@ if owner then
     redis.call('SET', 'genq:pending:' .. owner, 0)
   end
 end
+local notify = redis.call('EXISTS', 'genq:webhooks:global') == 1
+local hook = redis.call('GET', 'genq:hook:' .. ARGV[5])
+if hook or (notify and ARGV[4] == '') then
+  redis.call('LPUSH', 'genq:events',
+             cjson.encode({type = 'generation', id = ARGV[5], url = hook or ''}))
+end
 local jobs = redis.call('SMEMBERS', 'genq:rjobs:' .. ARGV[5])
 if ARGV[4] ~= '' then table.insert(jobs, ARGV[4]) end
 for _, jid in ipairs(jobs) do
@@ -64,6 +71,14 @@ for _, jid in ipairs(jobs) do
     redis.call('SREM', job .. ':running', ARGV[5])
     if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
       redis.call('HINCRBY', job, ARGV[2], 1)
+      local f = redis.call('HMGET', job, 'total', 'succeeded', 'failed', 'cancelled', 'expired',
+                           'webhook', 'state')
+      local ended = 0
+      for i = 2, 5 do ended = ended + (tonumber(f[i]) or 0) end
+      if ended >= (tonumber(f[1]) or 0) and f[7] ~= 'validating' and (f[6] or notify)
+         and redis.call('HSETNX', job, 'notified', 1) == 1 then
+        redis.call('LPUSH', 'genq:events', cjson.encode({type = 'job', id = jid}))
+      end
     end
   end
 end
@@ -99,6 +114,21 @@ return n
 PROGRESS = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+# KEYS: job, the open-jobs index. ARGV: job id. The job leaves ``validating``; a job whose
+# requests all ended already (twins of finished requests, fast workers) is notified here.
+SUBMITTED = """
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('ZREM', KEYS[2], ARGV[1])
+local f = redis.call('HMGET', KEYS[1], 'total', 'succeeded', 'failed', 'cancelled', 'expired',
+                     'webhook')
+local ended = 0
+for i = 2, 5 do ended = ended + (tonumber(f[i]) or 0) end
+if ended >= (tonumber(f[1]) or 0) and (f[6] or redis.call('EXISTS', 'genq:webhooks:global') == 1)
+   and redis.call('HSETNX', KEYS[1], 'notified', 1) == 1 then
+  redis.call('LPUSH', 'genq:events', cjson.encode({type = 'job', id = ARGV[1]}))
+end
 return 1
 """
 # KEYS: the owner's pending counter. ARGV: how many, the limit (0: none), ttl.
@@ -142,22 +172,24 @@ def _dumps(value: Any) -> str:
 class ResultStore:
     """Reads and writes results, jobs and flags; safe to share between threads."""
 
-    def __init__(self, url: str, ttl_s: int):
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10,
-                                          retry_on_timeout=True)
+    def __init__(self, url: str, ttl_s: int, settings: Settings | None = None):
+        self.redis = connect(url, settings, decode_responses=True, health_check_interval=10,
+                             retry_on_timeout=True)
         self.ttl = ttl_s
         self._finish = self.redis.register_script(FINISH)
         self._start = self.redis.register_script(START)
         self._progress = self.redis.register_script(PROGRESS)
         self._link = self.redis.register_script(LINK)
         self._reserve = self.redis.register_script(RESERVE)
+        self._submitted = self.redis.register_script(SUBMITTED)
 
     # -- producers --------------------------------------------------------------------
 
     def record_queued(self, items: Iterable[tuple[str, dict[str, Any]]],
                       job_id: str | None = None, pipe=None, owner: str | None = None) -> None:
-        """Write a ``queued`` record per (id, request), and its owner, in one round trip.
-        The record keeps the request's deadline (``expires_at``) so a reader can expire it."""
+        """Write a ``queued`` record per (id, request), its owner and its ``webhook_url``, in
+        one round trip. The record keeps the request's deadline (``expires_at``) so a reader
+        can expire it."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         now = time.time()
@@ -168,6 +200,8 @@ class ResultStore:
             pipe.set(result_key(request_id), _dumps(record), ex=self.ttl)
             if owner:
                 pipe.set(owner_key(request_id), owner, ex=self.ttl)
+            if request.get("webhook_url"):
+                pipe.set(f"genq:hook:{request_id}", request["webhook_url"], ex=self.ttl)
         if own:
             pipe.execute()
 
@@ -190,7 +224,8 @@ class ResultStore:
         """Who submitted each request (None: no owner recorded)."""
         return self.redis.mget([owner_key(i) for i in ids]) if ids else []
 
-    def create_job(self, job_id: str, total: int, pipe, owner: str | None = None) -> None:
+    def create_job(self, job_id: str, total: int, pipe, owner: str | None = None,
+                   webhook_url: str | None = None) -> None:
         """Add the job (``validating`` until ``job_submitted``) to ``pipe``; its ids follow
         with ``add_job_ids``. A job whose submitter dies before that is reaped (``reap``)."""
         key = job_key(job_id)
@@ -198,6 +233,8 @@ class ResultStore:
         pipe.hset(key, mapping={"total": total, "created": now, "succeeded": 0, "failed": 0,
                                 "cancelled": 0, "expired": 0, "state": "validating",
                                 "owner": owner or ""})
+        if webhook_url:
+            pipe.hset(key, "webhook", webhook_url)
         pipe.expire(key, self.ttl)
         pipe.zadd(OPEN_JOBS_KEY, {job_id: now})
 
@@ -206,11 +243,9 @@ class ResultStore:
         pipe.zadd(OPEN_JOBS_KEY, {job_id: time.time()}, xx=True)
 
     def job_submitted(self, job_id: str) -> None:
-        """Every request of the job is queued: it leaves ``validating``."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), "state", "queued")
-        pipe.zrem(OPEN_JOBS_KEY, job_id)
-        pipe.execute()
+        """Every request of the job is queued: it leaves ``validating`` (and, if every request
+        already ended meanwhile, its webhook event is sent now)."""
+        self._submitted(keys=[job_key(job_id), OPEN_JOBS_KEY], args=[job_id])
 
     def reap(self, stale_s: float = 60.0) -> list[str]:
         """Fail jobs whose submitter stopped showing life ``stale_s`` ago while queueing (a

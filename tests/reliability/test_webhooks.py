@@ -1,0 +1,123 @@
+"""Webhooks end to end: a real receiver verifies every Standard Webhooks signature, answers
+500 twice then 200 for each event, and must see exactly one accepted delivery per event."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+from standardwebhooks.webhooks import Webhook
+
+from worker.errors import InvalidRequest
+from worker.queue.webhooks import UnsafeURL, check_url
+from worker.stack import free_port
+
+SECRET = "whsec_" + base64.b64encode(b"genqueue-test-secret-32-bytes!!!").decode()
+
+
+class Receiver:
+    """An HTTP server that fails each event's first two deliveries, then accepts it."""
+
+    def __init__(self):
+        self.attempts: Counter = Counter()
+        self.accepted: list[tuple[str, str, str]] = []  # (path, event id, type)
+        self.bad_signatures = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                try:
+                    event = Webhook(SECRET).verify(body, dict(self.headers))
+                except Exception:  # noqa: BLE001 - any verification failure
+                    receiver.bad_signatures += 1
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                key = (self.path, self.headers["webhook-id"])
+                receiver.attempts[key] += 1
+                ok = receiver.attempts[key] > 2
+                if ok:
+                    receiver.accepted.append((*key, event["type"]))
+                self.send_response(200 if ok else 500)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_private_and_odd_targets_are_refused(client):
+    for url in ("http://127.0.0.1:9/x", "http://169.254.169.254/latest", "http://10.1.2.3/",
+                "http://[::1]:80/", "http://localhost/hook"):
+        with pytest.raises(UnsafeURL):
+            check_url(url, allow_private=False)
+    with pytest.raises(UnsafeURL):
+        check_url("ftp://example.com/x", allow_private=True)
+    check_url("http://127.0.0.1:9/x", allow_private=True)
+    with pytest.raises(InvalidRequest, match="not a public address"):
+        client.submit(prompt="x", webhook_url="http://169.254.169.254/latest")
+    with pytest.raises(InvalidRequest, match="webhook_url"):
+        client.submit(prompt="x", webhook_url="file:///etc/passwd")
+
+
+@pytest.mark.slow
+def test_signed_deliveries_retry_until_accepted_once_per_event(redis_url, start_worker,
+                                                               tiny_model_dir, tmp_path):
+    from worker.client import GenerationClient
+    from worker.ops.settings import Settings
+
+    receiver = Receiver()
+    env = {**os.environ, "GENQ_BROKER_URL": redis_url, "GENQ_WEBHOOK_SECRET": SECRET,
+           "GENQ_WEBHOOK_URL": receiver.url + "/global", "GENQ_WEBHOOK_ALLOW_PRIVATE": "1",
+           "GENQ_VISIBILITY_TIMEOUT_S": "60"}
+    log = open(tmp_path / "notifier.log", "wb")  # noqa: SIM115
+    notifier = subprocess.Popen([sys.executable, "-m", "worker.cli", "notifier"], env=env,
+                                stdout=log, stderr=log)
+    try:
+        r = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        while not r.exists("genq:webhooks:global"):
+            assert notifier.poll() is None, (tmp_path / "notifier.log").read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        start_worker(GENQ_MODEL=str(tiny_model_dir))
+        client = GenerationClient(settings=Settings(broker_url=redis_url,
+                                                    webhook_allow_private=True))
+        rid = client.submit(prompt="hello", max_new_tokens=3, webhook_url=receiver.url + "/req")
+        job = client.submit_many([{"prompt": f"p{i}", "max_new_tokens": 3} for i in range(4)],
+                                 webhook_url=receiver.url + "/job")
+        gone = client.submit_many([{"prompt": "never", "max_new_tokens": 3, "priority": "bulk",
+                                    "expires_in_s": 600}] * 2, webhook_url=receiver.url + "/job")
+        client.cancel_job(gone)
+        client.wait(rid, timeout=120)
+        client.wait_job(job, timeout=120)
+        expected = {("/req", "generation.completed"), ("/global", "generation.completed"),
+                    ("/job", "batch.completed"), ("/global", "batch.completed"),
+                    ("/job", "batch.cancelled"), ("/global", "batch.cancelled")}
+        deadline = time.monotonic() + 90
+        while {(p, t) for p, _, t in receiver.accepted} != expected:
+            assert time.monotonic() < deadline, (receiver.accepted, dict(receiver.attempts))
+            time.sleep(0.2)
+        time.sleep(3)  # nothing more arrives: no duplicate acceptance
+    finally:
+        notifier.terminate()
+        notifier.wait(30)
+        receiver.server.shutdown()
+    ids = [(p, i) for p, i, _ in receiver.accepted]
+    assert len(ids) == len(set(ids)) == 6  # exactly one accepted delivery per event and target
+    assert all(receiver.attempts[k] == 3 for k in ids)  # 500, 500, then 200
+    assert receiver.bad_signatures == 0
+    print(json.dumps({"accepted": receiver.accepted}))

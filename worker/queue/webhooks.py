@@ -1,0 +1,199 @@
+"""Webhooks: signed, at-least-once notifications, delivered by ``genq notifier``.
+
+Events are written atomically with the state change that causes them: the result store's
+finish script pushes ``generation`` events (a request with a ``webhook_url``, or any request
+outside a job while ``GENQ_WEBHOOK_URL`` is set) and ``job`` events (a job whose last request
+just ended) onto the Redis list ``genq:events``. The notifier moves each event to a pending
+list, turns it into one Celery task per target URL on the light ``genq.webhooks`` queue, and
+only then drops it (a notifier killed in between re-reads the pending list at start: at least
+once). The task signs the body per the Standard Webhooks spec (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``; the id is stable across retries, so receivers
+can drop duplicates) and POSTs it, retrying with exponential backoff for up to
+``GENQ_WEBHOOK_MAX_AGE_S``. The GPU worker's loop never delivers anything.
+
+SSRF guard: only http(s) URLs whose host resolves to public addresses, unless
+``GENQ_WEBHOOK_ALLOW_PRIVATE=1`` (loopback, link-local, private, reserved and multicast
+addresses are refused otherwise, at delivery time, after resolution).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import random
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+import structlog
+from standardwebhooks.webhooks import Webhook
+
+from worker.ops.redisconn import connect
+from worker.ops.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+EVENTS_KEY = "genq:events"
+PENDING_KEY = "genq:events:pending"
+GLOBAL_KEY = "genq:webhooks:global"  # present while a notifier serves GENQ_WEBHOOK_URL
+WEBHOOK_QUEUE = "genq.webhooks"
+TASK = "genq.webhook"
+MAX_BACKOFF_S = 30  # under the broker's visibility timeout: a held retry is never redelivered
+JOB_EVENTS = {"completed": "batch.completed", "failed": "batch.failed",
+              "cancelled": "batch.cancelled", "expired": "batch.expired"}
+
+
+class UnsafeURL(ValueError):
+    """A webhook URL that is not http(s) or points at a non-public address."""
+
+
+def check_url(url: str, allow_private: bool) -> None:
+    """Refuse a webhook target that is not http(s), or (unless ``allow_private``) whose host
+    resolves to a loopback, link-local, private, reserved or multicast address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeURL(f"webhook URL must be http(s) with a host: {url[:100]!r}")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise UnsafeURL(f"webhook host {parts.hostname!r} does not resolve") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global or address.is_multicast:
+            raise UnsafeURL(f"webhook host {parts.hostname!r} resolves to a non-public address "
+                            f"({address}); set GENQ_WEBHOOK_ALLOW_PRIVATE=1 to allow it")
+
+
+def event_id(kind: str, subject: str) -> str:
+    """The id of the one event ``kind`` about ``subject`` (the same on every redelivery)."""
+    return "evt_" + hashlib.sha256(f"{kind}:{subject}".encode()).hexdigest()[:24]
+
+
+def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | None:
+    """(event id, payload, its own target URL or None) for an event from the finish script."""
+    note = json.loads(raw)
+    now = datetime.now(UTC).isoformat()
+    if note["type"] == "generation":
+        record = store.get_many([note["id"]])[0]
+        if record is None:
+            return None
+        kind = "generation.completed" if record["status"] == "succeeded" else "generation.failed"
+        data = {k: v for k, v in record.items() if k not in ("job_id", "expires_at")}
+        return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, \
+            note.get("url") or None
+    job = store.job(note["id"])
+    status = job["status"]
+    if status == "completed" and job["counts"]["expired"] and not job["counts"]["succeeded"]:
+        status = "expired"
+    kind = JOB_EVENTS.get(status, "batch.completed")
+    data = {"id": job["id"], "object": "job", "status": job["status"], "counts": job["counts"]}
+    hook = store.redis.hget(f"genq:job:{note['id']}", "webhook") or None
+    return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, hook
+
+
+def register(app, settings: Settings) -> None:
+    """Add the delivery task to a Celery app."""
+
+    @app.task(name=TASK, bind=True, max_retries=None, acks_late=True, ignore_result=True)
+    def deliver(self, url: str, msg_id: str, body: str, first_at: float) -> None:
+        try:
+            check_url(url, settings.webhook_allow_private)
+        except UnsafeURL as exc:
+            log.error("webhook_refused", url=url, event_id=msg_id, reason=str(exc))
+            return
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        headers = {"content-type": "application/json", "webhook-id": msg_id,
+                   "webhook-timestamp": str(int(time.time()))}
+        if secret:
+            headers["webhook-signature"] = Webhook(secret).sign(msg_id, datetime.now(UTC), body)
+        try:
+            status = httpx.post(url, content=body, headers=headers, timeout=10,
+                                follow_redirects=False).status_code
+        except httpx.HTTPError as exc:
+            status, error = None, repr(exc)[:200]
+        else:
+            error = None
+        if status is not None and 200 <= status < 300:
+            log.info("webhook_delivered", url=url, event_id=msg_id, attempt=self.request.retries + 1)
+            return
+        if time.time() - first_at > settings.webhook_max_age_s:
+            log.error("webhook_abandoned", url=url, event_id=msg_id, status=status, error=error)
+            return
+        delay = min(2 ** self.request.retries, MAX_BACKOFF_S) * (0.8 + 0.4 * random.random())
+        log.warning("webhook_retry", url=url, event_id=msg_id, status=status, error=error,
+                    retry_in_s=round(delay, 1))
+        raise self.retry(countdown=delay)
+
+
+class Pump:
+    """Turns events from the finish script into delivery tasks (the notifier's thread)."""
+
+    def __init__(self, app, settings: Settings):
+        from worker.queue.results import ResultStore
+
+        self.app = app
+        self.settings = settings
+        self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s, settings)
+        self.redis = connect(settings.result_backend_url, settings, decode_responses=True,
+                             socket_timeout=10)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        """Until stopped: recover pending events, then move, publish and drop each event."""
+        while not self.stop.is_set():
+            try:
+                while self.redis.lmove(PENDING_KEY, EVENTS_KEY, "RIGHT", "RIGHT"):
+                    pass  # a notifier stopped mid-event: do it again (at least once)
+                next_flag = 0.0
+                while not self.stop.is_set():
+                    if self.settings.webhook_url and time.monotonic() >= next_flag:
+                        self.redis.set(GLOBAL_KEY, 1, ex=60)
+                        next_flag = time.monotonic() + 20
+                    raw = self.redis.blmove(EVENTS_KEY, PENDING_KEY, 1.0, "RIGHT", "LEFT")
+                    if raw is not None:
+                        self.publish(raw)
+                        self.redis.lrem(PENDING_KEY, 1, raw)
+            except redis.RedisError as exc:
+                log.warning("broker_unavailable", component="notifier", error=repr(exc)[:200])
+                self.stop.wait(1.0)
+
+    def publish(self, raw: str) -> None:
+        """One delivery task per target of the event ``raw``."""
+        built = build_event(raw, self.store)
+        if built is None:
+            return
+        msg_id, payload, own = built
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        targets = {u for u in (own, self.settings.webhook_url) if u}
+        for url in sorted(targets):
+            self.app.send_task(TASK, args=[url, msg_id, body, time.time()], queue=WEBHOOK_QUEUE,
+                               ignore_result=True)
+        log.info("webhook_event", event_id=msg_id, type=payload["type"], targets=len(targets))
+
+
+def run_notifier(name: str | None = None) -> int:
+    """``genq notifier``: the event pump plus a small Celery worker on ``genq.webhooks``."""
+    from worker.ops.logging import configure_logging
+    from worker.queue.app import make_app
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    app = make_app(settings)
+    register(app, settings)
+    pump = Pump(app, settings)
+    thread = threading.Thread(target=pump.run, name="genq-events", daemon=True)
+    thread.start()
+    worker = app.Worker(hostname=name or f"notifier@{socket.gethostname()}", pool="threads",
+                        concurrency=4, queues=[WEBHOOK_QUEUE], loglevel=settings.log_level,
+                        without_mingle=True, without_gossip=True)
+    worker.start()
+    pump.stop.set()
+    return worker.exitcode or 0
