@@ -46,7 +46,7 @@ def test_generation_lifecycle_and_errors(gateway, start_worker):
     assert ("body", "temperature") in locs and ("body", "oops") in locs
     assert http.get("/v1/generations/nope").status_code == 404
     assert http.delete("/v1/generations/nope").status_code == 404
-    assert http.get("/v1/batches/nope").status_code == 404
+    assert http.get("/v1/jobs/nope").status_code == 404
     big = http.post("/v1/generations", content=b"{" + b" " * (3 * 1024 * 1024) + b"}",
                     headers={"content-type": "application/json"})
     assert big.status_code == 413
@@ -63,17 +63,17 @@ def test_openai_batch_upload_streams_results_in_order(gateway, start_worker):
                                   "max_tokens": 6}}) for i in range(12)]
     lines.insert(5, json.dumps({"prompt": "plain request line", "max_new_tokens": 4,
                                 "custom_id": "plain"}))
-    r = http.post("/v1/batches", content="\n".join(lines).encode(),
+    r = http.post("/v1/jobs", content="\n".join(lines).encode(),
                   headers={"content-type": "application/jsonl"})
     assert r.status_code == 202, r.text
     batch = r.json()
     assert batch["counts"]["total"] == 13
-    done = poll(http, f"/v1/batches/{batch['id']}")
+    done = poll(http, f"/v1/jobs/{batch['id']}")
     assert done["counts"]["succeeded"] == 13
-    out = [json.loads(x) for x in http.get(f"/v1/batches/{batch['id']}/results").text.splitlines()]
+    out = [json.loads(x) for x in http.get(f"/v1/jobs/{batch['id']}/results").text.splitlines()]
     assert [o["custom_id"] for o in out] == [json.loads(x)["custom_id"] for x in lines]
     before = http.get("/demand").json()
-    bad = http.post("/v1/batches", content=b'{"prompt": "ok"}\nnot json\n{"prompt": ""}\n\n'
+    bad = http.post("/v1/jobs", content=b'{"prompt": "ok"}\nnot json\n{"prompt": ""}\n\n'
                     b'{"prompt": "long", "max_new_tokens": 99999}\n{"prompt": "fine"}',
                     headers={"content-type": "application/jsonl"})
     assert bad.status_code == 422  # every bad line, by its line in the file; nothing queued
@@ -81,9 +81,9 @@ def test_openai_batch_upload_streams_results_in_order(gateway, start_worker):
     assert "line 2: not JSON" in detail and "line 3" in detail
     assert "line 5: max_new_tokens" in detail and "line 6" not in detail
     assert http.get("/demand").json() == before
-    as_list = http.post("/v1/batches", json=[{"prompt": "a"}, {"prompt": "b"}])
+    as_list = http.post("/v1/jobs", json=[{"prompt": "a"}, {"prompt": "b"}])
     assert as_list.status_code == 202 and as_list.json()["counts"]["total"] == 2
-    assert http.delete(f"/v1/batches/{as_list.json()['id']}").status_code == 200
+    assert http.delete(f"/v1/jobs/{as_list.json()['id']}").status_code == 200
 
 
 def test_api_keys(gateway):
@@ -109,13 +109,13 @@ def test_queue_full_is_429_with_retry_after(gateway):
         assert http.post("/v1/generations", json={"prompt": "x"}).status_code == 202
     full = http.post("/v1/generations", json={"prompt": "x"})
     assert full.status_code == 429 and int(full.headers["Retry-After"]) > 0
-    assert http.post("/v1/batches", json=[{"prompt": "x"}]).status_code == 429
+    assert http.post("/v1/jobs", json=[{"prompt": "x"}]).status_code == 429
 
 
-def test_openapi_fuzzing_finds_no_server_error(redis_url):
+def test_openapi_fuzzing_finds_no_server_error(redis_url, tmp_path):
     from worker.api import create_app
 
-    app = create_app(Settings(broker_url=redis_url, max_pending=10_000))
+    app = create_app(Settings(broker_url=redis_url, max_pending=10_000, files_url=str(tmp_path)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     tried: list[str] = []
     def fuzz(operation) -> None:
@@ -170,7 +170,7 @@ def test_10000_line_upload_is_never_held_in_memory_whole(gateway, redis_url):
     upload_mb = 10_000 * len(next(body())) / 2**20
     tracemalloc.start()
     try:
-        r = http.post("/v1/batches", content=body(), headers={"content-type": "application/jsonl"})
+        r = http.post("/v1/jobs", content=body(), headers={"content-type": "application/jsonl"})
         peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()

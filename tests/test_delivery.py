@@ -21,20 +21,22 @@ def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url
     inbox = Inbox(broker, options)
     ids = [client.submit(prompt=f"p{i}", max_new_tokens=2) for i in range(3)]
     bulk = client.submit(prompt="bulk one", priority="bulk")
+    owned = client.as_owner("team-a").submit(prompt="an owner's bulk one", priority="bulk")
     held, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
-    assert [d.queue for d in held] == ["genq.interactive"] * 3 + ["genq.bulk"]  # priority order
+    assert [d.queue for d in held] == ["genq.interactive"] * 3 + ["genq.bulk", "genq.bulk.team-a"]
     body, headers = held[0].decode()
     assert headers["id"] == ids[0] and body[0][0]["prompt"] == "p0"
-    assert broker.llen("genq.interactive") == 0 and broker.hlen("unacked") == 4
+    assert broker.llen("genq.interactive") == 0 and broker.hlen("unacked") == 5
     inbox.ack(held[:1])
-    assert broker.hlen("unacked") == 3 and broker.zcard("unacked_index") == 3
+    assert broker.hlen("unacked") == 4 and broker.zcard("unacked_index") == 4
     time.sleep(2.5)  # the holder "died": kombu's visibility-timeout restore takes over
     with Connection(redis_url, transport_options=options) as conn:
         channel = conn.default_channel
         channel.qos.restore_visible(num=None, interval=1)
     assert broker.hlen("unacked") == 0
+    assert broker.llen("genq.bulk.team-a") == 1  # back on its owner's list
     again, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
-    assert sorted(d.decode()[1]["id"] for d in again) == sorted([*ids[1:], bulk])
+    assert sorted(d.decode()[1]["id"] for d in again) == sorted([*ids[1:], bulk, owned])
 
 
 def test_only_json_messages_decode(redis_url):

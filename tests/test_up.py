@@ -73,8 +73,8 @@ def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir, start_up):
     while http.get(f"/v1/generations/{rid}").json()["status"] != "succeeded":
         time.sleep(0.1)
     lines = [{"prompt": f"Once upon a time, story {i},", "max_new_tokens": 48} for i in range(8)]
-    job = http.post("/v1/batches", json=lines).json()["id"]
-    while http.get(f"/v1/batches/{job}").json()["counts"]["running"] == 0:
+    job = http.post("/v1/jobs", json=lines).json()["id"]
+    while http.get(f"/v1/jobs/{job}").json()["counts"]["running"] == 0:
         time.sleep(0.05)
     out = ctrl_c(first)
     assert first.returncode == 0, out[-3000:]
@@ -86,7 +86,7 @@ def test_genq_up_twice_on_one_data_directory(tmp_path, cache_dir, start_up):
     wait_ready(http, second)
     assert http.get(f"/v1/generations/{rid}").json()["status"] == "succeeded"
     deadline = time.monotonic() + 300
-    while (counts := http.get(f"/v1/batches/{job}").json()["counts"])["succeeded"] < 8:
+    while (counts := http.get(f"/v1/jobs/{job}").json()["counts"])["succeeded"] < 8:
         assert time.monotonic() < deadline, counts
         time.sleep(0.2)
     assert counts == {"total": 8, "queued": 0, "running": 0, "succeeded": 8, "failed": 0,

@@ -24,10 +24,15 @@ from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.batchfile import Line, read_lines, strict_json, to_request
 from worker.client import GenerationClient
+from worker.compat import batches as compat_batches
+from worker.compat import chat as compat_chat
+from worker.compat import files as compat_files
+from worker.compat.storage import FileStore
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.keys import KeyRing
 from worker.ops.settings import Settings, get_settings
@@ -46,10 +51,12 @@ class BodyTooLarge(Exception):
     """More body bytes arrived than the route takes."""
 
 
-def body_limit(path: str, content_type: str) -> int:
-    """How many body bytes a route takes."""
-    if path == "/v1/batches":
+def body_limit(path: str, content_type: str, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> int:
+    """How many body bytes a route takes (a multipart file upload: the file plus 1 MB)."""
+    if path == "/v1/jobs":
         return MAX_JSON_LIST_BYTES if _is_json_list(content_type) else MAX_UPLOAD_BYTES
+    if path == "/v1/files":
+        return max_upload_bytes + 1024 * 1024
     return MAX_BODY_BYTES
 
 
@@ -58,17 +65,18 @@ class LimitBody:
     and stop at the route's limit with 413, before the body is parsed or stored. Reading stops
     with ``BodyTooLarge``; whatever the app makes of that, the answer sent is the 413."""
 
-    def __init__(self, app):
+    def __init__(self, app, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self.app = app
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = body_limit(scope["path"], headers.get("content-type", ""))
+        limit = body_limit(scope["path"], headers.get("content-type", ""), self.max_upload_bytes)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            return await _too_large(limit)(scope, receive, send)
+            return await _too_large(limit, scope["path"])(scope, receive, send)
         seen, over, answered = 0, False, False
 
         async def counted():
@@ -88,7 +96,7 @@ class LimitBody:
                 return await send(message)
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                await _too_large(limit)(scope, receive, send)
+                await _too_large(limit, scope["path"])(scope, receive, send)
 
         try:
             await self.app(scope, counted, answer)
@@ -96,12 +104,14 @@ class LimitBody:
             if not over:
                 raise
             if not answered:
-                await _too_large(limit)(scope, receive, send)
+                await _too_large(limit, scope["path"])(scope, receive, send)
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": f"body larger than {limit} bytes", "code": "too_large"},
-                        status_code=413)
+def _too_large(limit: int, path: str = "") -> JSONResponse:
+    message = f"body larger than {limit} bytes"
+    if is_openai_route(path):
+        return openai_error(413, message, "too_large")
+    return JSONResponse({"detail": message, "code": "too_large"}, status_code=413)
 
 
 class Accepted(BaseModel):
@@ -124,7 +134,7 @@ class Counts(BaseModel):
     expired: int
 
 
-class Batch(BaseModel):
+class Job(BaseModel):
     id: str
     status: str
     counts: Counts
@@ -159,8 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     principal.id, admin=principal.admin, weight=principal.weight,
                     raw_tokens=principal.raw_tokens)
             elif path not in OPEN_PATHS and not path.startswith(("/docs", "/openapi")):
-                return JSONResponse({"detail": "missing or invalid API key"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return error_response(request, 401, "missing or invalid API key", "invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
             request.state.authenticated = principal is not None
         else:
             request.state.authenticated = True
@@ -170,41 +180,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              status=response.status_code).inc()
         return response
 
-    app.add_middleware(LimitBody)
+    app.add_middleware(LimitBody, max_upload_bytes=settings.max_upload_bytes)
 
     @app.exception_handler(RecursionError)
-    async def too_deep(_: Request, __: RecursionError):
-        return JSONResponse({"detail": "JSON nested too deeply", "code": "invalid_request"},
-                            status_code=422)
+    async def too_deep(request: Request, __: RecursionError):
+        return error_response(request, 422, "JSON nested too deeply", "invalid_request")
 
-    async def unavailable(_: Request, __: Exception):
-        return JSONResponse({"detail": "the queue (Redis) is unreachable; retry later",
-                             "code": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
+    async def unavailable(request: Request, __: Exception):
+        return error_response(request, 503, "the queue (Redis) is unreachable; retry later",
+                              "unavailable", headers={"Retry-After": "5"})
 
     for error in UNAVAILABLE:
         app.add_exception_handler(error, unavailable)
 
+    @app.exception_handler(ResponseError)
+    async def refused(request: Request, exc: ResponseError):
+        """A primary that cannot take writes right now (no replica in sync, a read-only
+        replica during a failover, loading): retry later. Anything else is a bug: 500."""
+        message = str(exc)  # in a pipeline: "Command # 1 (...) of pipeline caused error: ..."
+        if isinstance(exc, ReadOnlyError) or any(
+                code in message for code in ("NOREPLICAS ", "MASTERDOWN ", "TRYAGAIN ")):
+            return await unavailable(request, exc)
+        raise exc
+
     @app.exception_handler(InvalidRequest)
-    async def invalid(_: Request, exc: InvalidRequest):
-        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=422)
+    async def invalid(request: Request, exc: InvalidRequest):
+        return error_response(request, 422, exc.message, exc.code)
 
     @app.exception_handler(QueueFull)
-    async def full(_: Request, exc: QueueFull):
-        return JSONResponse({"detail": exc.message, "code": "queue_full"}, status_code=429,
-                            headers={"Retry-After": str(exc.retry_after_s)})
+    async def full(request: Request, exc: QueueFull):
+        return error_response(request, 429, exc.message, "queue_full",
+                              headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(IdempotencyConflict)
-    async def conflict(_: Request, exc: IdempotencyConflict):
-        return JSONResponse({"detail": exc.message, "code": "idempotency_conflict"},
-                            status_code=409)
+    async def conflict(request: Request, exc: IdempotencyConflict):
+        return error_response(request, 409, exc.message, "idempotency_conflict")
 
     @app.exception_handler(NotFound)
-    async def not_found(_: Request, exc: NotFound):
-        return JSONResponse({"detail": exc.message}, status_code=404)
+    async def not_found(request: Request, exc: NotFound):
+        return error_response(request, 404, exc.message, exc.name)
 
     @app.exception_handler(GenqError)
-    async def other(_: Request, exc: GenqError):
-        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=400)
+    async def other(request: Request, exc: GenqError):
+        return error_response(request, 400, exc.message, exc.code)
 
     @app.post("/v1/generations", status_code=202, response_model=Accepted)
     def create_generation(body: GenerationRequest, request: Request) -> Accepted:
@@ -223,31 +241,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Cancel a queued or running request."""
         return Cancelled(id=request_id, cancelled=request.state.client.cancel(request_id))
 
-    @app.post("/v1/batches", status_code=202, response_model=Batch,
+    @app.post("/v1/jobs", status_code=202, response_model=Job,
               openapi_extra={"requestBody": {"content": {
                   "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
                   "application/jsonl": {"schema": {"type": "string"}}}, "required": True}})
-    async def create_batch(request: Request) -> dict:
+    async def create_job(request: Request, webhook_url: str | None = None) -> dict:
         """Queue a bulk job: JSONL (request objects or OpenAI Batch lines, streamed to a spool
-        file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB)."""
+        file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB). With
+        ``?webhook_url=``, the job's ``batch.*`` event is posted there when it ends."""
         owner = request.state.client
         spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
         async for chunk in request.stream():
             spool.write(chunk)  # LimitBody counts the bytes
         content_type = request.headers.get("content-type", "")
         await run_in_threadpool(_count_lines, spool, content_type)
-        job_id = await run_in_threadpool(owner.submit_stream,
-                                         lambda: _batch_lines(spool, content_type))
+        job_id = await run_in_threadpool(lambda: owner.submit_stream(
+            lambda: _batch_lines(spool, content_type), webhook_url=webhook_url))
         return await run_in_threadpool(owner.job, job_id)
 
-    @app.get("/v1/batches/{job_id}", response_model=Batch)
-    def get_batch(job_id: str, request: Request) -> dict:
+    @app.get("/v1/jobs/{job_id}", response_model=Job)
+    def get_job(job_id: str, request: Request) -> dict:
         """A bulk job's status and counts."""
         return request.state.client.job(job_id)
 
-    @app.get("/v1/batches/{job_id}/results", response_class=StreamingResponse,
+    @app.get("/v1/jobs/{job_id}/results", response_class=StreamingResponse,
              responses={200: {"content": {"application/jsonl": {}}}})
-    def batch_results(job_id: str, request: Request) -> StreamingResponse:
+    def job_results(job_id: str, request: Request) -> StreamingResponse:
         """Every result of the job as JSONL, in submission order."""
         owner = request.state.client
         owner.job(job_id)  # 404 before streaming starts
@@ -258,8 +277,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/jsonl")
 
-    @app.delete("/v1/batches/{job_id}", response_model=Batch)
-    def cancel_batch(job_id: str, request: Request) -> dict:
+    @app.delete("/v1/jobs/{job_id}", response_model=Job)
+    def cancel_job(job_id: str, request: Request) -> dict:
         """Cancel every unfinished request of the job."""
         request.state.client.cancel_job(job_id)
         return request.state.client.job(job_id)
@@ -321,10 +340,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError):
-        return JSONResponse({"detail": jsonable_errors(exc)}, status_code=422)
+    async def validation(request: Request, exc: RequestValidationError):
+        errors = jsonable_errors(exc)
+        if is_openai_route(request.url.path):
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+            param = ".".join(str(p) for p in first["loc"][1:]) or None
+            return openai_error(400, f"{param or 'request'}: {first['msg']}", "invalid_request",
+                                param=param)
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    files = FileStore(settings.files_root, settings.max_upload_bytes, **settings.files_options)
+    app.state.files = files
+    for module in (compat_files, compat_batches, compat_chat):
+        app.include_router(module.router(client, settings, files))
 
     return app
+
+
+OPENAI_ROUTES = ("/v1/files", "/v1/batches", "/v1/chat/", "/v1/completions", "/v1/models")
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                409: "conflict_error", 429: "rate_limit_error"}
+
+
+def is_openai_route(path: str) -> bool:
+    """Whether ``path`` is on the OpenAI-compatible surface (OpenAI's error object there)."""
+    return path.startswith(OPENAI_ROUTES)
+
+
+def openai_error(status: int, message: str, code: str | None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error object, with the status the SDKs map to their exceptions (422 becomes
+    400: ``BadRequestError``)."""
+    status = 400 if status == 422 else status
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code}}, status_code=status, headers=headers)
+
+
+def error_response(request: Request, status: int, message: str, code: str | None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the shape of the route: OpenAI's object on the OpenAI surface, genqueue's
+    ``{"detail", "code"}`` elsewhere."""
+    if is_openai_route(request.url.path):
+        return openai_error(status, message, code, headers=headers)
+    return JSONResponse({"detail": message, "code": code}, status_code=status, headers=headers)
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -18,7 +18,23 @@ OPENAI_FIELDS = {"messages": "messages", "max_tokens": "max_new_tokens",
 OPENAI_IGNORED = {"model", "user"}
 # accepted only at the value that asks for nothing genqueue does not do
 OPENAI_NEUTRAL = {"n": (1,), "stream": (False,), "logprobs": (False,), "top_logprobs": (0,),
-                  "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0)}
+                  "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
+                  "stream_options": (None,), "logit_bias": ({},), "store": (False,),
+                  "response_format": ({"type": "text"},)}
+# the same for OpenAI's legacy ``/v1/completions`` (a raw ``prompt``, no chat template)
+COMPLETION_FIELDS = {"prompt": "prompt", "max_tokens": "max_new_tokens",
+                     "temperature": "temperature", "top_p": "top_p", "stop": "stop",
+                     "seed": "seed"}
+COMPLETION_NEUTRAL = {"n": (1,), "best_of": (1,), "stream": (False,), "logprobs": (None,),
+                      "echo": (False,), "suffix": (None,), "frequency_penalty": (0, 0.0),
+                      "presence_penalty": (0, 0.0), "stream_options": (None,),
+                      "logit_bias": ({},)}
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+# OpenAI's defaults where a body leaves a field out (``openai_defaults=True``): it samples
+# (temperature 1) and, for chat, writes until the context is full (the gateway passes what
+# fits as ``max_tokens_default``); legacy completions stop at 16 tokens
+OPENAI_TEMPERATURE = 1.0
+COMPLETION_MAX_TOKENS = 16
 
 
 @dataclass
@@ -30,29 +46,111 @@ class Line:
     error: str | None = None
 
 
-def from_openai(line: dict[str, Any]) -> dict[str, Any]:
-    """Translate an OpenAI Batch line (``/v1/chat/completions``) into a request dict."""
-    if line.get("url") not in (None, "/v1/chat/completions"):
-        raise InvalidRequest(f"url: only /v1/chat/completions is supported, not {line['url']!r}")
-    if line.get("method", "POST") != "POST":
-        raise InvalidRequest("method: only POST is supported")
-    body = line.get("body")
-    if not isinstance(body, dict):
-        raise InvalidRequest("body: must be an object")
+def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str | None = None,
+                max_tokens_default: int | None = None) -> dict[str, Any]:
+    """Translate an OpenAI request into a genqueue request dict: a Batch line (``{"custom_id",
+    "method", "url", "body"}``) or a bare request body (then ``url`` says which endpoint's,
+    default ``/v1/chat/completions``). Chat and legacy completions bodies are taken.
+
+    Message ``content`` may be a list of text parts (joined with newlines); ``stop`` a string
+    or a list; a field set to null counts as absent. Every field genqueue does not implement
+    is refused by name, as is a neutral field (``n``, ``logprobs``, ...) at any other value.
+
+    ``openai_defaults`` (the OpenAI HTTP surface): OpenAI's defaults apply where a field is
+    absent: ``temperature`` 1 (sampling), ``max_tokens`` 16 for completions and, for chat,
+    ``max_tokens_default`` (what fits the context; left to genqueue's default if None).
+    Without it (the native routes, ``genq run``) genqueue's defaults stay: greedy, 256 tokens.
+    """
+    if "body" in line:
+        prefix = "body."
+        url = line.get("url")
+        if url not in (None, CHAT_URL, COMPLETIONS_URL):
+            raise InvalidRequest(f"url: only {CHAT_URL} and {COMPLETIONS_URL} are supported, "
+                                 f"not {url!r}")
+        if line.get("method", "POST") != "POST":
+            raise InvalidRequest("method: only POST is supported")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            raise InvalidRequest("body: must be an object")
+    else:
+        prefix, body = "", line
+    chat = (url or CHAT_URL) == CHAT_URL
+    fields, neutral = (OPENAI_FIELDS, OPENAI_NEUTRAL) if chat else (COMPLETION_FIELDS,
+                                                                   COMPLETION_NEUTRAL)
     request: dict[str, Any] = {}
     for key, value in body.items():
-        if key in OPENAI_FIELDS:
-            request[OPENAI_FIELDS[key]] = value
-        elif key in OPENAI_NEUTRAL:
+        if key in fields:
+            if value is None:  # OpenAI: null is the default
+                continue
+            target = fields[key]
+            if target in request and request[target] != value:
+                raise InvalidRequest(f"{prefix}{key}: differs from the other token limit "
+                                     "(max_tokens and max_completion_tokens); give one")
+            request[target] = value
+        elif key in neutral:
             if value is not None and (isinstance(value, bool) != isinstance(
-                    OPENAI_NEUTRAL[key][0], bool) or value not in OPENAI_NEUTRAL[key]):
-                raise InvalidRequest(f"body.{key}: {json.dumps(value)[:40]} is not supported "
-                                     f"(only {json.dumps(OPENAI_NEUTRAL[key][0])})")
+                    neutral[key][0], bool) or value not in neutral[key]):
+                raise InvalidRequest(f"{prefix}{key}: {json.dumps(value)[:40]} is not supported "
+                                     f"(only {json.dumps(neutral[key][0])})")
         elif key not in OPENAI_IGNORED:
-            raise InvalidRequest(f"body.{key}: not supported")
-    if "custom_id" in line:
+            raise InvalidRequest(f"{prefix}{key}: not supported")
+    if "messages" in request:
+        request["messages"] = _messages(request["messages"], prefix)
+    if "prompt" in request:
+        request["prompt"] = _prompt(request["prompt"], prefix)
+    if openai_defaults:
+        request.setdefault("temperature", OPENAI_TEMPERATURE)
+        default = max_tokens_default if chat else COMPLETION_MAX_TOKENS
+        if default is not None:
+            request.setdefault("max_new_tokens", default)
+    if "custom_id" in line and prefix:
         request["custom_id"] = line["custom_id"]
     return request
+
+
+def _messages(messages: Any, prefix: str) -> Any:
+    """OpenAI messages as genqueue's: ``content`` as a list of text parts joined with newlines
+    (any other part refused by name), the ``developer`` role as ``system``."""
+    if not isinstance(messages, list):
+        return messages  # the schema says what is wrong
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict):
+            message = dict(message)
+            if message.get("role") == "developer":
+                message["role"] = "system"
+            content = message.get("content")
+            if isinstance(content, list):
+                message["content"] = "\n".join(_text_parts(content, f"{prefix}messages[{i}].content"))
+        out.append(message)
+    return out
+
+
+def _text_parts(parts: list[Any], where: str) -> list[str]:
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = repr(kind) if isinstance(kind, str) else "a part without a type"
+            raise InvalidRequest(f"{where}[{j}]: only text parts ({{\"type\": \"text\", "
+                                 f"\"text\": ...}}) are supported, not {shown[:60]}")
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise InvalidRequest(f"{where}[{j}]: a text part is {{\"type\": \"text\", "
+                                 f"\"text\": \"...\"}} and nothing else")
+        texts.append(part["text"])
+    if not texts:
+        raise InvalidRequest(f"{where}: an empty list of parts")
+    return texts
+
+
+def _prompt(prompt: Any, prefix: str) -> Any:
+    """A completions ``prompt``: one string (or a list holding one); token ids are refused."""
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            return prompt[0]
+        raise InvalidRequest(f"{prefix}prompt: only one prompt, as text, is supported "
+                             "(not a list of prompts or token ids)")
+    return prompt
 
 
 def is_batch_line(obj: Any) -> bool:

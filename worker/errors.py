@@ -46,6 +46,14 @@ class QueueFull(GenqError):
 class NotFound(GenqError, KeyError):
     """No request or job with that id (never existed, or expired)."""
 
+    name = "not_found"  # the OpenAI error object's ``code``
+
+
+class ModelNotFound(NotFound):
+    """No model or adapter with that name."""
+
+    name = "model_not_found"
+
 
 class OutOfMemory(GenqError):
     """A single row still ran out of memory after its batch was split down to it."""

@@ -117,7 +117,7 @@ def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_d
                 time.sleep(0.01)
                 continue
             t = time.perf_counter()
-            statuses.add(http.get(f"/v1/batches/{jobs[0]}").status_code)
+            statuses.add(http.get(f"/v1/jobs/{jobs[0]}").status_code)
             latencies.append((time.perf_counter() - t) * 1000)
             time.sleep(0.01)
 

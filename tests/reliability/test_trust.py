@@ -59,11 +59,11 @@ def test_two_keys_at_once_never_see_each_other(gateway, start_worker, tiny_model
         assert http.get(f"/v1/generations/{rid}", headers=B).status_code == 404
         assert http.delete(f"/v1/generations/{rid}", headers=B).status_code == 404
         assert http.get(f"/v1/generations/{rid}", headers=ADMIN).status_code == 200
-    job = http.post("/v1/batches", headers=B, json=[{"prompt": "b job"}]).json()["id"]
-    assert http.get(f"/v1/batches/{job}", headers=A).status_code == 404
-    assert http.get(f"/v1/batches/{job}/results", headers=A).status_code == 404
-    assert http.delete(f"/v1/batches/{job}", headers=A).status_code == 404
-    assert http.delete(f"/v1/batches/{job}", headers=ADMIN).status_code == 200
+    job = http.post("/v1/jobs", headers=B, json=[{"prompt": "b job"}]).json()["id"]
+    assert http.get(f"/v1/jobs/{job}", headers=A).status_code == 404
+    assert http.get(f"/v1/jobs/{job}/results", headers=A).status_code == 404
+    assert http.delete(f"/v1/jobs/{job}", headers=A).status_code == 404
+    assert http.delete(f"/v1/jobs/{job}", headers=ADMIN).status_code == 200
     # the scheme's case does not make a second idempotency scope
     body = {"prompt": "once", "max_new_tokens": 2, "idempotency_key": "order-1"}
     one = http.post("/v1/generations", json=body, headers={"Authorization": "Bearer key-a"})
@@ -80,11 +80,11 @@ def test_two_keys_at_once_never_see_each_other(gateway, start_worker, tiny_model
 
 def test_quota_per_key_over_http(gateway):
     http = gateway(api_keys=KEYS, max_pending_per_key=3)
-    job = http.post("/v1/batches", headers=A, json=[{"prompt": "x"}] * 3)
+    job = http.post("/v1/jobs", headers=A, json=[{"prompt": "x"}] * 3)
     assert job.status_code == 202
     over = http.post("/v1/generations", headers=A, json={"prompt": "x"})
     assert over.status_code == 429 and int(over.headers["Retry-After"]) > 0
-    assert http.post("/v1/batches", headers=A, json=[{"prompt": "x"}] * 2).status_code == 429
+    assert http.post("/v1/jobs", headers=A, json=[{"prompt": "x"}] * 2).status_code == 429
     assert http.post("/v1/generations", headers=B, json={"prompt": "x"}).status_code == 202
 
 
@@ -103,13 +103,13 @@ def test_limits_hold_for_chunked_deep_and_non_json_bodies(gateway):
     r = http.post("/v1/generations", content=chunks(7 * 2**20),
                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
-    as_list = http.post("/v1/batches", content=(b"[" + b'{"prompt": "x"},' * n + b'{"prompt": "y"}]'
+    as_list = http.post("/v1/jobs", content=(b"[" + b'{"prompt": "x"},' * n + b'{"prompt": "y"}]'
                                                 for n in [2_200_000]),
                         headers={"content-type": "application/json"})
     assert as_list.status_code == 413  # a JSON list is parsed whole: capped, JSONL is not
     deep = b"[" * 100_000 + b"]" * 100_000
-    for path, ctype in (("/v1/generations", "application/json"), ("/v1/batches", "application/json"),
-                        ("/v1/batches", "application/jsonl")):
+    for path, ctype in (("/v1/generations", "application/json"), ("/v1/jobs", "application/json"),
+                        ("/v1/jobs", "application/jsonl")):
         r = http.post(path, content=deep, headers={"content-type": ctype})
         assert 400 <= r.status_code < 500, (path, ctype, r.status_code, r.text[:200])
     nan = http.post("/v1/generations", content=b'{"prompt": "x", "metadata": {"x": NaN}}',
@@ -129,7 +129,7 @@ def test_redis_unreachable_is_a_json_503():
     with TestClient(app, raise_server_exceptions=False) as http:
         for method, path, body in (("POST", "/v1/generations", {"prompt": "x"}),
                                    ("GET", "/v1/generations/some-id", None),
-                                   ("POST", "/v1/batches", [{"prompt": "x"}])):
+                                   ("POST", "/v1/jobs", [{"prompt": "x"}])):
             r = http.request(method, path, json=body)
             assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
 
@@ -155,7 +155,7 @@ def test_gateway_killed_mid_upload_leaves_no_orphan(redis_url, start_worker, tin
             time.sleep(0.1)
     body = b"".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 1}).encode() + b"\n"
                     for i in range(10_000))
-    upload = threading.Thread(target=lambda: _post_quietly(url + "/v1/batches", body), daemon=True)
+    upload = threading.Thread(target=lambda: _post_quietly(url + "/v1/jobs", body), daemon=True)
     upload.start()
     deadline = time.monotonic() + 60
     job = None
@@ -194,15 +194,15 @@ def test_a_small_job_is_not_held_up_by_another_keys_backlog(gateway, start_worke
     """Two keys, one worker: a 20-request job submitted behind another key's 400-request job
     finishes within about (its size x 2 owners) + the worker's pool of the big one's requests."""
     http = gateway(api_keys=KEYS, max_pending=10_000)
-    big = http.post("/v1/batches", headers=A, json=[
+    big = http.post("/v1/jobs", headers=A, json=[
         {"prompt": f"big {i}", "max_new_tokens": 8} for i in range(400)]).json()["id"]
     start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_BATCH_SIZE="8")
     time.sleep(1.0)
-    small = http.post("/v1/batches", headers=B, json=[
+    small = http.post("/v1/jobs", headers=B, json=[
         {"prompt": f"small {i}", "max_new_tokens": 8} for i in range(20)]).json()["id"]
-    start = http.get(f"/v1/batches/{big}", headers=A).json()["counts"]["succeeded"]
-    final(http, f"/v1/batches/{small}", B, timeout=300)
-    big_done = http.get(f"/v1/batches/{big}", headers=A).json()["counts"]
+    start = http.get(f"/v1/jobs/{big}", headers=A).json()["counts"]["succeeded"]
+    final(http, f"/v1/jobs/{small}", B, timeout=300)
+    big_done = http.get(f"/v1/jobs/{big}", headers=A).json()["counts"]
     during = big_done["succeeded"] + big_done["running"] - start
     print(f"big job: {start} done before the small one came, {during} more while its 20 ran")
     assert during <= 20 * 2 + 2 * 8, during

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,6 +21,11 @@ class Settings(BaseSettings):
 
     broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     result_url: SecretStr | None = None
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_tls: bool = False
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
     model: str = "demo"
     adapters: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     backend: Literal["auto", "unsloth", "transformers"] = "auto"
@@ -52,6 +57,14 @@ class Settings(BaseSettings):
     raw_token_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     key_weights: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    files_url: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_max_age_s: int = Field(24 * 3600, ge=1)
+    webhook_allow_private: bool = False
+    files_options: dict[str, Any] = Field(default_factory=dict)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    sync_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "INFO"
     self_check: Literal["strict", "warn", "off"] = "strict"
 
@@ -93,6 +106,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def files_root(self) -> str:
+        """Where uploaded and generated files live: ``GENQ_FILES_URL``, else a local folder."""
+        return self.files_url or str(self.cache_dir / "files")
+
+    @property
     def result_backend_url(self) -> str:
         """The result store URL: ``GENQ_RESULT_URL``, else the broker URL."""
         url = self.result_url or self.broker_url
@@ -108,7 +126,14 @@ class Settings(BaseSettings):
         data["result_url"] = mask_secrets(self.result_backend_url)
         data["api_keys"] = ["***"] * len(self.api_keys)
         data["admin_keys"] = ["***"] * len(self.admin_keys)
+        data["webhook_secret"] = "***" if self.webhook_secret else "none (deliveries unsigned)"
+        data["webhook_url"] = mask_secrets(self.webhook_url) if self.webhook_url else "none"
         data["cache_dir"] = str(self.cache_dir)
+        for name in ("redis_ca_file", "redis_cert_file", "redis_key_file"):
+            value = getattr(self, name)
+            data[name] = str(value) if value else "none"
+        data["files_url"] = mask_secrets(self.files_root)
+        data["files_options"] = _mask_options(self.files_options)
         # the value each default resolves to, rather than null
         data["pool_size"] = self.pool_size or self.max_batch_size
         data["max_prompt_tokens"] = self.max_prompt_tokens or "the model's context length"
@@ -120,6 +145,23 @@ class Settings(BaseSettings):
 
             data["dtype"] = "bfloat16 (GPU)" if count_gpus() else "float32 (no GPU)"
         return data
+
+
+SECRET_OPTION = ("key", "secret", "password", "token", "credential", "sas", "auth", "signature")
+
+
+def _mask_options(value: Any, name: str = "") -> Any:
+    """fsspec storage options with every credential-like value masked (``key``, ``secret``,
+    ``token``...), at any depth; URLs with a password masked too."""
+    from worker.ops.logging import mask_secrets
+
+    if isinstance(value, dict):
+        return {k: _mask_options(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_options(v, name) for v in value]
+    if value is not None and any(s in name.lower() for s in SECRET_OPTION):
+        return "***"
+    return mask_secrets(value) if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,331 @@
+"""OpenAI's Batch API (``/v1/batches``) driven by the official ``openai`` SDK against a real
+gateway (uvicorn), a real Redis and real workers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.conftest import example_requests
+from worker.compat.storage import FileStore
+
+CHAT = "/v1/chat/completions"
+
+
+class Surface:
+    """The SDK on one gateway, with the file store the gateway writes to (for uploads and
+    downloads while the ``/v1/files`` routes are not there)."""
+
+    def __init__(self, http: httpx.Client, files_root: Path, key: str = "x", owner: str | None = None):
+        self.http = http
+        self.oai = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key=key, max_retries=0)
+        self.store = FileStore(str(files_root), 512 * 1024 * 1024)
+        self.owner = owner
+        self.routes = http.get("/v1/files", headers={"Authorization": f"Bearer {key}"}
+                               ).status_code not in (404, 405)
+
+    def upload(self, lines: list, purpose: str = "batch") -> str:
+        data = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
+        if self.routes and purpose == "batch":
+            return self.oai.files.create(file=("input.jsonl", data), purpose="batch").id
+        return self.store.create([data], "input.jsonl", purpose, self.owner)["id"]
+
+    def lines(self, file_id: str) -> list[dict]:
+        if self.routes:
+            text = self.oai.files.content(file_id).text
+        else:
+            text = b"".join(self.store.read_chunks(file_id)).decode()
+        return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+    def wait(self, batch_id: str, until=("completed", "failed", "expired", "cancelled"),
+             timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = self.oai.batches.retrieve(batch_id)
+            if batch.status in until:
+                return batch
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.1)
+
+
+def chat_line(custom_id: str, content: str, max_tokens: int = 8, model: str | None = "demo",
+              **body) -> dict:
+    """An OpenAI Batch line (greedy; ``model`` None: left out, the base model answers)."""
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
+            "body": body if model is None else {"model": model, **body}}
+
+
+@pytest.fixture
+def surface(gateway, tmp_path):
+    """A factory: ``surface(key=..., owner=..., **settings)`` (settings apply to the first
+    call, which starts the gateway)."""
+    made: dict = {}
+
+    def make(key: str = "x", owner: str | None = None, **settings) -> Surface:
+        if "http" not in made:
+            made["http"] = gateway(files_url=str(tmp_path / "files"), **settings)
+        return Surface(made["http"], tmp_path / "files", key, owner)
+
+    return make
+
+
+@pytest.mark.slow
+def test_batch_output_equals_the_engine_in_input_order(surface, start_worker, demo_engine):
+    s = surface()
+    start_worker(GENQ_SELF_CHECK="off")  # the demo model (compared with the engine below)
+    requests = [{"messages": [{"role": "user", "content": "Name a color."}], "max_new_tokens": 10},
+                {"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "What is 2 + 2?"}], "max_new_tokens": 10},
+                {"messages": [{"role": "user", "content": "Say hello in French."}],
+                 "max_new_tokens": 10},
+                example_requests(1, max_new_tokens=10)[0]]
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": CHAT,
+              "body": {"model": "demo", "messages": r["messages"], "max_tokens": 10,
+                       "temperature": 0}} for i, r in enumerate(requests)]
+    created = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
+                                   completion_window="24h", metadata={"run": "eq"})
+    assert created.object == "batch" and created.id.startswith("batch_")
+    assert created.status in ("validating", "in_progress") and created.metadata == {"run": "eq"}
+    assert created.request_counts.total == 4 and created.expires_at == created.created_at + 86400
+    done = s.wait(created.id)
+    assert done.status == "completed", done
+    assert done.request_counts.completed == 4 and done.request_counts.failed == 0
+    assert done.error_file_id is None and done.completed_at >= done.finalizing_at >= done.created_at
+    assert done.usage.output_tokens > 0 and done.model
+    out = s.lines(done.output_file_id)
+    assert [o["custom_id"] for o in out] == ["q0", "q1", "q2", "q3"]
+    expected = demo_engine.generate([{**r, "temperature": 0.0} for r in requests])
+    for line, want in zip(out, expected, strict=True):
+        assert line["error"] is None and line["id"] == f"batch_req_{line['response']['request_id']}"
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"] == want["text"]
+        assert body["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    if s.routes:
+        assert s.oai.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+
+def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
+    s = surface()
+    lines = [
+        chat_line("ok-1", "fine"),                                            # 1
+        "this is not json",                                                   # 2
+        {**chat_line("url", "x"), "url": "/v1/embeddings"},                   # 3
+        chat_line("ok-1", "duplicate custom_id"),                             # 4
+        chat_line("temp", "x", temperature=-1),                               # 5
+        {"method": "POST", "url": CHAT, "body": {"messages": []}},            # 6: no custom_id
+        "",                                                                   # 7: blank, skipped
+        chat_line("n", "x", n=3),                                             # 8
+        chat_line("ok-2", "fine too"),                                        # 9
+        chat_line("model", "x", model="gpt-4o"),                              # 10
+    ]
+    batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
+                                 completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at and batch.errors.object == "list"
+    by_line = {e.line: e for e in batch.errors.data}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 8, 10], batch.errors
+    assert by_line[2].code == "invalid_json_line"
+    assert by_line[3].code == "invalid_url" and by_line[3].param == "url"
+    assert by_line[4].code == "duplicate_custom_id"
+    assert "temperature" in by_line[5].message and by_line[5].param == "body.temperature"
+    assert by_line[6].param == "custom_id"
+    assert by_line[10].code == "model_not_found" and by_line[10].param == "body.model"
+    assert s.oai.batches.retrieve(batch.id).status == "failed"
+    r = redis.Redis.from_url(redis_url)
+    assert not r.keys("genq:job:*") and not r.keys("genq:result:*")  # nothing queued
+    assert s.http.get("/demand").json()["total"] == 0
+
+    empty = s.oai.batches.create(input_file_id=s.upload([""]), endpoint=CHAT,
+                                 completion_window="24h")
+    assert empty.status == "failed" and empty.errors.data[0].code == "empty_file"
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        s.oai.batches.create(input_file_id=s.upload([chat_line("a", "b")]), endpoint=CHAT,
+                             completion_window="forever")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        s.oai.batches.create(input_file_id=s.upload([chat_line("a", "b")], purpose="batch_output"),
+                             endpoint=CHAT, completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        s.oai.batches.create(input_file_id="file-0123456789abcdef", endpoint=CHAT,
+                             completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        s.oai.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError):  # the endpoint genqueue does not serve
+        s.oai.batches.create(input_file_id=s.upload([chat_line("a", "b")]),
+                             endpoint="/v1/embeddings", completion_window="24h")
+
+
+def test_short_window_expires_queued_requests(surface):
+    """No worker: past ``expires_at`` every open request ends, in the error file as
+    ``batch_expired``; a window shorter than 24h is a genqueue extension."""
+    s = surface()
+    batch = s.oai.batches.create(input_file_id=s.upload([chat_line("a", "x"), chat_line("b", "y")]),
+                                 endpoint=CHAT, completion_window="1s")
+    assert batch.status == "in_progress" and batch.expires_at == batch.created_at + 1
+    done = s.wait(batch.id, timeout=10)
+    assert done.status == "expired" and done.expired_at and done.output_file_id is None
+    assert done.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
+    errs = s.lines(done.error_file_id)
+    assert [(e["custom_id"], e["response"], e["error"]["code"]) for e in errs] == [
+        ("a", None, "batch_expired"), ("b", None, "batch_expired")]
+
+
+def test_list_pagination_ownership_and_cancel(surface):
+    keys = {"api_keys": "alice:ka,bob:kb", "admin_keys": "root:kr"}
+    alice = surface(key="ka", owner="alice", **keys)
+    bob, root = surface(key="kb", owner="bob"), surface(key="kr", owner="root")
+    file_id = alice.upload([chat_line("a", "x"), chat_line("b", "y")])
+    made = [alice.oai.batches.create(input_file_id=file_id, endpoint=CHAT,
+                                     completion_window="24h").id for _ in range(5)]
+    theirs = bob.oai.batches.create(input_file_id=bob.upload([chat_line("c", "z")]),
+                                    endpoint=CHAT, completion_window="24h")
+    page = alice.oai.batches.list(limit=2)
+    assert [b.id for b in page.data] == made[::-1][:2] and page.has_more
+    page2 = alice.oai.batches.list(limit=2, after=page.data[-1].id)
+    assert [b.id for b in page2.data] == made[::-1][2:4] and page2.has_more
+    page3 = alice.oai.batches.list(limit=2, after=page2.data[-1].id)
+    assert [b.id for b in page3.data] == made[:1] and not page3.has_more
+    assert [b.id for b in alice.oai.batches.list(limit=2)] == made[::-1]  # auto-pagination
+    raw = alice.http.get("/v1/batches", params={"limit": 2},
+                         headers={"Authorization": "Bearer ka"}).json()
+    assert raw["object"] == "list" and raw["first_id"] == made[-1] and raw["last_id"] == made[-2]
+    assert [b.id for b in bob.oai.batches.list()] == [theirs.id]
+    assert {b.id for b in root.oai.batches.list()} == {*made, theirs.id}
+
+    with pytest.raises(openai.NotFoundError):
+        bob.oai.batches.retrieve(made[0])
+    with pytest.raises(openai.NotFoundError):
+        bob.oai.batches.cancel(made[0])
+    with pytest.raises(openai.NotFoundError):  # another key's input file
+        bob.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    assert root.oai.batches.retrieve(made[0]).id == made[0]
+
+    # no worker: every request is queued, so a cancel ends them all at once
+    cancelling = alice.oai.batches.cancel(made[0])
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at
+    done = alice.wait(made[0], timeout=10)
+    assert done.status == "cancelled" and done.cancelled_at and done.output_file_id is None
+    assert [e["error"]["code"] for e in alice.lines(done.error_file_id)] == ["batch_cancelled"] * 2
+    if bob.routes:  # the batch's files are its owner's
+        with pytest.raises(openai.NotFoundError):
+            bob.oai.files.content(done.error_file_id)
+    assert alice.oai.batches.cancel(made[0]).status == "cancelled"  # again: unchanged
+    with pytest.raises(openai.BadRequestError):
+        alice.oai.batches.list(limit=0)
+
+
+@pytest.mark.slow
+def test_worker_failures_go_to_the_error_file_and_finalize_once(surface, start_worker,
+                                                                tiny_model_dir, tmp_path):
+    s = surface()
+    lines = [chat_line("short-1", "hello"),
+             chat_line("long", "word " * 200),  # over the worker's GENQ_MAX_PROMPT_TOKENS
+             chat_line("short-2", "bye", max_tokens=5)]
+    # queued before any worker has published its tokenizer: the prompt's length is the
+    # worker's to check, and it fails there
+    batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
+                                 completion_window="24h")
+    assert batch.status == "in_progress"
+    completions = None
+    if serves_completions():
+        completions = s.oai.batches.create(input_file_id=s.upload([
+            {"custom_id": "p1", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "demo", "prompt": "Once upon", "max_tokens": 4, "temperature": 0}}]),
+            endpoint="/v1/completions", completion_window="24h")
+        assert completions.status == "in_progress", completions.errors
+    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_PROMPT_TOKENS="64", GENQ_SELF_CHECK="off")
+    deadline = time.monotonic() + 60
+    job_done = False
+    store = FileStore(str(tmp_path / "files"), 1 << 20)
+    while not job_done:  # wait for the requests, not the batch, so the reads below race
+        assert time.monotonic() < deadline
+        listed = {b.id: b for b in s.oai.batches.list()}  # a list never finalizes
+        job_done = listed[batch.id].status == "finalizing"
+        time.sleep(0.05)
+    seen: list = []
+    threads = [threading.Thread(target=lambda: seen.append(s.oai.batches.retrieve(batch.id)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = s.wait(batch.id)
+    assert done.status == "completed"
+    assert {b.output_file_id for b in seen if b.status == "completed"} <= {done.output_file_id}
+    outputs = [f for f in store.list(purpose="batch_output") if f["filename"].startswith(batch.id)]
+    assert len(outputs) == 2  # one output and one error file: finalized once
+    assert done.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+    out, errs = s.lines(done.output_file_id), s.lines(done.error_file_id)
+    assert [o["custom_id"] for o in out] == ["short-1", "short-2"]
+    assert errs == [{"id": errs[0]["id"], "custom_id": "long", "response": None,
+                     "error": {"code": "prompt_too_long", "message": errs[0]["error"]["message"]}}]
+    assert errs[0]["id"].startswith("batch_req_")
+    if completions is not None:
+        done = s.wait(completions.id)
+        assert done.status == "completed" and done.endpoint == "/v1/completions"
+        body = s.lines(done.output_file_id)[0]["response"]["body"]
+        assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+
+
+def serves_completions() -> bool:
+    """Whether ``from_openai`` translates ``/v1/completions`` lines yet."""
+    from worker.batchfile import from_openai
+    from worker.errors import InvalidRequest
+
+    try:
+        from_openai({"custom_id": "p", "method": "POST", "url": "/v1/completions",
+                     "body": {"prompt": "x", "max_tokens": 1}})
+    except InvalidRequest:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_cancel_and_expiry_mid_run_keep_partial_results(surface, start_worker, tiny_model_dir,
+                                                        redis_url):
+    s = surface()
+    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_BATCH_SIZE="1", GENQ_POOL_SIZE="1",
+                 GENQ_SELF_CHECK="off")
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def run(ids: str):
+        lines = [chat_line(f"{ids}-quick", "hi", max_tokens=2, model=None)]
+        lines += [chat_line(f"{ids}-slow{i}", f"go {i}", max_tokens=1900, model=None)
+                  for i in range(3)]
+        batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
+                                     completion_window="24h")
+        deadline = time.monotonic() + 60
+        while s.oai.batches.retrieve(batch.id).request_counts.completed < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return batch
+
+    batch = run("c")
+    cancelling = s.oai.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling"
+    done = s.wait(batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    assert done.request_counts.total == 4 and done.request_counts.failed >= 1
+    out, errs = s.lines(done.output_file_id), s.lines(done.error_file_id)
+    assert "c-quick" in [o["custom_id"] for o in out]
+    assert len(out) + len(errs) == 4 and {e["error"]["code"] for e in errs} == {"batch_cancelled"}
+
+    batch = run("e")
+    key = f"genq:batch:{batch.id}"  # the 24h window, passed
+    r.set(key, json.dumps({**json.loads(r.get(key)), "expires_at": int(time.time()) - 1}),
+          keepttl=True)
+    done = s.wait(batch.id)
+    assert done.status == "expired" and done.expired_at
+    out, errs = s.lines(done.output_file_id), s.lines(done.error_file_id)
+    assert "e-quick" in [o["custom_id"] for o in out]
+    assert len(out) + len(errs) == 4 and {e["error"]["code"] for e in errs} == {"batch_expired"}
+    assert done.request_counts.failed == len(errs) >= 1

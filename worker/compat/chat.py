@@ -1,0 +1,403 @@
+"""OpenAI's Chat Completions, Completions and Models routes over genqueue's queue.
+
+``POST /v1/chat/completions`` and ``POST /v1/completions`` enqueue one *interactive* request
+through the caller's client view (``request.state.client``: its key owns the request and its
+quota applies) and answer with OpenAI's object once it is final, or stream it as server-sent
+events from the running record's growing text. The wait is async polling (nothing blocks the
+event loop); past ``GENQ_SYNC_TIMEOUT_S`` the answer is 504 naming the request id, which keeps
+running and can be read at ``GET /v1/generations/{id}``. A streaming client that disconnects
+cancels its request.
+
+OpenAI's defaults apply where a body leaves a field out: it samples (``temperature`` 1), and a
+chat completion without ``max_tokens`` writes until the model's context is full, capped by the
+workers' ``GENQ_MAX_NEW_TOKENS_LIMIT`` (legacy completions: 16 tokens, as OpenAI's).
+
+``model`` picks the adapter: the base model's id (or none) runs the base model, ``base:adapter``
+or the adapter's name that adapter (``GET /v1/models`` lists what the live workers serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from worker.batchfile import (
+    CHAT_URL,
+    COMPLETION_MAX_TOKENS,
+    COMPLETIONS_URL,
+    from_openai,
+    strict_json,
+)
+from worker.compat import shapes
+from worker.errors import InvalidRequest, ModelNotFound, PromptTooLong
+from worker.queue.results import FINAL
+
+log = structlog.get_logger(__name__)
+
+# the demo model's two names (``GENQ_MODEL=demo``; workers report the display name). Not
+# imported from worker.engine.demo: importing worker.engine loads torch, the gateway must not.
+DEMO_NAME, DEMO_ID = "demo", "SmolLM2-135M-Instruct"
+CLIENT_ERRORS = {"prompt_too_long", "invalid_request"}  # a failed result's code -> 400, else 500
+STREAM_POLL_S = 0.05  # how often a stream reads the running record (it changes every 16 tokens
+KEEPALIVE_S = 10.0  # or 0.5 s); an SSE comment this often while nothing else is sent
+
+
+def router(client, settings, files) -> APIRouter:
+    """The routes of this part of the OpenAI surface."""
+    api = APIRouter(tags=["openai"])
+    created = int(time.time())
+
+    @api.get("/v1/models")
+    def list_models(request: Request) -> dict:
+        """The models the live workers serve: each base model and each of its adapters."""
+        data = []
+        for base, adapters in served(request.state.client, settings).items():
+            data.append(model_object(base, created))
+            data += [model_object(name, created) for name in adapters]
+        return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str, request: Request) -> dict:
+        """One model (``model_not_found`` if no live worker serves it)."""
+        resolve_model(model_id, served(request.state.client, settings), settings)
+        return model_object(model_id, created)
+
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema("a chat completions request"))
+    async def chat_completions(request: Request):
+        """OpenAI's Chat Completions: one interactive request, answered when it is final
+        (``chat.completion``) or streamed (``chat.completion.chunk`` events)."""
+        return await complete(request, CHAT_URL)
+
+    @api.post("/v1/completions", openapi_extra=_body_schema("a legacy completions request"))
+    async def completions(request: Request):
+        """OpenAI's legacy Completions: a raw ``prompt`` (no chat template)."""
+        return await complete(request, COMPLETIONS_URL)
+
+    async def complete(request: Request, url: str):
+        owner = request.state.client
+        body = await json_body(request)
+        stream, include_usage = stream_options(body)
+        asked = body.pop("model", None)
+        if asked is not None and not isinstance(asked, str):
+            raise InvalidRequest("model: must be a string")
+        req = await run_in_threadpool(openai_request, owner, settings, body, url, asked)
+        rid = await run_in_threadpool(owner.submit, **req)
+        model = asked or ""
+        chat = url == CHAT_URL
+        if stream:
+            stops = req.get("stop") or []
+            events = stream_events(request, owner, rid, model, chat, include_usage,
+                                   settings.sync_timeout_s, [stops] if isinstance(stops, str) else stops)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              "x-genq-request-id": rid})
+        result = await wait_final(request, owner, rid, settings.sync_timeout_s)
+        if result is None:
+            return timeout_error(rid, settings.sync_timeout_s)
+        if result["status"] in ("failed", "expired"):
+            return failed_error(result)
+        shape = shapes.chat_completion if chat else shapes.text_completion
+        return JSONResponse(shape({**result, "text": result.get("text") or ""},
+                                  model or result.get("model") or ""),
+                            headers={"x-genq-request-id": rid})
+
+    return api
+
+
+# -- the request --------------------------------------------------------------------------
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (strict JSON: no NaN or Infinity)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw, parse_constant=strict_json)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage), taken out of ``body``."""
+    stream = body.pop("stream", None)
+    options = body.pop("stream_options", None)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream: must be a boolean")
+    if options is not None:
+        if not stream:
+            raise InvalidRequest("stream_options: only with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage",
+                                                            "include_obfuscation"}:
+            raise InvalidRequest("stream_options: only include_usage is supported")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise InvalidRequest("stream_options.include_usage: must be a boolean")
+    return bool(stream), bool((options or {}).get("include_usage"))
+
+
+def openai_request(owner, settings, body: dict[str, Any], url: str,
+                   model: str | None) -> dict[str, Any]:
+    """The genqueue request for an OpenAI body: OpenAI's defaults, ``model`` as the adapter,
+    interactive priority. Reads the fleet and the published tokenizer (blocking: run it in
+    a thread)."""
+    adapter = resolve_model(model, served(owner, settings), settings)
+    limited = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
+    req = from_openai(body, url=url, openai_defaults=True)
+    if adapter is not None:
+        req["adapter"] = adapter
+    req["priority"] = "interactive"
+    if not limited:  # chat: as many as fit; legacy completions: 16 if they fit
+        fit = max_tokens_default(owner, settings, req)
+        req["max_new_tokens"] = fit if url == CHAT_URL else min(COMPLETION_MAX_TOKENS, fit)
+    return req
+
+
+def max_tokens_default(owner, settings, request: dict[str, Any]) -> int:
+    """OpenAI's absent ``max_tokens`` (write until the context is full): the model's context
+    left after the prompt, as the workers count it, capped by the workers' (else this
+    gateway's) ``GENQ_MAX_NEW_TOKENS_LIMIT``. Until a worker has published its tokenizer,
+    the cap alone (a worker then refuses a prompt that leaves less room: ``prompt_too_long``)."""
+    limits = [int(w["max_new_tokens_limit"]) for w in owner.store.workers()
+              if isinstance(w.get("max_new_tokens_limit"), int)]
+    cap = min(limits) if limits else settings.max_new_tokens_limit
+    counter = owner.counter.get()
+    if counter is None:
+        return cap
+    try:
+        prompt = counter.count({**request, "max_new_tokens": 1})
+    except InvalidRequest:
+        raise
+    except Exception:  # a template error: the worker reports it for this request alone
+        return cap
+    room = counter.context_length - prompt
+    if room < 1:
+        raise PromptTooLong(f"prompt has {prompt} tokens; it fills the context "
+                            f"{counter.context_length}")
+    return min(cap, room)
+
+
+def served(owner, settings) -> dict[str, list[str]]:
+    """Base model id -> its adapters, from the live workers' heartbeats; with no worker alive,
+    what this gateway's settings name (``GENQ_MODEL``, ``GENQ_ADAPTERS``): requests may be
+    queued before any worker starts (scale from zero), for the model the deployment runs."""
+    out: dict[str, set[str]] = {}
+    for w in owner.store.workers():
+        if isinstance(w.get("model"), str):
+            out.setdefault(w["model"], set()).update(
+                a for a in w.get("adapters") or () if isinstance(a, str))
+    if not out:
+        base = DEMO_ID if settings.model == DEMO_NAME else settings.model
+        out[base] = set(settings.adapters)
+    return {base: sorted(adapters) for base, adapters in sorted(out.items())}
+
+
+def resolve_model(model: str | None, bases: dict[str, list[str]], settings) -> str | None:
+    """The adapter a request's ``model`` selects (None: the base model), or ``ModelNotFound``.
+    A base answers to its id (``demo`` too for the demo model), an adapter to ``base:name``
+    and to its name."""
+    if not model:
+        return None
+    names = {alias: base for base in bases for alias in _aliases(base)}
+    if model in names:
+        return None
+    for base, adapters in bases.items():
+        for alias in _aliases(base):
+            if model.startswith(alias + ":") and model[len(alias) + 1:] in adapters:
+                return model[len(alias) + 1:]
+    if any(model in adapters for adapters in bases.values()):
+        return model
+    known = sorted(set(names) | {a for adapters in bases.values() for a in adapters})
+    raise ModelNotFound(f"the model {model!r} does not exist here; served: "
+                        f"{', '.join(known)[:400]} (GET /v1/models)")
+
+
+def _aliases(base: str) -> tuple[str, ...]:
+    return (base, DEMO_NAME) if base == DEMO_ID else (base,)
+
+
+def model_object(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "genqueue"}
+
+
+def _body_schema(what: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "description": f"{what}, as OpenAI's API takes it"}}}}}
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+async def wait_final(request: Request, owner, rid: str, timeout_s: float) -> dict | None:
+    """Poll until the request is final (None past ``timeout_s``); a client that goes away
+    meanwhile cancels it (a task waits for the server's ``http.disconnect``)."""
+    deadline = time.monotonic() + timeout_s
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        delay = 0.01
+        while not gone.is_set():
+            result = await run_in_threadpool(owner.get, rid)
+            if result["status"] in FINAL:
+                return result
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.25)
+    finally:
+        watcher.cancel()
+    await cancel_quietly(owner, rid)
+    return None
+
+
+async def cancel_quietly(owner, rid: str) -> None:
+    """Cancel ``rid`` even while the calling task is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(owner.cancel, rid)
+        except Exception as exc:  # Redis gone: the request runs to its end
+            log.warning("cancel_failed", request_id=rid, error=f"{type(exc).__name__}: {exc}")
+
+
+def timeout_error(rid: str, timeout_s: float) -> JSONResponse:
+    """504 naming the request, which keeps running (the SDKs are told not to retry: a retry
+    would queue it again)."""
+    return _error(504, f"request {rid} did not finish within {timeout_s:g} s "
+                  f"(GENQ_SYNC_TIMEOUT_S); it keeps running: GET /v1/generations/{rid}",
+                  "timeout", rid, headers={"x-should-retry": "false"})
+
+
+def failed_error(result: dict[str, Any]) -> JSONResponse:
+    """A failed (or expired) result as OpenAI's error: the caller's fault 400, else 500."""
+    error = result.get("error") or {}
+    code = error.get("code") or ("expired" if result["status"] == "expired" else "internal")
+    message = error.get("message") or f"request {result['id']} {result['status']}"
+    return _error(400 if code in CLIENT_ERRORS else 500, message, code, result["id"])
+
+
+def _error(status: int, message: str, code: str, rid: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    from worker.api import openai_error  # worker.api imports this module
+
+    return openai_error(status, message, code, headers={"x-genq-request-id": rid,
+                                                        **(headers or {})})
+
+
+def _error_event(status: int, message: str, code: str) -> dict[str, Any]:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+
+def visible_text(text: str, stops: list[str]) -> str:
+    """The part of a running record's text that is sure to stay: cut at a stop string, less
+    a tail that may begin one, less a trailing replacement character (an incomplete UTF-8
+    sequence decoded early)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        return text[:min(cuts)]
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return text[:len(text) - hold].rstrip("\ufffd")
+
+
+async def stream_events(request: Request, owner, rid: str, model: str, chat: bool,
+                        include_usage: bool, timeout_s: float,
+                        stops: list[str]) -> AsyncIterator[bytes]:
+    """Server-sent events for one request: chunks as its text grows, then ``[DONE]``. The
+    client going away cancels the request: the response stops this generator when the server
+    reports the disconnect, or a send fails (a keep-alive comment goes out while nothing else
+    does)."""
+    created = int(time.time())
+    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": model}
+    fingerprint: str | None = None
+
+    def chunk(delta: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
+        if chat:
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {} if delta is None else {"content": delta})
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        obj = {**base, "system_fingerprint": fingerprint, "choices": [choice]}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    finished = False
+    try:
+        record = await run_in_threadpool(owner.get, rid)
+        if chat:
+            yield chunk(role=True)
+        sent, deadline = "", time.monotonic() + timeout_s
+        last_sent = time.monotonic()
+        while True:
+            if record.get("model") and fingerprint is None:
+                fingerprint = shapes.fingerprint(record)
+                base["model"] = base["model"] or record["model"]
+            final = record["status"] in FINAL
+            if final and record["status"] in ("failed", "expired"):
+                error = record.get("error") or {}
+                code = error.get("code") or record["status"]
+                yield sse(_error_event(400 if code in CLIENT_ERRORS else 500,
+                                       error.get("message") or f"request {rid} {record['status']}",
+                                       code))
+                finished = True
+                return
+            text = record.get("text") or ""
+            shown = text if final else visible_text(text, stops)
+            if shown.startswith(sent) and len(shown) > len(sent):
+                yield chunk(shown[len(sent):])
+                sent, last_sent = shown, time.monotonic()
+            elif final and not shown.startswith(sent):
+                log.warning("stream_text_diverged", request_id=rid, sent=len(sent), final=len(shown))
+            if final:
+                finish = shapes.FINISH.get(record.get("finish_reason") or "", "stop")
+                yield chunk(finish=finish)
+                if include_usage:
+                    yield sse({**base, "system_fingerprint": fingerprint, "choices": [],
+                               "usage": shapes.usage(record)})
+                yield b"data: [DONE]\n\n"
+                finished = True
+                return
+            if time.monotonic() >= deadline:
+                yield sse(_error_event(504, f"request {rid} did not finish within {timeout_s:g} s "
+                                       f"(GENQ_SYNC_TIMEOUT_S); it keeps running: "
+                                       f"GET /v1/generations/{rid}", "timeout"))
+                finished = True
+                return
+            if time.monotonic() - last_sent >= KEEPALIVE_S:
+                yield b": keep-alive\n\n"  # also how a gone client is noticed while queued
+                last_sent = time.monotonic()
+            await asyncio.sleep(STREAM_POLL_S)
+            record = await run_in_threadpool(owner.get, rid)
+    finally:
+        if not finished:
+            await cancel_quietly(owner, rid)
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n".encode()
