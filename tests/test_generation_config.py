@@ -70,11 +70,20 @@ def opinionated_dir(tmp_path_factory, cache_dir):
 @pytest.fixture(scope="module")
 def loaded(opinionated_dir, cache_dir):
     """(engine, what it logged while loading)."""
+    import logging
+
+    import structlog
+
     from worker.engine import load_engine
 
-    with capture_logs() as logs:
-        engine = load_engine(str(opinionated_dir), backend="transformers", dtype="float32",
-                             cache_dir=cache_dir)
+    saved = structlog.get_config()  # an earlier test may have set the CLI's WARNING level
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            engine = load_engine(str(opinionated_dir), backend="transformers", dtype="float32",
+                                 cache_dir=cache_dir)
+    finally:
+        structlog.configure(**saved)
     return engine, logs
 
 
