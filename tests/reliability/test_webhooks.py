@@ -121,3 +121,20 @@ def test_signed_deliveries_retry_until_accepted_once_per_event(redis_url, start_
     assert all(receiver.attempts[k] == 3 for k in ids)  # 500, 500, then 200
     assert receiver.bad_signatures == 0
     print(json.dumps({"accepted": receiver.accepted}))
+
+
+def test_an_openai_batch_event_names_the_batch(client):
+    """Events are written by the finish script itself; a job behind an OpenAI batch is
+    reported with the batch's id."""
+    from worker.queue.webhooks import EVENTS_KEY, GLOBAL_KEY, build_event
+
+    r = client.store.redis
+    r.set(GLOBAL_KEY, 1, ex=60)
+    job = client.submit_many([{"prompt": "a"}, {"prompt": "b"}])
+    r.hset(f"genq:job:{job}", "batch", "batch_abc")
+    assert client.cancel_job(job) == 2
+    [raw] = r.lrange(EVENTS_KEY, 0, -1)
+    event_id, payload, own = build_event(raw, client.store)
+    assert payload["type"] == "batch.cancelled" and own is None
+    assert payload["data"]["id"] == "batch_abc" and payload["data"]["job_id"] == job
+    assert build_event(raw, client.store)[0] == event_id  # the same id on every redelivery

@@ -262,6 +262,7 @@ class Batches:
         else:
             record.update(status="in_progress", in_progress_at=int(time.time()), job_id=job_id,
                           request_counts={"total": total, "completed": 0, "failed": 0})
+            self.redis.hset(f"genq:job:{job_id}", "batch", record["id"])  # webhook events
         self.save_new(record)
         return self.refresh(record)
 

@@ -95,7 +95,9 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
         status = "expired"
     kind = JOB_EVENTS.get(status, "batch.completed")
     data = {"id": job["id"], "object": "job", "status": job["status"], "counts": job["counts"]}
-    hook = store.redis.hget(f"genq:job:{note['id']}", "webhook") or None
+    hook, batch = store.redis.hmget(f"genq:job:{note['id']}", ["webhook", "batch"])
+    if batch:  # an OpenAI batch: its id, as OpenAI's batch events carry it
+        data = {"id": batch, "object": "batch", "job_id": job["id"], "counts": job["counts"]}
     return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, hook
 
 
