@@ -40,6 +40,8 @@ from worker.queue.results import FINAL, ResultStore
 from worker.schema import GenerationRequest, validate_request
 from worker.tokencount import CounterCache
 
+PUBLISH_BATCH = 250  # messages per pipelined publish: bounds memory (a message holds its prompt)
+
 
 class GenerationClient:
     """Submit requests and bulk jobs; read, wait for and cancel their results.
@@ -335,7 +337,7 @@ class GenerationClient:
     def _publish(self, items: list[tuple[str, dict[str, Any]]], job_id: str | None) -> None:
         now = time.time()
         owner_lists = set()
-        with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+        with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
             for request_id, request in items:
                 queue = queue_for(request.get("priority"), self.owner)
                 if queue != BULK_QUEUE and queue.startswith(BULK_QUEUE):
