@@ -66,11 +66,14 @@ for i = 2, #beats, 2 do
     end
   end
 end
-local total = redis.call('ZCARD', index)
-for i = 0, nlists - 1 do total = total + redis.call('LLEN', KEYS[first + i]) end
+local total, lens = redis.call('ZCARD', index), {}
+for i = 0, nlists - 1 do
+  lens[i] = redis.call('LLEN', KEYS[first + i])
+  total = total + lens[i]
+end
 local budget = math.ceil(total / math.max(live, 1)) - mine
 if mine == 0 and budget < 1 then budget = 1 end
-local out, skipped = {}, {}
+local out, taken = {}, 0
 local function take(key)
   local passed = {}
   local got = false
@@ -99,6 +102,7 @@ local function take(key)
       table.insert(out, tag)
       table.insert(out, raw)
       table.insert(out, key)
+      taken = taken + 1
       got = true
     end
   end
@@ -111,16 +115,17 @@ for i = 0, ninter - 1 do
 end
 n = math.min(want_bulk, budget)
 if want_bulk > 0 then redis.call('DEL', bell) end
-local turns = {}
+local turns, taken_inter = {}, taken
 for i = ninter, nlists - 1 do
-  if redis.call('LLEN', KEYS[first + i]) > 0 then
+  if lens[i] > 0 then
     for _ = 1, math.max(1, tonumber(ARGV[7 + i - ninter]) or 1) do
       table.insert(turns, KEYS[first + i])
     end
   end
 end
-local at = tonumber(redis.call('GET', turn) or '0') or 0
-local misses, empty = 0, {}
+local at = 0
+if n > 0 and #turns > 0 then at = tonumber(redis.call('GET', turn) or '0') or 0 end
+local misses, empty, start = 0, {}, at
 while n > 0 and #turns > 0 and misses < #turns do
   local key = turns[at % #turns + 1]
   at = at + 1
@@ -130,11 +135,10 @@ while n > 0 and #turns > 0 and misses < #turns do
     empty[key] = true; misses = misses + 1
   end
 end
-redis.call('SET', turn, at)
-local left_inter, left_bulk = 0, 0
+if at ~= start then redis.call('SET', turn, at) end
+local left_inter, left_bulk = -taken_inter, -(taken - taken_inter)
 for i = 0, nlists - 1 do
-  local len = redis.call('LLEN', KEYS[first + i])
-  if i < ninter then left_inter = left_inter + len else left_bulk = left_bulk + len end
+  if i < ninter then left_inter = left_inter + lens[i] else left_bulk = left_bulk + lens[i] end
 end
 local res = {left_inter, left_bulk}
 for _, v in ipairs(out) do table.insert(res, v) end
