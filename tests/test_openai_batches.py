@@ -170,8 +170,9 @@ def test_short_window_expires_queued_requests(surface):
     s = surface()
     batch = s.oai.batches.create(input_file_id=s.upload([chat_line("a", "x"), chat_line("b", "y")]),
                                  endpoint=CHAT, completion_window="1s")
-    assert batch.status == "in_progress" and batch.expires_at == batch.created_at + 1
-    done = s.wait(batch.id, timeout=10)
+    # on a loaded machine the create call itself can outlast a 1 s window
+    assert batch.status in ("in_progress", "expired") and batch.expires_at == batch.created_at + 1
+    done = s.wait(batch.id, timeout=30)
     assert done.status == "expired" and done.expired_at and done.output_file_id is None
     assert done.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
     errs = s.lines(done.error_file_id)

@@ -124,24 +124,26 @@ def test_load_20000_requests_from_8_producers(client, start_worker, tiny_model_d
     poller = threading.Thread(target=poll_gateway)
     poller.start()
     t0 = time.monotonic()
-    producers = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", PRODUCER, redis_url,
-                                   str(k), str(TTL)], stdout=subprocess.PIPE, text=True)
-                 for k in range(8)]
-    readers = [threading.Thread(target=lambda p=p: jobs.extend(line.strip() for line in p.stdout))
-               for p in producers]
-    for t in readers:
-        t.start()
-    for p, t in zip(producers, readers, strict=True):
-        assert p.wait() == 0
-        t.join()
-    submitted_s = time.monotonic() - t0
-    for job in jobs:
-        client.wait_job(job, timeout=900, poll_s=0.5)
-    total_s = time.monotonic() - t0
-    stop.set()
-    poller.join()
-    gateway.terminate()
-    gateway.wait(10)
+    try:  # a failure must not leave the poller and the gateway loading the next tests' Redis
+        producers = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", PRODUCER,
+                                       redis_url, str(k), str(TTL)], stdout=subprocess.PIPE,
+                                      text=True) for k in range(8)]
+        readers = [threading.Thread(target=lambda p=p: jobs.extend(line.strip() for line in p.stdout))
+                   for p in producers]
+        for t in readers:
+            t.start()
+        for p, t in zip(producers, readers, strict=True):
+            assert p.wait() == 0
+            t.join()
+        submitted_s = time.monotonic() - t0
+        for job in jobs:
+            client.wait_job(job, timeout=900, poll_s=0.5)
+        total_s = time.monotonic() - t0
+    finally:
+        stop.set()
+        poller.join()
+        gateway.terminate()
+        gateway.wait(10)
     assert len(jobs) == 40 and statuses == {200}
     finished = sum(client.job(j)["counts"]["succeeded"] for j in jobs)
     assert finished == 20_000
