@@ -46,13 +46,22 @@ def unsloth_engine(cache_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, cache_dir) -> Path:
     """A 2-layer random-weight Llama with the demo tokenizer: fast, real code paths."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from worker.engine.demo import demo_model_dir
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(cache_dir))
+    tiny_llama(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_llama(tokenizer):
+    """A 2-layer random-weight Llama (seed 0) for ``tokenizer``'s vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -60,9 +69,7 @@ def tiny_model_dir(tmp_path_factory, cache_dir) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return LlamaForCausalLM(config)
 
 
 def example_requests(n: int | None = None, max_new_tokens: int = 48) -> list[dict]:

@@ -113,7 +113,8 @@ def test_queue_full_is_429_with_retry_after(gateway):
 
 
 def test_openapi_fuzzing_finds_no_server_error(redis_url, tmp_path):
-    from worker.api import create_app
+    """Every route fuzzed from the schema: no 5xx, and OpenAI's error object on its routes."""
+    from worker.api import create_app, is_openai_route
 
     app = create_app(Settings(broker_url=redis_url, max_pending=10_000, files_url=str(tmp_path)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -129,12 +130,16 @@ def test_openapi_fuzzing_finds_no_server_error(redis_url, tmp_path):
             tried.append(label)
             not_ready = label == "GET /readyz" and response.status_code == 503
             assert response.status_code < 500 or not_ready, (label, response.text[:300])
+            if response.status_code >= 400 and is_openai_route(operation.path):
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
         check()
 
     for result in schema.get_all_operations():
         fuzz(result.ok())
     assert len(set(tried)) >= 10 and len(tried) >= 100
+    files = {label for label in tried if " /v1/files" in label}
+    assert len(files) == 5 and any(label.startswith("POST") for label in files), files
     print(f"schemathesis: {len(tried)} generated requests over {len(set(tried))} operations")
 
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
+from tests.conftest import tiny_llama
+
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "Hello there, my old"]
 NEW_TOKENS = 10
 CHECKPOINT = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 8,
@@ -44,20 +46,13 @@ def greedy(model, ids: list[int], new_tokens: int, eos: set[int], penalty: float
 def opinionated_dir(tmp_path_factory, cache_dir):
     """A 2-layer random-weight Llama whose generation_config.json asks for penalties,
     sampling, suppressed tokens and a minimum length."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig
 
     from worker.engine.demo import demo_model_dir
 
     out = tmp_path_factory.mktemp("opinionated-llama")
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(cache_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer).eval()
     first = [greedy(model, tokenizer(p)["input_ids"], 1, set())[0] for p in PROMPTS]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id,
