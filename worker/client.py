@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import ipaddress
 import itertools
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -28,9 +26,8 @@ from worker.ops.settings import Settings, get_settings
 from worker.queue.app import (
     BULK_BELL,
     BULK_QUEUE,
-    OWNER_QUEUES_KEY,
+    OWNER_LISTS_KEY,
     TASK_NAME,
-    WEIGHTS_KEY,
     make_app,
     pending_by_queue,
     queue_for,
@@ -290,21 +287,14 @@ class GenerationClient:
 
     def _hook(self, url: str | None) -> str | None:
         """A webhook URL as given, or ``InvalidRequest`` when it is not http(s) or names a
-        non-public address literally (hosts are resolved and checked again at delivery)."""
-        if url is None:
-            return None
-        from worker.queue.webhooks import UnsafeURL, check_url
+        non-public address literally (names are resolved and checked at delivery)."""
+        if url is not None:
+            from worker.queue.webhooks import UnsafeURL, check_url
 
-        try:
-            check_url(url, allow_private=True)
-            host = urlsplit(url).hostname or ""
-            address = ipaddress.ip_address(host.strip("[]")) if _is_ip(host) else None
-        except UnsafeURL as exc:
-            raise InvalidRequest(f"webhook_url: {exc}") from None
-        if (address is not None and not address.is_global
-                and not self.settings.webhook_allow_private):
-            raise InvalidRequest(f"webhook_url: {host} is not a public address "
-                                 "(GENQ_WEBHOOK_ALLOW_PRIVATE=1 allows it)")
+            try:
+                check_url(url, self.settings.webhook_allow_private, resolve=False)
+            except UnsafeURL as exc:
+                raise InvalidRequest(f"webhook_url: {exc}") from None
         return url
 
     def _fleet_info(self) -> list[dict[str, Any]]:
@@ -352,8 +342,7 @@ class GenerationClient:
                 )
         if owner_lists:  # after publishing: a worker that sees the list finds its messages
             pipe = self.broker.pipeline(transaction=False)
-            pipe.sadd(OWNER_QUEUES_KEY, *owner_lists)
-            pipe.hset(WEIGHTS_KEY, mapping=dict.fromkeys(owner_lists, self.weight))
+            pipe.hset(OWNER_LISTS_KEY, mapping=dict.fromkeys(owner_lists, self.weight))
             pipe.rpush(BULK_BELL, 1)
             pipe.expire(BULK_BELL, 60)
             pipe.execute()
@@ -363,18 +352,15 @@ class GenerationClient:
     def get(self, request_id: str) -> dict[str, Any]:
         """The result as it stands now (never blocks); ``NotFound`` if unknown/expired or
         another owner's. A queued request whose deadline passed reads ``expired`` at once."""
-        self._check_owned([request_id])
-        return _public(self._expire_due([self.store.get(request_id)])[0])
+        return _public(self._expire_due([self.store.get(request_id, self._scope)])[0])
+
+    @property
+    def _scope(self) -> str | None:
+        """The owner whose work this client may see (None: everyone's)."""
+        return None if self.admin else self.owner
 
     def _visible(self, owner: str | None) -> bool:
-        return self.owner is None or self.admin or owner == self.owner
-
-    def _check_owned(self, ids: list[str]) -> None:
-        if self.owner is None or self.admin:
-            return
-        for request_id, owner in zip(ids, self.store.owners(ids), strict=True):
-            if owner != self.owner:
-                raise NotFound(f"no request {request_id!r} (unknown or expired)")
+        return self._scope is None or owner == self._scope
 
     def _expire_due(self, records: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
         """Records as they read now: queued ones past their deadline end ``expired``."""
@@ -401,8 +387,7 @@ class GenerationClient:
 
     def cancel(self, request_id: str) -> bool:
         """Cancel one request; True if it was still queued or running."""
-        self._check_owned([request_id])
-        self.store.get(request_id)  # NotFound for unknown ids
+        self.store.get(request_id, self._scope)  # NotFound for unknown ids and others' 
         return self.store.cancel([request_id])[0]
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -458,14 +443,6 @@ def _fingerprint(request: dict[str, Any]) -> str:
     only says how soon it runs)."""
     body = {k: v for k, v in request.items() if k not in ("idempotency_key", "priority")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _listed(errors: list[str], what: str) -> str:

@@ -18,8 +18,8 @@ INTERACTIVE_QUEUE = "genq.interactive"
 BULK_QUEUE = "genq.bulk"
 REQUEST_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)  # served in this order
 CONTROL_QUEUE = "genq.control"  # the Celery consumer's own queue; nothing is sent there
-OWNER_QUEUES_KEY = "genq:bulk:queues"  # set: every owner's bulk list ever published to
-WEIGHTS_KEY = "genq:bulk:weights"  # hash: owner bulk list -> its weight in admission
+# hash: every owner's bulk list ever published to -> its weight in bulk admission
+OWNER_LISTS_KEY = "genq:bulk:weights"
 BULK_BELL = "genq:bell:bulk"  # rung after publishing to an owner's bulk list
 # kombu's Redis transport puts a message sent with Celery's priority=N on ``<queue>\x06\x16<step>``
 PRIORITY_STEPS = ("\x06\x163", "\x06\x166", "\x06\x169")
@@ -38,18 +38,21 @@ def logical_queue(name: str) -> str:
     return BULK_QUEUE if name.startswith(BULK_QUEUE) else INTERACTIVE_QUEUE
 
 
-def request_lists(client) -> tuple[list[str], list[str]]:
-    """(interactive lists, bulk lists) that requests can be on: the two queues, the lists of
-    Celery's priority steps (a foreign producer's ``priority=``), and every owner's list."""
-    owners = sorted(m.decode() if isinstance(m, bytes) else m
-                    for m in client.smembers(OWNER_QUEUES_KEY))
+def request_lists(client) -> tuple[list[str], list[str], list[int]]:
+    """(interactive lists, bulk lists, each bulk list's weight) that requests can be on: the
+    two queues, the lists of Celery's priority steps (a foreign producer's ``priority=``), and
+    every owner's list (one read)."""
+    owners = sorted((k.decode() if isinstance(k, bytes) else k, int(w))
+                    for k, w in client.hgetall(OWNER_LISTS_KEY).items())
     interactive = [INTERACTIVE_QUEUE, *(INTERACTIVE_QUEUE + s for s in PRIORITY_STEPS)]
-    return interactive, [BULK_QUEUE, *(BULK_QUEUE + s for s in PRIORITY_STEPS), *owners]
+    shared = [BULK_QUEUE, *(BULK_QUEUE + s for s in PRIORITY_STEPS)]
+    return (interactive, [*shared, *(name for name, _ in owners)],
+            [1] * len(shared) + [weight for _, weight in owners])
 
 
 def pending_by_queue(client) -> dict[str, int]:
     """How many requests wait on Redis, per logical queue (one round trip after the lookup)."""
-    interactive, bulk = request_lists(client)
+    interactive, bulk, _ = request_lists(client)
     pipe = client.pipeline(transaction=False)
     for name in (*interactive, *bulk):
         pipe.llen(name)

@@ -27,7 +27,6 @@ from worker.queue.app import (
     BULK_BELL,
     BULK_QUEUE,
     INTERACTIVE_QUEUE,
-    WEIGHTS_KEY,
     logical_queue,
     request_lists,
 )
@@ -210,11 +209,9 @@ class Inbox:
         ``genq.bulk``: every list of that priority), interactive first, within the share of a
         worker that holds ``held`` messages, each unacked until acked; and how many messages
         of each priority are still queued."""
-        interactive, bulk = request_lists(self.redis)
-        weights = self.redis.hmget(WEIGHTS_KEY, bulk) if bulk else []
+        interactive, bulk, weights = request_lists(self.redis)
         args = [time.time(), held, len(interactive), max(0, want.get(INTERACTIVE_QUEUE, 0)),
-                max(0, want.get(BULK_QUEUE, 0)), self.adapters,
-                *(int(w) if w else 1 for w in weights)]
+                max(0, want.get(BULK_QUEUE, 0)), self.adapters, *weights]
         flat = self._fetch(keys=[self.unacked, self.index, self.workers_key, BULK_TURN_KEY,
                                  BULK_BELL, *interactive, *bulk], args=args)
         left = {INTERACTIVE_QUEUE: int(flat[0]), BULK_QUEUE: int(flat[1])}

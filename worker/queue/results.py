@@ -220,10 +220,6 @@ class ResultStore:
         """How many of ``owner``'s requests are not final."""
         return int(self.redis.get(pending_key(owner)) or 0)
 
-    def owners(self, ids: list[str]) -> list[str | None]:
-        """Who submitted each request (None: no owner recorded)."""
-        return self.redis.mget([owner_key(i) for i in ids]) if ids else []
-
     def create_job(self, job_id: str, total: int, pipe, owner: str | None = None,
                    webhook_url: str | None = None) -> None:
         """Add the job (``validating`` until ``job_submitted``) to ``pipe``; its ids follow
@@ -357,10 +353,11 @@ class ResultStore:
 
     # -- clients ----------------------------------------------------------------------
 
-    def get(self, request_id: str) -> dict[str, Any]:
-        """The result record; ``NotFound`` if unknown or expired."""
-        raw = self.redis.get(result_key(request_id))
-        if raw is None:
+    def get(self, request_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The result record; ``NotFound`` if unknown or expired, or (with ``owner``) if
+        another owner's. One round trip."""
+        raw, recorded = self.redis.mget([result_key(request_id), owner_key(request_id)])
+        if raw is None or (owner is not None and recorded != owner):
             raise NotFound(f"no request {request_id!r} (unknown or expired)")
         return json.loads(raw)
 

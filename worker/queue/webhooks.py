@@ -53,23 +53,30 @@ class UnsafeURL(ValueError):
     """A webhook URL that is not http(s) or points at a non-public address."""
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Refuse a webhook target that is not http(s), or (unless ``allow_private``) whose host
-    resolves to a loopback, link-local, private, reserved or multicast address."""
+def check_url(url: str, allow_private: bool, resolve: bool = True) -> None:
+    """Refuse a webhook target that is not http(s), or (unless ``allow_private``) whose host is
+    or resolves to a loopback, link-local, private, reserved or multicast address. Without
+    ``resolve`` (at enqueue) only a literal address is judged; names are judged at delivery."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
         raise UnsafeURL(f"webhook URL must be http(s) with a host: {url[:100]!r}")
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise UnsafeURL(f"webhook host {parts.hostname!r} does not resolve") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:  # a name
+        if not resolve:
+            return
+        try:
+            infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            raise UnsafeURL(f"webhook host {host!r} does not resolve") from exc
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
         if not address.is_global or address.is_multicast:
-            raise UnsafeURL(f"webhook host {parts.hostname!r} resolves to a non-public address "
-                            f"({address}); set GENQ_WEBHOOK_ALLOW_PRIVATE=1 to allow it")
+            raise UnsafeURL(f"webhook host {host!r} is not a public address ({address}); "
+                            "set GENQ_WEBHOOK_ALLOW_PRIVATE=1 to allow it")
 
 
 def event_id(kind: str, subject: str) -> str:
