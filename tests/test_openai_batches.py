@@ -142,7 +142,7 @@ def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
     assert by_line[10].code == "model_not_found" and by_line[10].param == "body.model"
     assert s.oai.batches.retrieve(batch.id).status == "failed"
     r = redis.Redis.from_url(redis_url)
-    assert not r.keys("genq:job:*") and not r.keys("genq:result:*")  # nothing queued
+    assert not r.keys("genq:job:*") and not r.keys("genq:r:*")  # nothing queued
     assert s.http.get("/demand").json()["total"] == 0
 
     empty = s.oai.batches.create(input_file_id=s.upload([""]), endpoint=CHAT,
