@@ -88,16 +88,16 @@ def test_openai_fields_translate_and_unimplemented_ones_are_refused_by_name():
 
 def test_model_names_select_the_adapter():
     bases = {DEMO_ID: ["a", "b"]}
-    assert resolve_model(None, bases, None) is None
-    assert resolve_model("", bases, None) is None
-    assert resolve_model(DEMO_ID, bases, None) is None
-    assert resolve_model("demo", bases, None) is None
-    assert resolve_model("a", bases, None) == "a"
-    assert resolve_model(f"{DEMO_ID}:b", bases, None) == "b"
-    assert resolve_model("demo:b", bases, None) == "b"
+    assert resolve_model(None, bases) is None
+    assert resolve_model("", bases) is None
+    assert resolve_model(DEMO_ID, bases) is None
+    assert resolve_model("demo", bases) is None
+    assert resolve_model("a", bases) == "a"
+    assert resolve_model(f"{DEMO_ID}:b", bases) == "b"
+    assert resolve_model("demo:b", bases) == "b"
     for name in ("gpt-4o", f"{DEMO_ID}:c", "c"):
         with pytest.raises(ModelNotFound):
-            resolve_model(name, bases, None)
+            resolve_model(name, bases)
 
 
 def test_streamed_text_holds_back_what_may_still_change():

@@ -119,7 +119,7 @@ class Translator:
         if model is not None and not isinstance(model, str):
             raise InvalidRequest("body.model: must be a string")
         try:
-            adapter = resolve_model(model, self.bases, self.settings)
+            adapter = resolve_model(model, self.bases)
         except ModelNotFound as exc:
             raise InvalidRequest(f"body.model: {exc.message}") from None
         if adapter is not None:

@@ -68,7 +68,7 @@ def router(client, settings, files) -> APIRouter:
     @api.get("/v1/models/{model_id:path}")
     def get_model(model_id: str, request: Request) -> dict:
         """One model (``model_not_found`` if no live worker serves it)."""
-        resolve_model(model_id, served(request.state.client, settings), settings)
+        resolve_model(model_id, served(request.state.client, settings))
         return model_object(model_id, created)
 
     @api.post("/v1/chat/completions", openapi_extra=_body_schema("a chat completions request"))
@@ -150,7 +150,7 @@ def openai_request(owner, settings, body: dict[str, Any], url: str,
     """The genqueue request for an OpenAI body: OpenAI's defaults, ``model`` as the adapter,
     interactive priority. Reads the fleet and the published tokenizer (blocking: run it in
     a thread)."""
-    adapter = resolve_model(model, served(owner, settings), settings)
+    adapter = resolve_model(model, served(owner, settings))
     limited = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     req = from_openai(body, url=url, openai_defaults=True)
     if adapter is not None:
@@ -201,7 +201,7 @@ def served(owner, settings) -> dict[str, list[str]]:
     return {base: sorted(adapters) for base, adapters in sorted(out.items())}
 
 
-def resolve_model(model: str | None, bases: dict[str, list[str]], settings) -> str | None:
+def resolve_model(model: str | None, bases: dict[str, list[str]]) -> str | None:
     """The adapter a request's ``model`` selects (None: the base model), or ``ModelNotFound``.
     A base answers to its id (``demo`` too for the demo model), an adapter to ``base:name``
     and to its name."""
