@@ -30,10 +30,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import redis
 import structlog
 from standardwebhooks.webhooks import Webhook
 
+from worker.errors import NotFound
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 
@@ -96,7 +96,10 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
         data = {k: v for k, v in record.items() if k not in ("job_id", "expires_at")}
         return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, \
             note.get("url") or None
-    job = store.job(note["id"])
+    try:
+        job = store.job(note["id"])
+    except NotFound:  # expired before its event was sent
+        return None
     status = job["status"]
     if status == "completed" and job["counts"]["expired"] and not job["counts"]["succeeded"]:
         status = "expired"
@@ -119,10 +122,11 @@ def register(app, settings: Settings) -> None:
             log.error("webhook_refused", url=url, event_id=msg_id, reason=str(exc))
             return
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        now = datetime.now(UTC)  # one instant for the header and the signature
         headers = {"content-type": "application/json", "webhook-id": msg_id,
-                   "webhook-timestamp": str(int(time.time()))}
+                   "webhook-timestamp": str(int(now.timestamp()))}
         if secret:
-            headers["webhook-signature"] = Webhook(secret).sign(msg_id, datetime.now(UTC), body)
+            headers["webhook-signature"] = Webhook(secret).sign(msg_id, now, body)
         try:
             status = httpx.post(url, content=body, headers=headers, timeout=10,
                                 follow_redirects=False).status_code
@@ -170,8 +174,8 @@ class Pump:
                     if raw is not None:
                         self.publish(raw)
                         self.redis.lrem(PENDING_KEY, 1, raw)
-            except redis.RedisError as exc:
-                log.warning("broker_unavailable", component="notifier", error=repr(exc)[:200])
+            except Exception as exc:  # noqa: BLE001 - Redis, kombu's publish: retry, never die
+                log.warning("notifier_retry", component="notifier", error=repr(exc)[:200])
                 self.stop.wait(1.0)
 
     def publish(self, raw: str) -> None:
