@@ -125,7 +125,7 @@ def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
         chat_line("temp", "x", temperature=-1),                               # 5
         {"method": "POST", "url": CHAT, "body": {"messages": []}},            # 6: no custom_id
         "",                                                                   # 7: blank, skipped
-        chat_line("n", "x", n=3),                                             # 8
+        chat_line("n", "x", n=17),                                            # 8
         chat_line("ok-2", "fine too"),                                        # 9
         chat_line("model", "x", model="gpt-4o"),                              # 10
     ]
@@ -139,6 +139,7 @@ def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
     assert by_line[4].code == "duplicate_custom_id"
     assert "temperature" in by_line[5].message and by_line[5].param == "body.temperature"
     assert by_line[6].param == "custom_id"
+    assert by_line[8].param == "body.n" and "16" in by_line[8].message
     assert by_line[10].code == "model_not_found" and by_line[10].param == "body.model"
     assert s.oai.batches.retrieve(batch.id).status == "failed"
     r = redis.Redis.from_url(redis_url)

@@ -64,21 +64,26 @@ def test_openai_fields_translate_and_unimplemented_ones_are_refused_by_name():
     got = from_openai({"messages": [{"role": "developer", "content": "be brief"},
                                     {"role": "user", "content": parts}],
                        "stop": "\n", "seed": 3, "top_p": 0.5, "max_tokens": 9, "temperature": None,
-                       "n": 1, "logprobs": False, "stream": False, "response_format": {"type": "text"}})
+                       "n": 2, "logprobs": True, "top_logprobs": 3, "stream": False,
+                       "response_format": {"type": "json_object"}})
     assert got == {"messages": [{"role": "system", "content": "be brief"},
                                 {"role": "user", "content": "one\ntwo"}],
-                   "stop": "\n", "seed": 3, "top_p": 0.5, "max_new_tokens": 9}
-    refused = {"n": ({"n": 2}, "n: 2 is not supported"), "logprobs": ({"logprobs": True}, "logprobs"),
+                   "stop": "\n", "seed": 3, "top_p": 0.5, "max_new_tokens": 9, "n": 2,
+                   "logprobs": True, "top_logprobs": 3, "response_format": {"type": "json_object"}}
+    legacy = from_openai({"prompt": "p", "logprobs": 2, "n": 3}, url="/v1/completions")
+    assert legacy == {"prompt": "p", "logprobs": True, "top_logprobs": 2, "n": 3}
+    refused = {"logit_bias": ({"logit_bias": {"5": 1}}, "logit_bias"),
                "tools": ({"tools": []}, "tools: not supported"),
-               "response_format": ({"response_format": {"type": "json_object"}}, "response_format"),
+               "best_of": ({"best_of": 2}, "best_of: 2 is not supported"),
                "image": ({"messages": [{"role": "user", "content": [
                    {"type": "image_url", "image_url": {"url": "x"}}]}]},
                    "messages[0].content[0]: only text parts"),
                "limits": ({"max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
                "prompts": ({"prompt": ["a", "b"]}, "prompt: only one prompt")}
     for name, (extra, message) in refused.items():
-        url = "/v1/completions" if name == "prompts" else "/v1/chat/completions"
-        base = {} if name == "prompts" else {"messages": MESSAGES}
+        legacy = name in ("prompts", "best_of")
+        url = "/v1/completions" if legacy else "/v1/chat/completions"
+        base = {"prompt": "p"} if name == "best_of" else {} if legacy else {"messages": MESSAGES}
         with pytest.raises(InvalidRequest, match=re.escape(message)):
             from_openai({**base, **extra}, url=url)
     with pytest.raises(InvalidRequest, match=re.escape("body.messages[0].content[0]")):
@@ -140,7 +145,11 @@ def test_full_queue_is_a_rate_limit_error(gateway):
 
 def test_invalid_fields_are_bad_requests_naming_the_field(gateway):
     api = sdk(gateway())
-    cases = [({"n": 2}, "n: 2"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [({"n": 17}, "n: "), ({"stream": True, "n": 2}, "stream: n > 1"),
+             ({"response_format": {"type": "json_schema", "json_schema": {
+                 "name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
+              "response_format: Unimplemented keys"),
+             ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                           "image_url": {"url": "data:,"}}]}]},
               "messages[0].content[0]"),

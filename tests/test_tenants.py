@@ -139,12 +139,17 @@ def test_a_passed_deadline_reads_expired_at_once(client):
     ({"messages": [{"role": "user", "content": "x" * 60}] * 2}, "GENQ_MAX_PROMPT_CHARS"),
     ({"prompt": "x", "raw_special_tokens": True}, "may not send raw special tokens"),
     ({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
-      "body": {"messages": [{"role": "user", "content": "x"}], "n": 2}}, "body.n"),
+      "body": {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}}},
+     "body.logit_bias"),
     ({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
-      "body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True}}, "body.logprobs"),
+      "body": {"messages": [{"role": "user", "content": "x"}], "n": 17}}, "^n: "),
     ({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
-      "body": {"messages": [{"role": "user", "content": "x"}],
-               "response_format": {"type": "json_object"}}}, "body.response_format"),
+      "body": {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}},
+     "top_logprobs needs logprobs"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+      "body": {"messages": [{"role": "user", "content": "x"}], "response_format": {
+          "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "strng"}}}}},
+     "response_format: .*Invalid type: strng"),
 ])
 def test_strict_requests(redis_url, body, message):
     from worker.client import GenerationClient

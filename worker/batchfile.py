@@ -13,19 +13,22 @@ from worker.schema import validate_request
 # OpenAI chat-completions body fields -> genqueue request fields
 OPENAI_FIELDS = {"messages": "messages", "max_tokens": "max_new_tokens",
                  "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
-                 "top_p": "top_p", "stop": "stop", "seed": "seed", "metadata": "metadata"}
+                 "top_p": "top_p", "stop": "stop", "seed": "seed", "metadata": "metadata",
+                 "n": "n", "logprobs": "logprobs", "top_logprobs": "top_logprobs",
+                 "response_format": "response_format"}
 # accepted and not used: the worker's model answers; ``user`` is the caller's own label
 OPENAI_IGNORED = {"model", "user"}
 # accepted only at the value that asks for nothing genqueue does not do
-OPENAI_NEUTRAL = {"n": (1,), "stream": (False,), "logprobs": (False,), "top_logprobs": (0,),
-                  "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
-                  "stream_options": (None,), "logit_bias": ({},), "store": (False,),
-                  "response_format": ({"type": "text"},)}
-# the same for OpenAI's legacy ``/v1/completions`` (a raw ``prompt``, no chat template)
+OPENAI_NEUTRAL = {"stream": (False,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
+                  "stream_options": (None,), "logit_bias": ({},), "store": (False,)}
+# the same for OpenAI's legacy ``/v1/completions`` (a raw ``prompt``, no chat template); its
+# ``logprobs`` is a count of candidates (``top_logprobs``), and genqueue's ``response_format``
+# is taken there too
 COMPLETION_FIELDS = {"prompt": "prompt", "max_tokens": "max_new_tokens",
                      "temperature": "temperature", "top_p": "top_p", "stop": "stop",
-                     "seed": "seed"}
-COMPLETION_NEUTRAL = {"n": (1,), "best_of": (1,), "stream": (False,), "logprobs": (None,),
+                     "seed": "seed", "n": "n", "logprobs": "top_logprobs",
+                     "response_format": "response_format"}
+COMPLETION_NEUTRAL = {"best_of": (1,), "stream": (False,),
                       "echo": (False,), "suffix": (None,), "frequency_penalty": (0, 0.0),
                       "presence_penalty": (0, 0.0), "stream_options": (None,),
                       "logit_bias": ({},)}
@@ -54,7 +57,7 @@ def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str
 
     Message ``content`` may be a list of text parts (joined with newlines); ``stop`` a string
     or a list; a field set to null counts as absent. Every field genqueue does not implement
-    is refused by name, as is a neutral field (``n``, ``logprobs``, ...) at any other value.
+    is refused by name, as is a neutral field (``stream``, ``logit_bias``...) at any other value.
 
     ``openai_defaults`` (the OpenAI HTTP surface): OpenAI's defaults apply where a field is
     absent: ``temperature`` 1 (sampling), ``max_tokens`` 16 for completions and, for chat,
@@ -94,6 +97,8 @@ def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str
                                      f"(only {json.dumps(neutral[key][0])})")
         elif key not in OPENAI_IGNORED:
             raise InvalidRequest(f"{prefix}{key}: not supported")
+    if not chat and "top_logprobs" in request:  # legacy: ``logprobs: 3`` = 3 candidates
+        request["logprobs"] = True
     if "messages" in request:
         request["messages"] = _messages(request["messages"], prefix)
     if "prompt" in request:
@@ -163,7 +168,7 @@ def to_request(obj: Any, max_new_tokens_limit: int | None = None) -> dict[str, A
     if is_batch_line(obj):
         obj = from_openai(obj)
     return validate_request(obj, max_new_tokens_limit=max_new_tokens_limit).model_dump(
-        exclude_none=True)
+        exclude_none=True, by_alias=True)
 
 
 def read_lines(lines: Iterable[str | bytes], max_new_tokens_limit: int | None = None

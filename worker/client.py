@@ -274,7 +274,7 @@ class GenerationClient:
             raise InvalidRequest(f"adapter: no worker serves adapter {request.adapter!r}")
         if request.webhook_url:
             self._hook(request.webhook_url)
-        data = request.model_dump(exclude_none=True, exclude_defaults=False)
+        data = request.model_dump(exclude_none=True, by_alias=True)
         counter = self.counter.get() if count_tokens else None
         if counter is not None:
             try:

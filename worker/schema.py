@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from worker.errors import InvalidRequest
+from worker.structured import check_format
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_METADATA_BYTES = 16_384
@@ -64,6 +65,42 @@ def _depth(value: Any, level: int = 0) -> int:
     return max((_depth(v, level + 1) for v in children), default=level + 1)
 
 
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's ``json_schema`` object: a name, the schema, and ``strict`` (always enforced)."""
+
+    model_config = STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = Field(None, max_length=4096)
+
+
+class ResponseFormat(BaseModel):
+    """What the output must be: ``text`` (anything), ``json_object``, ``json_schema`` (OpenAI's
+    shapes) or ``regex`` (genqueue's: the whole output matches ``pattern``)."""
+
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: JsonSchemaSpec | None = None
+    pattern: str | None = Field(None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _enforceable(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type json_schema, and only there")
+        if (self.type == "regex") != (self.pattern is not None):
+            raise ValueError("'pattern' is required with type regex, and only there")
+        check_format(self.spec)  # ValueError naming what llguidance cannot enforce
+        return self
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The format as plain JSON, exactly as given."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class GenerationRequest(BaseModel):
     """A generation request exactly as the contract states it. Numbers are finite (no NaN
     or Infinity anywhere, metadata included) and never booleans."""
@@ -88,6 +125,10 @@ class GenerationRequest(BaseModel):
     raw_special_tokens: bool | None = None
     webhook_url: str | None = Field(None, min_length=8, max_length=2048,
                                     pattern=r"^https?://[^\s/?#]+([/?#]\S*)?$")
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    n: Int | None = Field(None, ge=1, le=16)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -134,6 +175,8 @@ class GenerationRequest(BaseModel):
     def _one_input(self) -> GenerationRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.messages is not None:
             for m in self.messages:
                 _check_utf8(m.content)
@@ -147,6 +190,17 @@ class GenerationRequest(BaseModel):
         return sum(len(m.content) for m in self.messages or ())
 
     @property
+    def grammar_spec(self) -> dict[str, Any] | None:
+        """The ``response_format`` that constrains the output, or None (absent or text)."""
+        fmt = self.response_format
+        return None if fmt is None or fmt.type == "text" else fmt.spec
+
+    @property
+    def sample_count(self) -> int:
+        """How many samples (``n``) the request asks for."""
+        return self.n or 1
+
+    @property
     def samples(self) -> bool:
         """Whether this request samples (temperature > 0) rather than decoding greedily."""
         return self.temperature > 0
@@ -156,7 +210,7 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "request"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -195,6 +249,29 @@ class BatchInfo(BaseModel):
     pad_fraction: float
 
 
+class TopLogprob(BaseModel):
+    """One candidate token at a position: its text, log-probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token (OpenAI's shape) with the most likely candidates at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class Choice(BaseModel):
+    """One of the ``n`` samples of a request."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class Result(BaseModel):
     """A result exactly as the contract states it: the one definition of its shape, used by
     the engine, the workers, the result store and the gateway."""
@@ -212,6 +289,8 @@ class Result(BaseModel):
     adapter: str | None = None
     metadata: dict[str, Any] | None = None
     error: dict[str, str] | None = None
+    logprobs: list[TokenLogprob] | None = None  # when asked: one entry per generated token
+    choices: list[Choice] | None = None  # n > 1: every sample (``text`` is the first's)
 
 
 def result_record(request_id: str, status: str, request: Any = None, *, job_id: str | None = None,

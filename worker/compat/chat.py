@@ -90,6 +90,9 @@ def router(client, settings, files) -> APIRouter:
         if asked is not None and not isinstance(asked, str):
             raise InvalidRequest("model: must be a string")
         req = await run_in_threadpool(openai_request, owner, settings, body, url, asked)
+        if stream and (req.get("n", 1) != 1 or req.get("logprobs")):
+            raise InvalidRequest("stream: n > 1 and logprobs are only answered whole; "
+                                 "leave stream false for them")
         rid = await run_in_threadpool(owner.submit, **req)
         model = asked or ""
         chat = url == CHAT_URL

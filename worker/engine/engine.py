@@ -17,6 +17,7 @@ import structlog
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from worker.engine.grammar import Grammars
 from worker.engine.loading import (
     load_adapters,
     load_model,
@@ -52,7 +53,7 @@ class Engine:
                  max_prefill_tokens: int = 8192, max_bulk_prefill_tokens: int = 512,
                  max_bulk_pause_ms: int = 1000,
                  max_wait_ms_for_bucket: int = 30_000, scheduler: str = "continuous",
-                 worker_name: str | None = None):
+                 grammar_cache_size: int = 128, worker_name: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
@@ -87,6 +88,8 @@ class Engine:
             scheduler = "static"
         self.scheduler_mode = scheduler
         self._adapter: tuple[str | None] | None = None  # the adapter active now (None: base)
+        self.grammar_cache_size = grammar_cache_size
+        self._grammars: Grammars | None = None
 
     # -- public API -------------------------------------------------------------------
 
@@ -143,11 +146,39 @@ class Engine:
         ids = self._encode_one(request)
         self._check_length(len(ids), request.max_new_tokens)
         body = raw if isinstance(raw, dict) else {}
+        spec = request.grammar_spec
+        if request.logprobs:
+            self.grammars  # noqa: B018 - token bytes are needed for the result: fail now if not
         return Sequence(
             id=request_id or _request_id(raw), request=request, prompt_ids=ids, body=body,
             submitted_at=time.time() if submitted_at is None else submitted_at,
             expires_at=expires_at, suspect=suspect, sampler=RowSampler.for_request(request),
-            stops=StopStrings(request.stop) if request.stop else None)
+            stops=StopStrings(request.stop) if request.stop else None,
+            grammar=self.grammars.matcher(spec) if spec else None,
+            logprobs=[] if request.logprobs else None)
+
+    @property
+    def grammars(self) -> Grammars:
+        """Compiled ``response_format`` grammars and token bytes (built on first use)."""
+        if self._grammars is None:
+            out = self.model.get_output_embeddings()
+            vocab = int(out.weight.shape[0]) if out is not None else int(self.model.config.vocab_size)
+            try:
+                self._grammars = Grammars(self.tokenizer, vocab, self.eos_ids,
+                                          self.grammar_cache_size)
+            except Exception as exc:  # noqa: BLE001 - llguidance raises plain exceptions
+                raise InvalidRequest("response_format and logprobs: this model's tokenizer cannot "
+                                     f"be read by llguidance ({exc})") from None
+        return self._grammars
+
+    def samples_of(self, seq: Sequence) -> list[Sequence]:
+        """Rows for samples 1..n-1 of ``seq``'s request (none when ``n`` is 1)."""
+        request = seq.request
+        if request.sample_count == 1 or seq.samples:
+            return []
+        spec = request.grammar_spec
+        return seq.siblings(lambda i: RowSampler.for_request(request, i),
+                            lambda: self.grammars.matcher(spec) if spec else None)
 
     def prepare(self, request: dict[str, Any]) -> int:
         """Check one request as ``generate`` will; its prompt token count (no padding)."""
@@ -155,7 +186,9 @@ class Engine:
 
     def result(self, seq: Sequence) -> dict[str, Any]:
         """The contract's result for a finished sequence."""
-        return seq.result(self.tokenizer, worker=self.worker_name, model=self.model_name)
+        token_bytes = self.grammars.token_bytes if seq.logprobs is not None else None
+        return seq.result(self.tokenizer, worker=self.worker_name, model=self.model_name,
+                          token_bytes=token_bytes)
 
     def failed(self, request_id: str, body: Any, exc: GenqError) -> dict[str, Any]:
         """The result of a request that failed before it ran."""
@@ -250,5 +283,5 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
         max_bulk_prefill_tokens=config.max_bulk_prefill_tokens,
         max_bulk_pause_ms=config.max_bulk_pause_ms,
         max_wait_ms_for_bucket=config.max_wait_ms_for_bucket, scheduler=config.scheduler,
-        worker_name=worker_name,
+        grammar_cache_size=config.grammar_cache_size, worker_name=worker_name,
     )

@@ -141,7 +141,11 @@ class RunningBatch:
         size = size or len(self.rows) + len(joiners)
         started = time.time()
         device = engine.device
-        enc = engine.tokenizer.pad({"input_ids": [s.prompt_ids for s in joiners]}, padding=True,
+        # samples of one request share their prompt: it is prefilled once, then copied
+        firsts: dict[int, int] = {}
+        copies = [firsts.setdefault(id(s.primary or s), len(firsts)) for s in joiners]
+        prompts = [joiners[copies.index(i)].prompt_ids for i in range(len(firsts))]
+        enc = engine.tokenizer.pad({"input_ids": prompts}, padding=True,
                                    padding_side=engine.padding_side, return_tensors="pt")
         input_ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
@@ -153,7 +157,11 @@ class RunningBatch:
         logits = out.logits[:, -1, :]
         past = out.past_key_values
         del out
-        tokens = choose_tokens(logits, joiners)
+        if len(prompts) < len(joiners):
+            index = torch.tensor(copies, device=device)
+            logits, mask = logits[index], mask[index]
+            past = with_kv_pairs(past, [(k[index], v[index]) for k, v in kv_pairs(past)])
+        tokens, logprobs = choose_tokens(logits, joiners)
         batch = {"size": size,
                  "pad_fraction": round(pad_fraction([s.prompt_tokens for s in joiners]), 4)}
         for seq in joiners:
@@ -161,7 +169,7 @@ class RunningBatch:
             seq.batch = batch
             seq.batch_id = self.id
         self._merge(past, mask, joiners, [s.prompt_tokens for s in joiners])
-        return self._accept(tokens, joiners)
+        return self._accept(tokens, logprobs, joiners)
 
     def _merge(self, past, mask: torch.Tensor, joiners: list[Sequence], positions: list[int]) -> None:
         device = mask.device
@@ -213,21 +221,23 @@ class RunningBatch:
         self.last_step = time.time()
         live = self.live
         if len(live) == len(self.rows):
-            tokens = choose_tokens(logits, self.rows)
+            tokens, logprobs = choose_tokens(logits, self.rows)
         else:  # static mode: finished rows get pads, like transformers' generate
             index = [i for i, r in enumerate(self.rows) if not r.done]
             tokens = [engine.pad.token_id] * len(self.rows)
-            for i, token in zip(index, choose_tokens(logits[index], live), strict=True):
-                tokens[i] = token
-        return self._accept(tokens, self.rows)
+            logprobs = [None] * len(self.rows)
+            chosen, their_logprobs = choose_tokens(logits[index], live)
+            for i, token, logprob in zip(index, chosen, their_logprobs, strict=True):
+                tokens[i], logprobs[i] = token, logprob
+        return self._accept(tokens, logprobs, self.rows)
 
-    def _accept(self, tokens: list[int], rows: list[Sequence]) -> list[Sequence]:
+    def _accept(self, tokens: list[int], logprobs: list, rows: list[Sequence]) -> list[Sequence]:
         """Record each row's new token; drop the rows that finished."""
         engine = self.engine
         start = len(self.rows) - len(rows)
         self.next_ids[start:] = torch.tensor(tokens, device=self.next_ids.device)
-        finished = [row for row, token in zip(rows, tokens, strict=True)
-                    if not row.done and row.accept(token, engine.eos_ids, engine.tokenizer)]
+        finished = [row for row, token, logprob in zip(rows, tokens, logprobs, strict=True)
+                    if not row.done and row.accept(token, engine.eos_ids, engine.tokenizer, logprob)]
         now = time.time()
         for row in finished:
             row.finished_at = now

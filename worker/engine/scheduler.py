@@ -32,6 +32,17 @@ log = structlog.get_logger(__name__)
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 
+def _requests(rows: list[Sequence]) -> list[Sequence]:
+    """The requests these finished rows complete: a row alone, or sample 0 of a request
+    once all its samples are done (until then, nothing for it)."""
+    done: list[Sequence] = []
+    for row in rows:
+        request = row.primary or row
+        if row.request_done and request not in done:
+            done.append(request)
+    return done
+
+
 class Scheduler:
     """Requests waiting and running on one engine; ``step()`` serves one lane once."""
 
@@ -65,9 +76,16 @@ class Scheduler:
         return not self.waiting and not any(self.lanes.values())
 
     def add(self, seq: Sequence) -> None:
-        """Queue a prepared request; it joins a lane when the policy says so."""
-        seq.handle = str(next(self._handles))
-        self.waiting[seq.handle] = seq
+        """Queue a prepared request (``n`` rows if it asks for ``n`` samples); its rows join
+        lanes when the policy says so."""
+        for row in [seq, *self.engine.samples_of(seq)]:
+            row.handle = str(next(self._handles))
+            self.waiting[row.handle] = row
+
+    def forget(self, ids: set[str]) -> None:
+        """Drop these requests' waiting rows without a result (already final elsewhere)."""
+        for handle in [h for h, s in self.waiting.items() if s.id in ids]:
+            del self.waiting[handle]
 
     def stop(self, ids: Iterable[str], status: str = "cancelled") -> list[Sequence]:
         """End these requests now (waiting or running) with ``status``; the ended rows."""
@@ -85,7 +103,7 @@ class Scheduler:
             seq.stop_early(status)
             seq.finished_at = now
         self._drop_empty_lanes()
-        return ended
+        return _requests(ended)
 
     def expire(self, now: float | None = None) -> list[Sequence]:
         """End every request past its deadline (``expires_in_s``) as ``expired``."""
@@ -130,7 +148,7 @@ class Scheduler:
         if self.solo is not None and self.solo.done:
             self.solo = None
         self._drop_empty_lanes()
-        return finished
+        return _requests(finished)
 
     def _admit(self, lane: RunningBatch, joiners: list[Sequence]) -> list[Sequence]:
         """Prefill the joiners in groups of similar prompt length (padding under a third)."""

@@ -4,6 +4,9 @@ tokens generated so far, and when and why it finished.
 A ``Sequence`` is what the scheduler admits into a running batch, steps, evicts after an
 out-of-memory error (it restarts from its prompt: same greedy text, same seeded samples) and
 turns into a result. It never holds tensors of the batch it runs in.
+
+A request with ``n`` samples is ``n`` rows: the first is the request's own sequence, the
+others (``siblings()``) share its prompt and point back to it; its result gathers them all.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.engine.sampling import Logprob
 from worker.engine.stopping import StopStrings, cut_at_stop
 from worker.schema import GenerationRequest, result_record
 
@@ -42,6 +46,11 @@ class Sequence:
     handle: str = ""  # unique within its scheduler (ids may repeat in one generate call)
     sampler: Any = field(default=None, repr=False)  # engine.sampling.RowSampler or None
     stops: StopStrings | None = field(default=None, repr=False)
+    grammar: Any = field(default=None, repr=False)  # llguidance.LLMatcher of a constrained row
+    logprobs: list[Logprob] | None = field(default=None, repr=False)  # when asked for
+    sample: int = 0  # which of the request's n samples this row is
+    primary: Sequence | None = field(default=None, repr=False)  # sample 0, for the others
+    samples: list[Sequence] = field(default_factory=list, repr=False)  # sample 0: all n rows
 
     # -- what the scheduling policy needs ---------------------------------------------
 
@@ -65,12 +74,38 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def request_done(self) -> bool:
+        """Whether every sample of this row's request has finished."""
+        return all(s.done for s in (self.primary or self).samples or [self])
+
+    def siblings(self, make_sampler, make_grammar) -> list[Sequence]:
+        """Samples 1..n-1 of this request (sample 0 is this sequence), each with its own
+        sampler (``make_sampler(i)``) and grammar matcher."""
+        rows = [Sequence(id=self.id, request=self.request, prompt_ids=self.prompt_ids,
+                         body=self.body, submitted_at=self.submitted_at,
+                         expires_at=self.expires_at, suspect=self.suspect, owner=self.owner,
+                         job=self.job, weight=self.weight, sampler=make_sampler(i),
+                         stops=self.stops, grammar=make_grammar(),
+                         logprobs=None if self.logprobs is None else [], sample=i, primary=self)
+                for i in range(1, self.request.sample_count)]
+        self.samples = [self, *rows]
+        return rows
+
     # -- generation -------------------------------------------------------------------
 
-    def accept(self, token: int, eos_ids: frozenset[int], tokenizer) -> bool:
-        """Append a generated token; True if the row has finished (EOS, stop string, length)."""
+    def accept(self, token: int, eos_ids: frozenset[int], tokenizer,
+               logprob: Logprob | None = None) -> bool:
+        """Append a generated token; True if the row has finished (EOS, stop string, length,
+        or its grammar is complete)."""
         self.tokens.append(token)
-        if token in eos_ids:
+        if self.logprobs is not None and logprob is not None and token not in eos_ids:
+            self.logprobs.append((token, *logprob))
+        if self.grammar is not None and token not in eos_ids and not self.grammar.consume_token(token):
+            self.error = {"code": "internal", "message": "the grammar refused the chosen token: "
+                          + str(self.grammar.get_error())[:200]}
+            self.finish_reason = "error"
+        elif token in eos_ids or (self.grammar is not None and self.grammar.is_stopped()):
             self.finish_reason = "stop"
         elif self.stops is not None and self.stops.seen(self.tokens, tokenizer):
             self.finish_reason = "stop_sequence"
@@ -92,6 +127,10 @@ class Sequence:
         self.evictions += 1
         if self.sampler is not None:
             self.sampler.reset()
+        if self.grammar is not None:
+            self.grammar.reset()
+        if self.logprobs is not None:
+            self.logprobs.clear()
 
     def text(self, tokenizer) -> str:
         """The generated text so far: never the prompt, never a special token."""
@@ -100,21 +139,48 @@ class Sequence:
 
     # -- results ----------------------------------------------------------------------
 
-    def result(self, tokenizer, *, worker: str | None, model: str | None) -> dict[str, Any]:
-        """The contract's result for a finished row."""
-        if self.error is not None:
+    def result(self, tokenizer, *, worker: str | None, model: str | None,
+               token_bytes=None) -> dict[str, Any]:
+        """The contract's result for a finished request (this row, or sample 0 of ``n``);
+        ``token_bytes(id)`` gives a token's bytes for log-probabilities."""
+        rows = self.samples or [self]
+        error = next((r.error for r in rows if r.error is not None), None)
+        if error is not None:
             return result_record(self.id, "failed", self.body, worker=worker, model=model,
-                                 error=self.error)
-        text, cut = cut_at_stop(self.text(tokenizer), self.request.stop)
-        end = self.finished_at or time.time()
-        start = self.admitted_at or end
+                                 error=error)
+        choices = [r.choice(tokenizer, token_bytes) for r in rows]
+        end = max(r.finished_at or time.time() for r in rows)
+        start = min((r.admitted_at for r in rows if r.admitted_at), default=end)
         return result_record(
-            self.id, self.status or "succeeded", self.body, worker=worker, model=model, text=text,
-            finish_reason="stop_sequence" if cut else self.finish_reason,
-            usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.tokens)},
+            self.id, next((r.status for r in rows if r.status), "succeeded"), self.body,
+            worker=worker, model=model,
+            text=choices[0]["text"], finish_reason=choices[0]["finish_reason"],
+            logprobs=choices[0]["logprobs"] if len(rows) == 1 else None,
+            choices=choices if len(rows) > 1 else None,
+            usage={"prompt_tokens": len(self.prompt_ids),
+                   "completion_tokens": sum(len(r.tokens) for r in rows)},
             timings={"queued_ms": _ms(start - self.submitted_at), "generate_ms": _ms(end - start),
                      "total_ms": _ms(end - self.submitted_at)},
             batch=self.batch)
+
+    def choice(self, tokenizer, token_bytes=None) -> dict[str, Any]:
+        """This row's sample: its text (cut at a stop string), why it ended, its log-probs."""
+        text, cut = cut_at_stop(self.text(tokenizer), self.request.stop)
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = [_logprob(token_bytes, token, logprob, top)
+                        for token, logprob, top in self.logprobs]
+        return {"index": self.sample, "text": text,
+                "finish_reason": "stop_sequence" if cut else self.finish_reason,
+                "logprobs": logprobs}
+
+
+def _logprob(token_bytes, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+    """OpenAI's shape of one generated token's log-probability."""
+    def one(token_id: int, value: float) -> dict[str, Any]:
+        raw = token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+    return {**one(token, logprob), "top_logprobs": [one(t, v) for t, v in top]}
 
 
 def _ms(seconds: float) -> float:

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_seq_length: int | None = Field(None, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
+    grammar_cache_size: int = Field(128, ge=1)  # compiled response_format grammars per worker
     max_pending: int = Field(100_000, ge=1)
     max_pending_per_key: int | None = Field(None, ge=1)
     max_prompt_chars: int = Field(1_000_000, ge=1)

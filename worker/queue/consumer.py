@@ -195,7 +195,7 @@ class Consumer:
     def _before_admit(self, joiners: list[Sequence]) -> list[Sequence]:
         """Write the running records (counting attempts) before the first forward pass;
         drop duplicates of requests that are already final."""
-        fresh = [s for s in joiners if s.id not in self.announced]
+        fresh = list({s.id: s for s in joiners if s.id not in self.announced}.values())
         if not fresh:
             return joiners
         attempts = self.link.started([self._running_record(s) for s in fresh])
@@ -203,6 +203,7 @@ class Consumer:
         duplicates = {s.id for s in fresh if attempts.get(s.id) == 0}
         if duplicates:
             self.link.drop(sorted(duplicates))
+            self.loop.forget(duplicates)  # other samples of them still waiting
             for request_id in duplicates:
                 self._forget(request_id)
             if self.metrics is not None:
@@ -252,6 +253,8 @@ class Consumer:
         now = time.monotonic()
         records = []
         for seq in self.loop.running:
+            if seq.sample:  # a request's progress is its first sample's
+                continue
             count = len(seq.tokens)
             last_count, last_at = self.snapshots.get(seq.id, (0, self.received.get(seq.id, now)))
             if seq.done or count <= last_count:
@@ -271,13 +274,14 @@ class Consumer:
         self.link.want(0, 0)
         for arrival in self.link.take_arrivals():
             self._arrive(arrival)
-        waiting = [s.id for s in self.loop.waiting.values()]
-        self.loop.waiting.clear()
+        running = {s.id for s in self.loop.running}  # their other samples run here too
+        waiting = sorted({s.id for s in self.loop.waiting.values()} - running)
+        self.loop.forget(set(waiting))
         self.link.requeue(waiting)
         for request_id in waiting:
             self._forget(request_id)
         log.info("draining", worker=self.name, requeued=len(waiting), running=len(self.loop.running))
-        while self.loop.running:
+        while not self.loop.idle:
             self.link.step_started()
             self._finish(self.loop.step())
             self.link.step_ended(busy=bool(self.loop.running), steps=1)

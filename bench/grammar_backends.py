@@ -1,0 +1,149 @@
+"""Compare xgrammar and llguidance on the demo tokenizer: JSON-schema coverage, compile time,
+and the per-token cost of a row's mask (what a constrained row adds to each decode step).
+
+    pip install xgrammar llguidance   # genqueue itself depends on llguidance only
+    python bench/grammar_backends.py
+
+Each schema's valid example is tokenized and fed token by token; every step computes the
+row's bitmask and applies it to a logits row, as the engine does.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from worker.engine.demo import demo_model_dir
+from worker.ops.settings import Settings
+
+SCHEMAS = {  # name -> (schema, a valid instance)
+    "flat": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False},
+             {"name": "Ada", "age": 36}),
+    "nested": ({"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer"},
+                                                  "tags": {"type": "array", "items": {"type": "string"}}},
+                 "required": ["id", "tags"]}}, "required": ["user"]},
+        {"user": {"id": 7, "tags": ["a", "bc"]}}),
+    "enum": ({"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
+              "required": ["label"]}, {"label": "neutral"}),
+    "bounds": ({"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1},
+                                                 "n": {"type": "integer", "minimum": 1, "maximum": 5}},
+                "required": ["score", "n"]}, {"score": 0.5, "n": 3}),
+    "optional": ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}},
+                  "required": ["a"]}, {"a": "x", "b": True}),
+    "pattern": ({"type": "object", "properties": {"date": {"type": "string",
+                                                           "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
+                 "required": ["date"]}, {"date": "2026-11-29"}),
+    "anyof_ref": ({"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "number"}},
+                                    "required": ["x"]}},
+                   "anyOf": [{"$ref": "#/$defs/pt"}, {"type": "null"}]}, {"x": 1.5}),
+    "array_bounds": ({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
+                     [1, 2]),
+}
+EXTRA_FEATURES = {  # coverage only: does the library accept it?
+    "format_date": {"type": "string", "format": "date"},
+    "uniqueItems": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"required": ["a"]}]},
+    "oneOf": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+    "const": {"const": "x"},
+    "minLength": {"type": "string", "minLength": 2, "maxLength": 4},
+    "patternProperties": {"type": "object", "patternProperties": {"^a": {"type": "integer"}}},
+    "recursive": {"$defs": {"n": {"type": "object", "properties": {"c": {"type": "array",
+                                                                         "items": {"$ref": "#/$defs/n"}}}}},
+                  "$ref": "#/$defs/n"},
+}
+
+
+def xgrammar_backend(tokenizer, vocab_size):
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+
+    def compile_(schema):
+        return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                            separators=(",", ":"))
+
+    def run(compiled, ids):
+        matcher = xgr.GrammarMatcher(compiled)
+        mask = xgr.allocate_token_bitmask(1, vocab_size)
+        logits = torch.zeros(1, vocab_size)
+        times = []
+        for t in ids:
+            start = time.perf_counter()
+            matcher.fill_next_token_bitmask(mask)
+            xgr.apply_token_bitmask_inplace(logits, mask)
+            times.append(time.perf_counter() - start)
+            assert matcher.accept_token(t), "valid example refused"
+        return times
+
+    return compile_, run
+
+
+def llguidance_backend(tokenizer, vocab_size):
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch as llt
+
+    lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+
+    def compile_(schema):
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False})
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+        if failed:
+            raise ValueError(messages)
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return grammar
+
+    def run(grammar, ids):
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        mask = llt.allocate_token_bitmask(1, vocab_size)
+        logits = torch.zeros(1, vocab_size)
+        times = []
+        for t in ids:
+            start = time.perf_counter()
+            llt.fill_next_token_bitmask(matcher, mask, 0)
+            llt.apply_token_bitmask_inplace(logits, mask)
+            times.append(time.perf_counter() - start)
+            assert matcher.consume_token(t), matcher.get_error()
+        return times
+
+    return compile_, run
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(Settings().cache_dir))
+    vocab_size = len(tokenizer)
+    for name, factory in (("xgrammar", xgrammar_backend), ("llguidance", llguidance_backend)):
+        compile_, run = factory(tokenizer, vocab_size)
+        compile_ms, step_us, covered = [], [], []
+        for schema, example in SCHEMAS.values():
+            start = time.perf_counter()
+            compiled = compile_(schema)
+            compile_ms.append((time.perf_counter() - start) * 1000)
+            ids = tokenizer.encode(json.dumps(example, separators=(",", ":")), add_special_tokens=False)
+            step_us += [t * 1e6 for t in run(compiled, ids)]
+        for feature, schema in EXTRA_FEATURES.items():
+            try:
+                compile_(schema)
+                covered.append(feature)
+            except Exception:  # noqa: BLE001 - coverage probe
+                pass
+        print(f"{name}: compile per schema median {statistics.median(compile_ms):.1f} ms, "
+              f"max {max(compile_ms):.1f} ms; mask per token median {statistics.median(step_us):.0f} us, "
+              f"p90 {statistics.quantiles(step_us, n=10)[-1]:.0f} us; extra features accepted "
+              f"{len(covered)}/{len(EXTRA_FEATURES)}: {', '.join(covered)}")
+
+
+if __name__ == "__main__":
+    main()

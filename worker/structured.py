@@ -1,0 +1,76 @@
+"""Structured output: a request's ``response_format`` as an llguidance grammar.
+
+Shared by every layer: the client and the gateway check a format before anything is queued
+(an invalid or unsupported schema is refused by name), the engine compiles the same grammar
+for its tokenizer (``worker.engine.grammar``). Formats, in OpenAI's shapes plus one of
+genqueue's:
+
+- ``{"type": "text"}``: no constraint;
+- ``{"type": "json_object"}``: any JSON object;
+- ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``: JSON valid for the
+  schema (always enforced, ``strict`` or not);
+- ``{"type": "regex", "pattern": "..."}``: text matching the pattern (whole output).
+
+JSON is written compactly (no free whitespace between tokens): a small model cannot then
+spend its tokens on blank lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+import llguidance
+
+JSON_DEFAULTS = {"whitespace_flexible": False}
+MAX_FORMAT_BYTES = 65_536
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> str | None:
+    """The llguidance grammar of a validated ``response_format`` (None: unconstrained)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
+                                                             defaults=JSON_DEFAULTS)
+    if kind == "json_schema":
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            response_format["json_schema"]["schema"], defaults=JSON_DEFAULTS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(response_format["pattern"])
+    raise ValueError(f"unknown response_format type {kind!r}")
+
+
+def format_key(response_format: dict[str, Any]) -> str:
+    """A stable hash of a format (the key of compiled grammars)."""
+    text = json.dumps(response_format, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_format(response_format: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming what is wrong with a format llguidance cannot enforce
+    (an invalid schema, an unsupported keyword, a bad pattern). Checked once per distinct
+    format (a 100,000-line batch with one schema compiles it once)."""
+    text = json.dumps(response_format, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > MAX_FORMAT_BYTES:
+        raise ValueError(f"is {len(text.encode())} bytes of JSON, more than {MAX_FORMAT_BYTES}")
+    problem = _problem(text)
+    if problem:
+        raise ValueError(problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(text: str) -> str | None:
+    try:
+        grammar = grammar_for(json.loads(text))
+    except Exception as exc:  # noqa: BLE001 - llguidance raises plain exceptions
+        return str(exc)
+    if grammar is None:
+        return None
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        return "; ".join(messages) or "the grammar cannot be compiled"
+    return None
