@@ -149,7 +149,8 @@ def test_invalid_fields_are_bad_requests_naming_the_field(gateway):
              ({"response_format": {"type": "json_schema", "json_schema": {
                  "name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
               "response_format: Unimplemented keys"),
-             ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+             ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                           "image_url": {"url": "data:,"}}]}]},
               "messages[0].content[0]"),

@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -126,7 +127,7 @@ class GenerationRequest(BaseModel):
     webhook_url: str | None = Field(None, min_length=8, max_length=2048,
                                     pattern=r"^https?://[^\s/?#]+([/?#]\S*)?$")
     response_format: ResponseFormat | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     n: Int | None = Field(None, ge=1, le=16)
 

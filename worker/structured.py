@@ -8,7 +8,8 @@ genqueue's:
 - ``{"type": "text"}``: no constraint;
 - ``{"type": "json_object"}``: any JSON object;
 - ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``: JSON valid for the
-  schema (always enforced, ``strict`` or not);
+  schema (always enforced, ``strict`` or not; with ``strict: true`` an object schema that
+  does not say ``additionalProperties`` is closed, as OpenAI's strict mode requires);
 - ``{"type": "regex", "pattern": "..."}``: text matching the pattern (whole output).
 
 JSON is written compactly (no free whitespace between tokens): a small model cannot then
@@ -37,11 +38,26 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
                                                              defaults=JSON_DEFAULTS)
     if kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            response_format["json_schema"]["schema"], defaults=JSON_DEFAULTS)
+        spec = response_format["json_schema"]
+        schema = _closed(spec["schema"]) if spec.get("strict") else spec["schema"]
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(response_format["pattern"])
     raise ValueError(f"unknown response_format type {kind!r}")
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that has
+    ``properties`` and does not say otherwise."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else _closed(v)
+           for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def format_key(response_format: dict[str, Any]) -> str:

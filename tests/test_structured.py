@@ -1,0 +1,275 @@
+"""Structured outputs (``response_format``), log-probabilities and ``n`` samples: checked at
+enqueue, enforced per row inside mixed batches of the real demo model, and answered in
+genqueue's and OpenAI's shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from worker.errors import InvalidRequest
+from worker.schema import validate_request
+
+SCHEMAS = {
+    "person": {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+               "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 24},
+                              "age": {"type": "integer", "minimum": 0, "maximum": 120}}},
+    "order": {"type": "object", "required": ["customer", "items"], "properties": {
+        "customer": {"type": "object", "required": ["id", "vip"],
+                     "properties": {"id": {"type": "integer", "minimum": 1},
+                                    "vip": {"type": "boolean"}}},
+        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "required": ["sku", "qty"],
+            "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                           "qty": {"type": "integer", "minimum": 1, "maximum": 9}}}}}},
+    "sentiment": {"type": "object", "required": ["label", "confidence"], "properties": {
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}}},
+    "tags": {"type": "array", "minItems": 2, "maxItems": 4,
+             "items": {"type": "string", "enum": ["red", "green", "blue", "cat", "dog"]}},
+    "optional": {"type": "object", "required": ["title"], "properties": {
+        "title": {"type": "string", "maxLength": 30},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
+        "rating": {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.5}}},
+    "measure": {"type": "object", "required": ["value", "unit"], "properties": {
+        "value": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000, "multipleOf": 0.1},
+        "unit": {"type": "string", "enum": ["cm", "kg", "s"]}}},
+}
+REGEXES = {"date": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", "phone": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}
+PROMPTS = ["Describe a customer record.", "Tell me about your favourite film.",
+           "What did you measure today?", "Reply with data about a cat.", "Summarise: great service!"]
+
+
+OBJECT_PROMPTS = [("Return a JSON object with the keys name and colour for a cat.", 0.0, None),
+                  ("Return a JSON object with the keys name and colour for a cat.", 0.6, 0),
+                  ("Return a JSON object with one key, city, naming the capital of France.", 0.6, 1),
+                  ("Return a JSON object with the keys title and year for a famous film.", 0.0, None),
+                  ("Return a JSON object with the keys title and year for a famous film.", 0.6, 3),
+                  ("Return a JSON object with keys x and y for a point.", 0.6, 5)]
+
+
+def json_format(name: str) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name],
+                                                   "strict": True}}
+
+
+def chat(text: str, **fields) -> dict:
+    return {"messages": [{"role": "user", "content": text}], **fields}
+
+
+# -- refused at enqueue, by name (no model) -------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
+     "Invalid type: strng"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}, "uniqueItems"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/gone"}}},
+     "/$defs/gone"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 5, "maximum": 1}}}, "nsatisfiable"),
+    ({"type": "regex", "pattern": "[a-z"}, "unclosed character class"),
+    ({"type": "json_schema"}, "'json_schema' is required"),
+    ({"type": "regex"}, "'pattern' is required"),
+    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "name"),
+    ({"type": "xml"}, "response_format.type"),
+])
+def test_unenforceable_formats_are_refused_naming_the_problem(fmt, message):
+    with pytest.raises(InvalidRequest, match=re.escape(message)) as err:
+        validate_request(chat("x", response_format=fmt))
+    assert err.value.code == "invalid_request" and "response_format" in err.value.message
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"n": 0}, "n:"), ({"n": 17}, "n:"), ({"n": True}, "not a boolean"),
+    ({"logprobs": 1}, "logprobs"),
+])
+def test_bad_logprobs_and_n_are_refused(fields, message):
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        validate_request(chat("x", **fields))
+
+
+def test_a_schema_is_checked_once_however_many_requests_use_it():
+    from worker.structured import _problem
+
+    _problem.cache_clear()
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["order"]}}
+    for _ in range(500):
+        validate_request(chat("x", response_format=fmt))
+    info = _problem.cache_info()
+    assert info.misses == 1 and info.hits == 499
+
+
+# -- the engine, on the real demo model -----------------------------------------------------
+
+
+def constrained_requests() -> list[dict]:
+    """62 constrained requests over 6 schemas, 2 regexes and json_object, greedy and
+    sampled (seeded). A free-form JSON object is as long as the model makes it: the prompts
+    ask for objects a 135M model closes."""
+    out = []
+    for s, name in enumerate(SCHEMAS):
+        for k in range(8):
+            sampled = k % 2 == 1
+            out.append(chat(f"{PROMPTS[k % len(PROMPTS)]} Answer in JSON.", id=f"{name}-{k}",
+                            max_new_tokens=160, response_format=json_format(name),
+                            temperature=0.8 if sampled else 0.0, seed=100 * s + k if sampled else None))
+    for name, pattern in REGEXES.items():
+        for k in range(4):
+            out.append(chat(f"Give a {name}.", id=f"{name}-{k}", max_new_tokens=24,
+                            response_format={"type": "regex", "pattern": pattern},
+                            temperature=0.7 * (k % 2), seed=k))
+    for k, (prompt, temperature, seed) in enumerate(OBJECT_PROMPTS):
+        out.append(chat(prompt, id=f"object-{k}", max_new_tokens=160, temperature=temperature,
+                        seed=seed, response_format={"type": "json_object"}))
+    return out
+
+
+def check_output(request: dict, result: dict) -> None:
+    fmt = request["response_format"]
+    text = result["text"]
+    assert result["status"] == "succeeded" and result["finish_reason"] == "stop", (request["id"], result)
+    if fmt["type"] == "regex":
+        assert re.fullmatch(fmt["pattern"], text), (request["id"], text)
+        return
+    value = json.loads(text)
+    if fmt["type"] == "json_object":
+        assert isinstance(value, dict), text
+    else:
+        jsonschema.validate(value, fmt["json_schema"]["schema"])
+
+
+@pytest.mark.slow
+def test_constrained_and_free_rows_share_batches_and_stay_exact(demo_engine):
+    constrained = constrained_requests()
+    free = [chat(p, id=f"free-{i}", max_new_tokens=24 + 8 * i) for i, p in enumerate(PROMPTS)]
+    free += [{"id": "free-prompt", "prompt": "The capital of France is", "max_new_tokens": 12}]
+    mixed = [r for pair in zip(constrained, [*free] * 20, strict=False) for r in pair]
+    mixed += constrained[len(free) * 20:]
+    assert len(constrained) >= 60 and len({r["response_format"]["type"] for r in constrained}) == 3
+    results = {r["id"]: r for r in demo_engine.generate(mixed)}
+    for request in constrained:
+        check_output(request, results[request["id"]])
+    sizes = [results[r["id"]]["batch"]["size"] for r in mixed]
+    assert max(sizes) > 1  # they really shared batches
+    for request in free:  # a free batch-mate is exactly what it is alone
+        assert demo_engine.generate([request])[0]["text"] == results[request["id"]]["text"], request["id"]
+    for request in [r for r in constrained if r.get("temperature") in (None, 0.0)][::5]:
+        alone = demo_engine.generate([request])[0]
+        assert alone["text"] == results[request["id"]]["text"], request["id"]
+    for request in [r for r in constrained if r.get("temperature")][::7]:  # seeded: same alone
+        alone = demo_engine.generate([request])[0]
+        assert alone["text"] == results[request["id"]]["text"], request["id"]
+
+
+@pytest.mark.slow
+def test_a_row_stops_when_its_grammar_is_complete(demo_engine):
+    request = chat("Give me a date.", max_new_tokens=50,
+                   response_format={"type": "regex", "pattern": "[0-9]{4}-[0-9]{2}-[0-9]{2}"})
+    result = demo_engine.generate([request])[0]
+    assert re.fullmatch("[0-9]{4}-[0-9]{2}-[0-9]{2}", result["text"])
+    assert result["finish_reason"] == "stop" and result["usage"]["completion_tokens"] < 50
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_distribution_each_row_drew_from(demo_engine):
+    model, tokenizer = demo_engine.model, demo_engine.tokenizer
+    greedy = chat("Name a colour.", id="g", max_new_tokens=6, logprobs=True, top_logprobs=5)
+    sampled = chat("Name a colour.", id="s", max_new_tokens=6, logprobs=True, top_logprobs=4,
+                   temperature=0.7, top_k=3, seed=1)
+    digits = chat("Pick a number.", id="d", max_new_tokens=8, logprobs=True, top_logprobs=20,
+                  response_format={"type": "regex", "pattern": "[0-9]{3}"})
+    plain = chat("Name a colour.", id="p", max_new_tokens=6)
+    out = {r["id"]: r for r in demo_engine.generate([greedy, sampled, digits, plain])}
+    assert out["p"]["logprobs"] is None
+
+    g = out["g"]["logprobs"]
+    assert len(g) == out["g"]["usage"]["completion_tokens"] - (out["g"]["finish_reason"] == "stop")
+    assert "".join(e["token"] for e in g) == out["g"]["text"]
+    # the first token's log-probabilities, computed here from one forward pass of the prompt
+    ids = demo_engine.sequence(greedy).prompt_ids
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+    best = logp.topk(5)
+    assert [t["token"] for t in g[0]["top_logprobs"]] == [tokenizer.decode([i]) for i in best.indices]
+    for got, want in zip(g[0]["top_logprobs"], best.values.tolist(), strict=True):
+        assert math.isclose(got["logprob"], want, abs_tol=1e-4)
+    for entry in g:  # greedy: the token is the most likely one; the shape is OpenAI's
+        assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+
+    for entry in out["s"]["logprobs"]:  # top_k 3 at temperature 0.7: 3 candidates, summing to 1
+        probs = [math.exp(t["logprob"]) for t in entry["top_logprobs"]]
+        assert len(probs) == 3 and math.isclose(sum(probs), 1.0, abs_tol=1e-4)
+        assert entry["token"] in [t["token"] for t in entry["top_logprobs"]]
+
+    assert re.fullmatch("[0-9]{3}", out["d"]["text"])
+    for entry in out["d"]["logprobs"]:  # masked tokens are never candidates
+        assert entry["top_logprobs"] and all(t["token"].isdigit() for t in entry["top_logprobs"])
+        assert math.fsum(math.exp(t["logprob"]) for t in entry["top_logprobs"]) <= 1 + 1e-4
+
+
+@pytest.mark.slow
+def test_n_samples_share_one_prefill_and_each_is_reproducible(demo_engine):
+    prompt_rows = []
+
+    def count_prefill_rows(_module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            prompt_rows.append(ids.shape[0])
+
+    hook = demo_engine.model.register_forward_pre_hook(count_prefill_rows, with_kwargs=True)
+    try:
+        request = chat("Write a word.", id="n", n=4, temperature=1.0, seed=42, max_new_tokens=8,
+                       logprobs=True)
+        result = demo_engine.generate([request])[0]
+    finally:
+        hook.remove()
+    assert prompt_rows == [1]  # four samples, one prompt row prefilled
+    choices = result["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3] and result["text"] == choices[0]["text"]
+    assert len({c["text"] for c in choices}) > 1
+    assert result["usage"]["completion_tokens"] == sum(len(c["logprobs"]) + (c["finish_reason"] == "stop")
+                                                       for c in choices)
+    # sample i is the request with seed 42 + i alone, whatever its batch-mates
+    mates = [chat(p, id=f"m{i}", max_new_tokens=5 + i) for i, p in enumerate(PROMPTS)]
+    batched = {r["id"]: r for r in demo_engine.generate([*mates, request])}["n"]
+    assert [c["text"] for c in batched["choices"]] == [c["text"] for c in choices]
+    for i, choice in enumerate(choices):
+        alone = demo_engine.generate([{**request, "n": 1, "seed": 42 + i}])[0]
+        assert alone["text"] == choice["text"]
+
+
+# -- compiled grammars and token bytes -----------------------------------------------------
+
+
+def test_compiled_grammars_are_cached_and_bounded(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from worker.engine.grammar import Grammars
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    grammars = Grammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), cache_size=2)
+    formats = [json_format("person"), json_format("tags"), {"type": "regex", "pattern": "a+"}]
+    first = grammars.matcher(formats[0])
+    again = grammars.matcher(formats[0])
+    assert (grammars.misses, grammars.hits) == (1, 1) and first is not again
+    assert first.consume_token(tokenizer.encode("{")[0]) and not again.is_error()  # own state
+    for fmt in formats[1:]:
+        grammars.matcher(fmt)
+    assert len(grammars._compiled) == 2 and grammars.misses == 3
+    grammars.matcher(formats[0])  # pushed out: compiled again
+    assert grammars.misses == 4
+    for token in range(0, len(tokenizer), 97):  # llguidance reads each token as it decodes
+        text = tokenizer.decode([token])
+        if "\ufffd" not in text:
+            assert grammars.token_bytes(token) == text.encode(), token
