@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import jsonschema
 import pytest
@@ -273,3 +274,93 @@ def test_compiled_grammars_are_cached_and_bounded(tiny_model_dir):
         text = tokenizer.decode([token])
         if "\ufffd" not in text:
             assert grammars.token_bytes(token) == text.encode(), token
+
+
+# -- through the queue: client, native route, OpenAI routes, Batch lines, CLI ---------------
+
+
+@pytest.mark.slow
+def test_every_surface_carries_formats_logprobs_and_samples(gateway, start_worker, client, tmp_path,
+                                                            redis_url):
+    import openai
+
+    from tests.test_cli import genq
+    from tests.test_openai_batches import Surface
+
+    start_worker(GENQ_SELF_CHECK="off")  # the demo model
+    http = gateway(files_url=str(tmp_path / "files"))
+    person = json_format("person")
+
+    rid = client.submit(messages=[{"role": "user", "content": "Describe a person."}], n=3,
+                        temperature=0.9, seed=5, max_new_tokens=60, response_format=person,
+                        logprobs=True, top_logprobs=2)
+    got = client.wait(rid, timeout=120)
+    assert got["status"] == "succeeded" and len(got["choices"]) == 3
+    assert got["text"] == got["choices"][0]["text"]
+    for choice in got["choices"]:
+        jsonschema.validate(json.loads(choice["text"]), SCHEMAS["person"])
+        assert all(len(e["top_logprobs"]) <= 2 for e in choice["logprobs"]) and choice["logprobs"]
+
+    native = http.post("/v1/generations", json=chat("Give a date.", max_new_tokens=20, response_format={
+        "type": "regex", "pattern": REGEXES["date"]}))
+    assert native.status_code == 202
+    done = http.get(f"/v1/generations/{native.json()['id']}").json()
+    for _ in range(600):
+        if done["status"] == "succeeded":
+            break
+        time.sleep(0.1)
+        done = http.get(f"/v1/generations/{native.json()['id']}").json()
+    assert re.fullmatch(REGEXES["date"], done["text"])
+    refused = http.post("/v1/generations", json=chat("x", response_format={"type": "regex", "pattern": "(a"}))
+    detail = refused.json()["detail"]
+    assert refused.status_code == 422 and detail[0]["loc"][:2] == ["body", "response_format"]
+    assert "unclosed group" in detail[0]["msg"]
+
+    api = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key="x", max_retries=0,
+                        timeout=120)
+    completion = api.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Describe a person."}], max_tokens=60,
+        response_format=person, n=2, seed=3, logprobs=True, top_logprobs=3)
+    assert [c.index for c in completion.choices] == [0, 1]
+    for choice in completion.choices:
+        jsonschema.validate(json.loads(choice.message.content), SCHEMAS["person"])
+        tokens = choice.logprobs.content
+        assert "".join(t.token for t in tokens) == choice.message.content
+        for t in tokens:  # where the grammar allows fewer than 3 tokens, fewer are listed
+            assert 1 <= len(t.top_logprobs) <= 3 and bytes(t.bytes).decode() == t.token
+            ranked = [c.logprob for c in t.top_logprobs]
+            assert ranked == sorted(ranked, reverse=True) and t.logprob <= ranked[0] + 1e-6
+    legacy = api.completions.create(model="demo", prompt="The sky is", max_tokens=5, temperature=0,
+                                    logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        api.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_schema", "json_schema": {
+                                        "name": "u", "schema": {"type": "array", "uniqueItems": True}}})
+
+    s = Surface(http, tmp_path / "files")
+    lines = [{"custom_id": f"c{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "demo", "max_tokens": 120, "seed": k, "n": 2, "logprobs": True,
+                       "messages": [{"role": "user", "content": f"{PROMPTS[k]} Answer in JSON."}],
+                       "response_format": json_format(name)}}
+             for k, name in enumerate(["person", "sentiment", "tags"])]
+    batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    batch = s.wait(batch.id, timeout=300)
+    assert batch.status == "completed", batch
+    for line, name in zip(s.lines(batch.output_file_id), ["person", "sentiment", "tags"], strict=True):
+        body = line["response"]["body"]
+        assert len(body["choices"]) == 2
+        for choice in body["choices"]:
+            jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMAS[name])
+            assert choice["logprobs"]["content"][0]["token"]
+
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(SCHEMAS["person"]))
+    out = genq("submit", "Describe a person.", "--json-schema", str(schema_file), "--wait",
+               env={"GENQ_BROKER_URL": redis_url})
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), SCHEMAS["person"])
+    out = genq("submit", "x", "--regex", "(a", env={"GENQ_BROKER_URL": redis_url})
+    assert out.returncode == 2 and "response_format" in out.stderr + out.stdout
