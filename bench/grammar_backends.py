@@ -5,7 +5,8 @@ and the per-token cost of a row's mask (what a constrained row adds to each deco
     python bench/grammar_backends.py
 
 Each schema's valid example is tokenized and fed token by token; every step computes the
-row's bitmask and applies it to a logits row, as the engine does.
+row's bitmask (the library's part; applying a bitmask to logits is the same torch code for
+both and is left out).
 """
 
 from __future__ import annotations
@@ -14,36 +15,10 @@ import json
 import statistics
 import time
 
-import torch
-
+from worker.bench import SCHEMAS
 from worker.engine.demo import demo_model_dir
 from worker.ops.settings import Settings
 
-SCHEMAS = {  # name -> (schema, a valid instance)
-    "flat": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False},
-             {"name": "Ada", "age": 36}),
-    "nested": ({"type": "object", "properties": {
-        "user": {"type": "object", "properties": {"id": {"type": "integer"},
-                                                  "tags": {"type": "array", "items": {"type": "string"}}},
-                 "required": ["id", "tags"]}}, "required": ["user"]},
-        {"user": {"id": 7, "tags": ["a", "bc"]}}),
-    "enum": ({"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
-              "required": ["label"]}, {"label": "neutral"}),
-    "bounds": ({"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1},
-                                                 "n": {"type": "integer", "minimum": 1, "maximum": 5}},
-                "required": ["score", "n"]}, {"score": 0.5, "n": 3}),
-    "optional": ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}},
-                  "required": ["a"]}, {"a": "x", "b": True}),
-    "pattern": ({"type": "object", "properties": {"date": {"type": "string",
-                                                           "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
-                 "required": ["date"]}, {"date": "2026-11-29"}),
-    "anyof_ref": ({"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "number"}},
-                                    "required": ["x"]}},
-                   "anyOf": [{"$ref": "#/$defs/pt"}, {"type": "null"}]}, {"x": 1.5}),
-    "array_bounds": ({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
-                     [1, 2]),
-}
 EXTRA_FEATURES = {  # coverage only: does the library accept it?
     "format_date": {"type": "string", "format": "date"},
     "uniqueItems": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
@@ -72,12 +47,10 @@ def xgrammar_backend(tokenizer, vocab_size):
     def run(compiled, ids):
         matcher = xgr.GrammarMatcher(compiled)
         mask = xgr.allocate_token_bitmask(1, vocab_size)
-        logits = torch.zeros(1, vocab_size)
         times = []
         for t in ids:
             start = time.perf_counter()
             matcher.fill_next_token_bitmask(mask)
-            xgr.apply_token_bitmask_inplace(logits, mask)
             times.append(time.perf_counter() - start)
             assert matcher.accept_token(t), "valid example refused"
         return times
@@ -87,10 +60,11 @@ def xgrammar_backend(tokenizer, vocab_size):
 
 def llguidance_backend(tokenizer, vocab_size):
     import llguidance
-    import llguidance.hf
     import llguidance.torch as llt
 
-    lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+    from worker.engine.grammar import _tokenizer_json
+
+    lltok = llguidance.LLTokenizer(_tokenizer_json(tokenizer), n_vocab=vocab_size)
 
     def compile_(schema):
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -106,12 +80,10 @@ def llguidance_backend(tokenizer, vocab_size):
     def run(grammar, ids):
         matcher = llguidance.LLMatcher(lltok, grammar)
         mask = llt.allocate_token_bitmask(1, vocab_size)
-        logits = torch.zeros(1, vocab_size)
         times = []
         for t in ids:
             start = time.perf_counter()
             llt.fill_next_token_bitmask(matcher, mask, 0)
-            llt.apply_token_bitmask_inplace(logits, mask)
             times.append(time.perf_counter() - start)
             assert matcher.consume_token(t), matcher.get_error()
         return times

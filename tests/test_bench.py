@@ -24,9 +24,14 @@ def test_bench_cli_writes_results_and_plots(tmp_path, cache_dir):
     from worker.cli import app
 
     out = tmp_path / "bench"
-    res = CliRunner().invoke(app, ["bench", "--quick", "--parts", "padding,control", "--out", str(out)],
+    res = CliRunner().invoke(app, ["bench", "--quick", "--parts", "padding,control,structured",
+                                   "--out", str(out)],
                              env={"GENQ_CACHE_DIR": str(cache_dir)})
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
     assert data["control"]["requests"] == 200 and data["control"]["submit_per_s"] > 0
     assert (out / "padding.png").stat().st_size > 1000
+    structured = data["structured"]
+    assert [r["constrained"] for r in structured["runs"]] == [0.0, 0.5, 1.0, 0.5, 1.0] * 2
+    assert structured["runs"][0]["mask_share"] == 0 < structured["runs"][2]["mask_share"]
+    assert structured["compile_ms"]["uncached_median"] > 0

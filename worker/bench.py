@@ -549,6 +549,125 @@ def bench_startup(cache_dir: Path, workdir: Path, backend: str = "auto") -> dict
 
 # -- report ------------------------------------------------------------------------------------
 
+# -- 10. structured outputs: constrained rows in a batch -------------------------------------
+
+SCHEMAS = {  # name -> (schema, a valid instance): 8 schemas, each JSON Schema feature once
+    "flat": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False},
+             {"name": "Ada", "age": 36}),
+    "nested": ({"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer"},
+                                                  "tags": {"type": "array", "items": {"type": "string"}}},
+                 "required": ["id", "tags"]}}, "required": ["user"]},
+        {"user": {"id": 7, "tags": ["a", "bc"]}}),
+    "enum": ({"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
+              "required": ["label"]}, {"label": "neutral"}),
+    "bounds": ({"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1},
+                                                 "n": {"type": "integer", "minimum": 1, "maximum": 5}},
+                "required": ["score", "n"]}, {"score": 0.5, "n": 3}),
+    "optional": ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}},
+                  "required": ["a"]}, {"a": "x", "b": True}),
+    "pattern": ({"type": "object", "properties": {"date": {"type": "string",
+                                                           "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
+                 "required": ["date"]}, {"date": "2026-11-29"}),
+    "anyof_ref": ({"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "number"}},
+                                    "required": ["x"]}},
+                   "anyOf": [{"$ref": "#/$defs/pt"}, {"type": "null"}]}, {"x": 1.5}),
+    "array_bounds": ({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
+                     [1, 2]),
+}
+
+
+def bench_structured(cache_dir: Path, batch: int = 32, new_tokens: int = 48, repeats: int = 2,
+                     say: Callable[[str], None] = print) -> dict:
+    """Generated tokens/s of one batch of ``batch`` example prompts with 0%, 50% and 100% of
+    its rows constrained (one schema, then the 8 schemas in turn), with the time spent in the
+    grammar masks; and each schema's compile time, uncached and cached.
+
+    Two kinds of runs: ``natural`` (the schema as is: a constrained row ends when its JSON is
+    complete, usually well before ``new_tokens``, so the batch thins out) and ``full length``
+    (each schema as the items of an array of at least 64: every constrained row writes all
+    ``new_tokens``, so the runs do the same work and the ratio is the cost of constraining)."""
+    import statistics
+
+    import worker.engine.sampling as sampling
+    from worker.engine import load_engine
+
+    engine = load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
+                         max_batch_size=batch)
+    names = list(SCHEMAS)
+    fmt = {name: {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+           for name, (schema, _) in SCHEMAS.items()}
+    for name, (schema, _) in SCHEMAS.items():  # definitions stay at the root for their $refs
+        items = {k: v for k, v in schema.items() if k != "$defs"}
+        long = {"type": "array", "minItems": 64, "items": items, "$defs": schema.get("$defs", {})}
+        fmt[f"{name}+"] = {"type": "json_schema", "json_schema": {"name": name, "schema": long}}
+    prompts = example_requests(new_tokens)[:batch]
+    mask_s = [0.0]
+    apply_masks = sampling.apply_masks
+
+    def timed_masks(logits, rows):
+        start = time.perf_counter()
+        apply_masks(logits, rows)
+        mask_s[0] += time.perf_counter() - start
+
+    def variant(share: float, schemas: list[str]) -> list[dict]:
+        every = round(1 / share) if share else 0
+        out, k = [], 0
+        for i, r in enumerate(prompts):
+            if every and i % every == 0:
+                r = {**r, "response_format": fmt[schemas[k % len(schemas)]]}
+                k += 1
+            out.append(r)
+        return out
+
+    runs = []
+    engine.generate(variant(1.0, names))  # warm-up (and every grammar compiled once)
+    sampling.apply_masks = timed_masks
+    try:
+        plan = [("unconstrained", 0.0, []), ("50%, 1 schema", 0.5, names[:1]),
+                ("100%, 1 schema", 1.0, names[:1]), ("50%, 8 schemas", 0.5, names),
+                ("100%, 8 schemas", 1.0, names)]
+        for kind, suffix in (("natural", ""), ("full length", "+")):
+            for label, share, schemas in plan:
+                requests = variant(share, [name + suffix for name in schemas])
+                best = None
+                for _ in range(repeats):
+                    mask_s[0] = 0.0
+                    results, secs = _timed(lambda r=requests: engine.generate(r))
+                    if best is None or secs < best[1]:
+                        best = (results, secs, mask_s[0])
+                results, secs, masks = best
+                failed = [r["error"] for r in results if r["status"] != "succeeded"]
+                if failed:
+                    raise RuntimeError(f"structured {kind} {label}: {failed[0]}")
+                runs.append({"kind": kind, "run": label, "constrained": share,
+                             "schemas": len(schemas), "tok_s": tokens_per_s(results, secs),
+                             "seconds": secs, "mask_share": masks / secs,
+                             "tokens": sum(r["usage"]["completion_tokens"] for r in results)})
+                say(f"structured {kind} {label}: {runs[-1]['tok_s']:.1f} tok/s, masks "
+                    f"{100 * runs[-1]['mask_share']:.1f}% of the time")
+    finally:
+        sampling.apply_masks = apply_masks
+    for r in runs:
+        base = next(b["tok_s"] for b in runs if b["kind"] == r["kind"] and not b["constrained"])
+        r["vs_unconstrained"] = r["tok_s"] / base
+    grammars = engine.grammars
+    uncached, cached = [], []
+    for name in names:
+        grammars._compiled.clear()
+        _, secs = _timed(lambda n=name: grammars.matcher(fmt[n]))
+        uncached.append(secs * 1000)
+        _, secs = _timed(lambda n=name: grammars.matcher(fmt[n]))
+        cached.append(secs * 1000)
+    compile_ms = {"uncached_median": statistics.median(uncached), "uncached_max": max(uncached),
+                  "cached_median": statistics.median(cached), "cached_max": max(cached),
+                  "per_schema": dict(zip(names, zip(uncached, cached, strict=True), strict=True))}
+    say(f"grammar compile: {compile_ms['uncached_median']:.2f} ms uncached, "
+        f"{compile_ms['cached_median']:.3f} ms cached (median of {len(names)} schemas)")
+    return {"batch": batch, "new_tokens": new_tokens, "runs": runs, "compile_ms": compile_ms}
+
+
 def machine() -> dict:
     import torch
     import transformers
@@ -632,6 +751,10 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
             results["interactive"] = (
                 bench_interactive(cache_dir, work, k=3, bulk_n=32, bulk_new_tokens=32, say=say)
                 if quick else bench_interactive(cache_dir, work, say=say))
+        if "structured" in parts:
+            results["structured"] = (bench_structured(cache_dir, batch=8, new_tokens=12, repeats=1,
+                                                      say=say)
+                                     if quick else bench_structured(cache_dir, say=say))
         if "startup" in parts:
             results["startup"] = bench_startup(cache_dir, work)
             say("worker ready: " + ", ".join(f"{r['run']} {r['seconds']:.1f} s"

@@ -445,7 +445,7 @@ def _stack_for_run():
 def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
               "bench/results"),
           parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
-              "engine,padding,overhead,control,scaling,mixed,uniform,interactive,startup"),
+              "engine,padding,overhead,control,scaling,mixed,uniform,interactive,structured,startup"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
     """Run the benchmarks; print a table, write JSON and plots."""
     from worker.bench import run_all
@@ -481,6 +481,15 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
         _scheduler_rows(table, part, results.get(part))
     if "interactive" in results:
         _interactive_rows(table, results["interactive"])
+    if "structured" in results:
+        st = results["structured"]
+        for run in st["runs"]:
+            table.add_row(f"batch {st['batch']}, {run['kind']}, {run['run']}",
+                          f"{run['tok_s']:.1f} tok/s ({run['vs_unconstrained']:.2f}x), masks "
+                          f"{run['mask_share']:.1%} of the time", "")
+        ms = st["compile_ms"]
+        table.add_row("grammar compile per schema (median)",
+                      f"{ms['uncached_median']:.2f} ms; cached {ms['cached_median']:.3f} ms", "")
     for run in results.get("startup", {}).get("runs", []):
         table.add_row(f"worker time to ready, {run['run']}", f"{run['seconds']:.1f} s",
                       "<= 10 s of self-check" if run["self_check"] != "off" else "")
