@@ -330,6 +330,21 @@ def test_every_surface_carries_formats_logprobs_and_samples(gateway, start_worke
             assert 1 <= len(t.top_logprobs) <= 3 and bytes(t.bytes).decode() == t.token
             ranked = [c.logprob for c in t.top_logprobs]
             assert ranked == sorted(ranked, reverse=True) and t.logprob <= ranked[0] + 1e-6
+    chunks = list(api.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Describe a person."}], max_tokens=60,
+        response_format=person, n=2, temperature=0, logprobs=True, top_logprobs=1, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = {0: "", 1: ""}
+    for part in chunks:
+        for c in part.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.delta.content:
+                assert "".join(t.token for t in c.logprobs.content) == c.delta.content
+    greedy = client.wait(client.submit(messages=[{"role": "user", "content": "Describe a person."}],
+                                       max_new_tokens=60, response_format=person), timeout=120)
+    assert streamed == {0: greedy["text"], 1: greedy["text"]}
+    assert [c.finish_reason for p in chunks for c in p.choices if c.finish_reason] == ["stop", "stop"]
+    assert chunks[-1].usage.completion_tokens == 2 * greedy["usage"]["completion_tokens"]
     legacy = api.completions.create(model="demo", prompt="The sky is", max_tokens=5, temperature=0,
                                     logprobs=2)
     lp = legacy.choices[0].logprobs

@@ -90,16 +90,15 @@ def router(client, settings, files) -> APIRouter:
         if asked is not None and not isinstance(asked, str):
             raise InvalidRequest("model: must be a string")
         req = await run_in_threadpool(openai_request, owner, settings, body, url, asked)
-        if stream and (req.get("n", 1) != 1 or req.get("logprobs")):
-            raise InvalidRequest("stream: n > 1 and logprobs are only answered whole; "
-                                 "leave stream false for them")
         rid = await run_in_threadpool(owner.submit, **req)
         model = asked or ""
         chat = url == CHAT_URL
         if stream:
             stops = req.get("stop") or []
+            whole = req.get("n", 1) != 1 or bool(req.get("logprobs"))
             events = stream_events(request, owner, rid, model, chat, include_usage,
-                                   settings.sync_timeout_s, [stops] if isinstance(stops, str) else stops)
+                                   settings.sync_timeout_s, [stops] if isinstance(stops, str) else stops,
+                                   whole)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                               "x-genq-request-id": rid})
@@ -326,25 +325,30 @@ def visible_text(text: str, stops: list[str]) -> str:
 
 
 async def stream_events(request: Request, owner, rid: str, model: str, chat: bool,
-                        include_usage: bool, timeout_s: float,
-                        stops: list[str]) -> AsyncIterator[bytes]:
+                        include_usage: bool, timeout_s: float, stops: list[str],
+                        whole: bool = False) -> AsyncIterator[bytes]:
     """Server-sent events for one request: chunks as its text grows, then ``[DONE]``. The
     client going away cancels the request: the response stops this generator when the server
     reports the disconnect, or a send fails (a keep-alive comment goes out while nothing else
-    does)."""
+    does). ``whole`` (``n`` > 1 or ``logprobs``): each choice is sent in one chunk, with its
+    log-probabilities, once the request is final (the running record holds sample 0's text
+    only)."""
     created = int(time.time())
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": model}
     fingerprint: str | None = None
 
-    def chunk(delta: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
+    def chunk(delta: str | None = None, finish: str | None = None, role: bool = False,
+              index: int = 0, logprobs: list | None = None) -> bytes:
         if chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
                 {} if delta is None else {"content": delta})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+            choice = {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": delta or "", "finish_reason": finish,
+                      "logprobs": shapes.legacy_logprobs(logprobs)}
         obj = {**base, "system_fingerprint": fingerprint, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
@@ -372,14 +376,19 @@ async def stream_events(request: Request, owner, rid: str, model: str, chat: boo
                 return
             text = record.get("text") or ""
             shown = text if final else visible_text(text, stops)
-            if shown.startswith(sent) and len(shown) > len(sent):
+            if not whole and shown.startswith(sent) and len(shown) > len(sent):
                 yield chunk(shown[len(sent):])
                 sent, last_sent = shown, time.monotonic()
-            elif final and not shown.startswith(sent):
+            elif not whole and final and not shown.startswith(sent):
                 log.warning("stream_text_diverged", request_id=rid, sent=len(sent), final=len(shown))
             if final:
-                finish = shapes.FINISH.get(record.get("finish_reason") or "", "stop")
-                yield chunk(finish=finish)
+                if not whole:
+                    yield chunk(finish=shapes.finish(record))
+                for c in shapes.choices({**record, "text": text}) if whole else []:
+                    if chat and c["index"]:
+                        yield chunk(role=True, index=c["index"])
+                    yield chunk(c["text"], index=c["index"], logprobs=c.get("logprobs"))
+                    yield chunk(finish=shapes.finish(c), index=c["index"])
                 if include_usage:
                     yield sse({**base, "system_fingerprint": fingerprint, "choices": [],
                                "usage": shapes.usage(record)})
