@@ -35,6 +35,7 @@ from worker.engine.sequence import Sequence
 from worker.engine.stopping import StopStrings
 from worker.errors import GenqError, InvalidRequest, PromptTooLong
 from worker.schema import GenerationRequest, result_record, validate_request
+from worker.tokencount import special_pattern
 
 __all__ = ["OOM_ERRORS", "Engine", "load_engine"]
 
@@ -88,6 +89,7 @@ class Engine:
             scheduler = "static"
         self.scheduler_mode = scheduler
         self._adapter: tuple[str | None] | None = None  # the adapter active now (None: base)
+        self._special_tokens = special_pattern(tokenizer.added_tokens_decoder)  # user text splits
         self.grammar_cache_size = grammar_cache_size
         self._grammars: Grammars | None = None
 
@@ -213,7 +215,7 @@ class Engine:
 
     def _encode_one(self, request: GenerationRequest) -> list[int]:
         try:
-            return encode(self.tokenizer, [request])[0]
+            return encode(self.tokenizer, [request], self._special_tokens)[0]
         except Exception as exc:
             raise InvalidRequest(f"the prompt cannot be rendered: {type(exc).__name__}: {exc}") from None
 

@@ -25,10 +25,12 @@ def _parts(tokenizer, request: GenerationRequest, pattern) -> list[tuple[str, bo
     return prompt_parts(messages, request.prompt, bool(request.raw_special_tokens), render, pattern)
 
 
-def encode(tokenizer, requests: list[GenerationRequest]) -> list[list[int]]:
+def encode(tokenizer, requests: list[GenerationRequest], pattern=None) -> list[list[int]]:
     """Prompt token ids of each request (no padding), one batched tokenizer call per kind of
-    part (special tokens added or not, split or not)."""
-    pattern = special_pattern(tokenizer.added_tokens_decoder)
+    part (special tokens added or not, split or not). ``pattern``: the tokenizer's
+    ``special_pattern``, made here if not given (an engine makes it once)."""
+    if pattern is None:
+        pattern = special_pattern(tokenizer.added_tokens_decoder)
     split = [_parts(tokenizer, r, pattern) for r in requests]
     ids: list[list[list[int]]] = [[[] for _ in p] for p in split]
     for add, plain in {(a, s) for p in split for _, a, s in p}:
