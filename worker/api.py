@@ -32,6 +32,7 @@ from worker.client import GenerationClient
 from worker.compat import batches as compat_batches
 from worker.compat import chat as compat_chat
 from worker.compat import files as compat_files
+from worker.compat.shapes import openai_error
 from worker.compat.storage import FileStore
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
 from worker.ops.keys import KeyRing
@@ -358,23 +359,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 OPENAI_ROUTES = ("/v1/files", "/v1/batches", "/v1/chat/", "/v1/completions", "/v1/models")
-OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                409: "conflict_error", 429: "rate_limit_error"}
-
-
 def is_openai_route(path: str) -> bool:
     """Whether ``path`` is on the OpenAI-compatible surface (OpenAI's error object there)."""
     return path.startswith(OPENAI_ROUTES)
-
-
-def openai_error(status: int, message: str, code: str | None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error object, with the status the SDKs map to their exceptions (422 becomes
-    400: ``BadRequestError``)."""
-    status = 400 if status == 422 else status
-    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status, headers=headers)
 
 
 def error_response(request: Request, status: int, message: str, code: str | None,

@@ -294,15 +294,8 @@ def failed_error(result: dict[str, Any]) -> JSONResponse:
 
 def _error(status: int, message: str, code: str, rid: str,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    from worker.api import openai_error  # worker.api imports this module
-
-    return openai_error(status, message, code, headers={"x-genq-request-id": rid,
-                                                        **(headers or {})})
-
-
-def _error_event(status: int, message: str, code: str) -> dict[str, Any]:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return shapes.openai_error(status, message, code,
+                               headers={"x-genq-request-id": rid, **(headers or {})})
 
 
 # -- streaming ----------------------------------------------------------------------------
@@ -369,7 +362,7 @@ async def stream_events(request: Request, owner, rid: str, model: str, chat: boo
             if final and record["status"] in ("failed", "expired"):
                 error = record.get("error") or {}
                 code = error.get("code") or record["status"]
-                yield sse(_error_event(400 if code in CLIENT_ERRORS else 500,
+                yield sse(shapes.error_object(400 if code in CLIENT_ERRORS else 500,
                                        error.get("message") or f"request {rid} {record['status']}",
                                        code))
                 finished = True
@@ -396,7 +389,7 @@ async def stream_events(request: Request, owner, rid: str, model: str, chat: boo
                 finished = True
                 return
             if time.monotonic() >= deadline:
-                yield sse(_error_event(504, f"request {rid} did not finish within {timeout_s:g} s "
+                yield sse(shapes.error_object(504, f"request {rid} did not finish within {timeout_s:g} s "
                                        f"(GENQ_SYNC_TIMEOUT_S); it keeps running: "
                                        f"GET /v1/generations/{rid}", "timeout"))
                 finished = True

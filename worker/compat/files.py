@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from worker.compat.shapes import openai_error
 from worker.compat.storage import CHUNK, FileStore, FileTooLarge
 from worker.errors import InvalidRequest
 
@@ -176,8 +177,6 @@ def _check_purpose(purpose: str | None) -> None:
 
 
 def _error(status: int, message: str, code: str, param: str | None) -> JSONResponse:
-    from worker.api import openai_error  # worker.api includes this router: import when used
-
     return openai_error(status, message, code, param=param)
 
 

@@ -1,5 +1,5 @@
 """genqueue results as OpenAI response objects (``chat.completion``, ``text_completion``),
-shared by the synchronous routes and the Batch output files."""
+shared by the synchronous routes and the Batch output files; and OpenAI's error object."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import hashlib
 import time
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               409: "conflict_error", 429: "rate_limit_error"}
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop",
           "expired": "length"}
 
@@ -73,3 +77,18 @@ def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": offsets}
+
+
+def error_object(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+    """OpenAI's ``{"error": {...}}`` for an HTTP status (also sent as a stream's last event)."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(status: int, message: str, code: str | None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error response, with the status the SDKs map to their exceptions (422 becomes
+    400: ``BadRequestError``)."""
+    status = 400 if status == 422 else status
+    return JSONResponse(error_object(status, message, code, param), status_code=status,
+                        headers=headers)
