@@ -30,7 +30,6 @@ order, in OpenAI's documented format::
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import tempfile
@@ -54,6 +53,8 @@ MAX_REQUESTS = 200_000  # genqueue's bulk-job limit (OpenAI's is 50,000)
 MAX_ERRORS = 1000  # per failed batch; a line-numbered error each
 MAX_WINDOW_S = 30 * 24 * 3600
 LOCK_S = 300  # finalization lock, refreshed while the files are written
+RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""  # the finalization lock, only by its holder
 SPOOL_BYTES = 8 * 1024 * 1024
 WINDOW = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -171,10 +172,8 @@ class Batches:
 
     def __init__(self, client, settings, files):
         self.client, self.settings, self.files = client, settings, files
-        # the files a batch writes are not uploads: GENQ_MAX_UPLOAD_BYTES does not cap them
-        self.outputs = copy.copy(files)
-        self.outputs.max_bytes = 1 << 62
         self.redis = client.store.redis
+        self._release = self.redis.register_script(RELEASE)
         self.ttl = settings.result_ttl_s
 
     # -- records ----------------------------------------------------------------------
@@ -477,8 +476,7 @@ class Batches:
 
             return self.update(batch_id, end)
         finally:
-            if self.redis.get(lock) == token:
-                self.redis.delete(lock)
+            self._release(keys=[lock], args=[token])
 
     def load_any(self, batch_id: str) -> dict[str, Any]:
         raw = self.redis.get(batch_key(batch_id))
@@ -532,9 +530,9 @@ class Batches:
                     ids.append(None)
                     continue
                 out.seek(0)
-                ids.append(self.outputs.create(iter(lambda f=out: f.read(1024 * 1024), b""),
-                                             filename=f"{record['id']}_{kind}.jsonl",
-                                             purpose="batch_output", owner=record.get("owner"))["id"])
+                ids.append(self.files.create(iter(lambda f=out: f.read(1024 * 1024), b""),
+                                           filename=f"{record['id']}_{kind}.jsonl",
+                                           purpose="batch_output", owner=record.get("owner"))["id"])
         finally:
             for out in outputs:
                 out.close()
