@@ -138,3 +138,11 @@ def test_an_openai_batch_event_names_the_batch(client):
     assert payload["type"] == "batch.cancelled" and own is None
     assert payload["data"]["id"] == "batch_abc" and payload["data"]["job_id"] == job
     assert build_event(raw, client.store)[0] == event_id  # the same id on every redelivery
+
+
+def test_logs_name_a_webhook_by_its_origin_only():
+    from worker.queue.webhooks import _origin
+
+    assert _origin("https://u:pw@hooks.example:8443/in/s3cr3t?token=abc") == "https://hooks.example:8443"
+    assert _origin("http://10.0.0.1/x") == "http://10.0.0.1"
+    assert _origin("http://[::1") == "(unparseable URL)"

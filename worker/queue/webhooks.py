@@ -116,10 +116,11 @@ def register(app, settings: Settings) -> None:
 
     @app.task(name=TASK, bind=True, max_retries=None, acks_late=True, ignore_result=True)
     def deliver(self, url: str, msg_id: str, body: str, first_at: float) -> None:
+        target = _origin(url)  # what logs show: a path or query may hold the receiver's token
         try:
             check_url(url, settings.webhook_allow_private)
         except UnsafeURL as exc:
-            log.error("webhook_refused", url=url, event_id=msg_id, reason=str(exc))
+            log.error("webhook_refused", target=target, event_id=msg_id, reason=str(exc))
             return
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         now = datetime.now(UTC)  # one instant for the header and the signature
@@ -135,15 +136,25 @@ def register(app, settings: Settings) -> None:
         else:
             error = None
         if status is not None and 200 <= status < 300:
-            log.info("webhook_delivered", url=url, event_id=msg_id, attempt=self.request.retries + 1)
+            log.info("webhook_delivered", target=target, event_id=msg_id, attempt=self.request.retries + 1)
             return
         if time.time() - first_at > settings.webhook_max_age_s:
-            log.error("webhook_abandoned", url=url, event_id=msg_id, status=status, error=error)
+            log.error("webhook_abandoned", target=target, event_id=msg_id, status=status, error=error)
             return
         delay = min(2 ** self.request.retries, MAX_BACKOFF_S) * (0.8 + 0.4 * random.random())
-        log.warning("webhook_retry", url=url, event_id=msg_id, status=status, error=error,
+        log.warning("webhook_retry", target=target, event_id=msg_id, status=status, error=error,
                     retry_in_s=round(delay, 1))
         raise self.retry(countdown=delay)
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL (never its user info, path or query)."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
+    except ValueError:
+        return "(unparseable URL)"
 
 
 class Pump:
