@@ -47,8 +47,9 @@ log = structlog.get_logger(__name__)
 # imported from worker.engine.demo: importing worker.engine loads torch, the gateway must not.
 DEMO_NAME, DEMO_ID = "demo", "SmolLM2-135M-Instruct"
 CLIENT_ERRORS = {"prompt_too_long", "invalid_request"}  # a failed result's code -> 400, else 500
-STREAM_POLL_S = 0.05  # how often a stream reads the running record (it changes every 16 tokens
-KEEPALIVE_S = 10.0  # or 0.5 s); an SSE comment this often while nothing else is sent
+STREAM_POLL_S = 0.05  # how often a stream reads a running record (it changes every 16 tokens
+QUEUED_POLL_S = 0.2  # or 0.5 s); while queued (or when only the final answer is sent)
+KEEPALIVE_S = 10.0  # an SSE comment this often while nothing else is sent
 
 
 def router(client, settings, files) -> APIRouter:
@@ -397,7 +398,8 @@ async def stream_events(request: Request, owner, rid: str, model: str, chat: boo
             if time.monotonic() - last_sent >= KEEPALIVE_S:
                 yield b": keep-alive\n\n"  # also how a gone client is noticed while queued
                 last_sent = time.monotonic()
-            await asyncio.sleep(STREAM_POLL_S)
+            await asyncio.sleep(QUEUED_POLL_S if record["status"] == "queued" or whole
+                                else STREAM_POLL_S)
             record = await run_in_threadpool(owner.get, rid)
     finally:
         if not finished:
