@@ -313,7 +313,8 @@ def test_every_surface_carries_formats_logprobs_and_samples(gateway, start_worke
     assert re.fullmatch(REGEXES["date"], done["text"])
     refused = http.post("/v1/generations", json=chat("x", response_format={"type": "regex", "pattern": "(a"}))
     detail = refused.json()["detail"]
-    assert refused.status_code == 422 and detail[0]["loc"][:2] == ["body", "response_format"]
+    assert refused.status_code == 422 and refused.json()["code"] == "invalid_request"
+    assert detail[0]["loc"][:2] == ["body", "response_format"]
     assert "unclosed group" in detail[0]["msg"]
 
     api = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key="x", max_retries=0,

@@ -348,7 +348,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             param = ".".join(str(p) for p in first["loc"][1:]) or None
             return openai_error(400, f"{param or 'request'}: {first['msg']}", "invalid_request",
                                 param=param)
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": errors, "code": "invalid_request"}, status_code=422)
 
     files = FileStore(settings.files_root, settings.max_upload_bytes, **settings.files_options)
     app.state.files = files
@@ -375,8 +375,8 @@ def error_response(request: Request, status: int, message: str, code: str | None
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     """Field-level validation errors without the offending input (it may be huge)."""
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-            for e in exc.errors()]
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")).removeprefix("Value error, "),
+             "type": e.get("type")} for e in exc.errors()]
 
 
 def _batch_lines(spool, content_type: str) -> Iterator[Line]:
