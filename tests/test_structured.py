@@ -380,3 +380,25 @@ def test_every_surface_carries_formats_logprobs_and_samples(gateway, start_worke
     jsonschema.validate(json.loads(out.stdout), SCHEMAS["person"])
     out = genq("submit", "x", "--regex", "(a", env={"GENQ_BROKER_URL": redis_url})
     assert out.returncode == 2 and "response_format" in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_grammar_compiles_and_cache_hits_are_metrics(demo_engine):
+    from worker.ops.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics("w")
+    loop = demo_engine.scheduler()
+    fmt = {"type": "regex", "pattern": "(yes|no) [0-9]{6}"}  # a format no other test uses
+    before = (demo_engine.grammars.misses, demo_engine.grammars.hits)
+    for i in range(3):
+        loop.add(demo_engine.sequence(chat(f"Question {i}?", max_new_tokens=12, response_format=fmt)))
+    while not loop.idle:
+        loop.step()
+    metrics.observe_step(loop)
+    assert (demo_engine.grammars.misses - before[0], demo_engine.grammars.hits - before[1]) == (1, 2)
+
+    def value(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"worker": "w"})
+
+    assert value("genq_grammar_compiles_total") == demo_engine.grammars.misses
+    assert value("genq_grammar_cache_hits_total") == demo_engine.grammars.hits

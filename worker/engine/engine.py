@@ -173,6 +173,11 @@ class Engine:
                                      f"be read by llguidance ({exc})") from None
         return self._grammars
 
+    @property
+    def compiled_grammars(self) -> Grammars | None:
+        """The grammar cache if a constrained or logprobs request has built it (metrics)."""
+        return self._grammars
+
     def samples_of(self, seq: Sequence) -> list[Sequence]:
         """Rows for samples 1..n-1 of ``seq``'s request (none when ``n`` is 1)."""
         request = seq.request

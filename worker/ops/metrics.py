@@ -39,6 +39,10 @@ class WorkerMetrics:
                                  "interactive rows)", ["worker"], **kw).labels(**labels)
         self.oom = Counter("out_of_memory", "Forward passes that ran out of memory", ["worker"],
                            **kw).labels(**labels)
+        self.grammar_compiles = Counter("grammar_compiles", "response_format grammars compiled "
+                                        "(not in the cache)", ["worker"], **kw).labels(**labels)
+        self.grammar_cache_hits = Counter("grammar_cache_hits", "Constrained rows whose grammar "
+                                          "was in the cache", ["worker"], **kw).labels(**labels)
         self.running = Gauge("running_rows", "Rows in running batches", ["worker"],
                              **kw).labels(**labels)
         self.waiting = Gauge("waiting_rows", "Requests held, waiting to join", ["worker"],
@@ -46,7 +50,8 @@ class WorkerMetrics:
         self.up = Gauge("worker_up", "1 while the worker runs", ["worker"], **kw).labels(**labels)
         self.busy = Gauge("worker_busy", "1 while rows run", ["worker"], **kw).labels(**labels)
         self.worker = worker
-        self._seen = {"steps": 0, "row_steps": 0, "useful": 0, "evictions": 0, "ooms": 0}
+        self._seen = {"steps": 0, "row_steps": 0, "useful": 0, "evictions": 0, "ooms": 0,
+                      "compiles": 0, "hits": 0}
         self.up.set(1)
 
     @classmethod
@@ -61,11 +66,14 @@ class WorkerMetrics:
         """After a scheduler turn: the rows its decode step computed, and the loop's totals."""
         if loop.steps > self._seen["steps"]:
             self.batch_size.observe(loop.last_step_rows)
+        grammars = loop.engine.compiled_grammars
         now = {"steps": loop.steps, "row_steps": loop.row_steps, "useful": loop.useful_row_steps,
-               "evictions": loop.evictions, "ooms": loop.ooms}
+               "evictions": loop.evictions, "ooms": loop.ooms,
+               "compiles": grammars.misses if grammars else 0, "hits": grammars.hits if grammars else 0}
         for name, counter in (("steps", self.steps), ("row_steps", self.row_steps),
                               ("useful", self.useful_row_steps), ("evictions", self.evictions),
-                              ("ooms", self.oom)):
+                              ("ooms", self.oom), ("compiles", self.grammar_compiles),
+                              ("hits", self.grammar_cache_hits)):
             if now[name] > self._seen[name]:
                 counter.inc(now[name] - self._seen[name])
         self._seen = now
