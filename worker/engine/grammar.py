@@ -19,21 +19,16 @@ from typing import Any
 
 import llguidance
 import llguidance.torch
-import structlog
 import torch
 
 from worker.errors import InvalidRequest
 from worker.structured import format_key, grammar_for
-
-log = structlog.get_logger(__name__)
-BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Grammars:
     """The compiled grammars and the llguidance view of one engine's tokenizer."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int], cache_size: int = 128):
-        self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(_tokenizer_json(tokenizer), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_ids))
         self.cache_size = cache_size
@@ -73,9 +68,11 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher
     bitmask = torch.empty(len(rows), (logits.shape[-1] + 31) // 32, dtype=torch.int32)
     llguidance.torch.fill_next_token_bitmask_par(
         _executor, [(m, j) for j, (_, m) in enumerate(rows)], bitmask)
-    allowed = ((bitmask.unsqueeze(-1) >> BITS) & 1).flatten(1)[:, :logits.shape[-1]]
+    # the packed mask goes to the logits' device (1 bit per token), and is unpacked there
+    bitmask = bitmask.to(logits.device)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    forbidden = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :logits.shape[-1]] == 0
     index = torch.tensor([i for i, _ in rows], device=logits.device)
-    forbidden = allowed.to(logits.device) == 0
     logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
