@@ -142,9 +142,12 @@ class RunningBatch:
         started = time.time()
         device = engine.device
         # samples of one request share their prompt: it is prefilled once, then copied
-        firsts: dict[int, int] = {}
-        copies = [firsts.setdefault(id(s.primary or s), len(firsts)) for s in joiners]
-        prompts = [joiners[copies.index(i)].prompt_ids for i in range(len(firsts))]
+        firsts: dict[int, Sequence] = {}  # request -> its first joiner
+        for seq in joiners:
+            firsts.setdefault(id(seq.primary or seq), seq)
+        rank = {key: i for i, key in enumerate(firsts)}
+        copies = [rank[id(s.primary or s)] for s in joiners]
+        prompts = [s.prompt_ids for s in firsts.values()]
         enc = engine.tokenizer.pad({"input_ids": prompts}, padding=True,
                                    padding_side=engine.padding_side, return_tensors="pt")
         input_ids = enc["input_ids"].to(device)

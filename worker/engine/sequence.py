@@ -11,6 +11,7 @@ others (``siblings()``) share its prompt and point back to it; its result gather
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,13 +82,10 @@ class Sequence:
 
     def siblings(self, make_sampler, make_grammar) -> list[Sequence]:
         """Samples 1..n-1 of this request (sample 0 is this sequence), each with its own
-        sampler (``make_sampler(i)``) and grammar matcher."""
-        rows = [Sequence(id=self.id, request=self.request, prompt_ids=self.prompt_ids,
-                         body=self.body, submitted_at=self.submitted_at,
-                         expires_at=self.expires_at, suspect=self.suspect, owner=self.owner,
-                         job=self.job, weight=self.weight, sampler=make_sampler(i),
-                         stops=self.stops, grammar=make_grammar(),
-                         logprobs=None if self.logprobs is None else [], sample=i, primary=self)
+        sampler (``make_sampler(i)``) and grammar matcher. Made before the request runs."""
+        rows = [dataclasses.replace(self, tokens=[], sampler=make_sampler(i), grammar=make_grammar(),
+                                    logprobs=None if self.logprobs is None else [], sample=i,
+                                    primary=self, samples=[])
                 for i in range(1, self.request.sample_count)]
         self.samples = [self, *rows]
         return rows
