@@ -60,17 +60,20 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _canonical(response_format: dict[str, Any]) -> str:
+    return json.dumps(response_format, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def format_key(response_format: dict[str, Any]) -> str:
     """A stable hash of a format (the key of compiled grammars)."""
-    text = json.dumps(response_format, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_canonical(response_format).encode()).hexdigest()
 
 
 def check_format(response_format: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming what is wrong with a format llguidance cannot enforce
     (an invalid schema, an unsupported keyword, a bad pattern). Checked once per distinct
     format (a 100,000-line batch with one schema compiles it once)."""
-    text = json.dumps(response_format, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = _canonical(response_format)
     if len(text.encode()) > MAX_FORMAT_BYTES:
         raise ValueError(f"is {len(text.encode())} bytes of JSON, more than {MAX_FORMAT_BYTES}")
     problem = _problem(text)
