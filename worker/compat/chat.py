@@ -376,13 +376,14 @@ async def stream_events(request: Request, owner, rid: str, model: str, chat: boo
             elif not whole and final and not shown.startswith(sent):
                 log.warning("stream_text_diverged", request_id=rid, sent=len(sent), final=len(shown))
             if final:
-                if not whole:
+                if whole:  # every choice in one chunk each
+                    for c in shapes.choices({**record, "text": text}):
+                        if chat and c["index"]:
+                            yield chunk(role=True, index=c["index"])
+                        yield chunk(c["text"], index=c["index"], logprobs=c.get("logprobs"))
+                        yield chunk(finish=shapes.finish(c), index=c["index"])
+                else:
                     yield chunk(finish=shapes.finish(record))
-                for c in shapes.choices({**record, "text": text}) if whole else []:
-                    if chat and c["index"]:
-                        yield chunk(role=True, index=c["index"])
-                    yield chunk(c["text"], index=c["index"], logprobs=c.get("logprobs"))
-                    yield chunk(finish=shapes.finish(c), index=c["index"])
                 if include_usage:
                     yield sse({**base, "system_fingerprint": fingerprint, "choices": [],
                                "usage": shapes.usage(record)})
