@@ -350,6 +350,9 @@ def test_every_surface_carries_formats_logprobs_and_samples(gateway, start_worke
                                     logprobs=2)
     lp = legacy.choices[0].logprobs
     assert "".join(lp.tokens) == legacy.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)
+    digits = api.completions.create(model="demo", prompt="Area code:", max_tokens=8, temperature=0,
+                                    extra_body={"response_format": {"type": "regex", "pattern": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", digits.choices[0].text)  # the legacy route takes formats too
     with pytest.raises(openai.BadRequestError, match="uniqueItems"):
         api.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
                                     response_format={"type": "json_schema", "json_schema": {
