@@ -25,8 +25,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from worker.bench import run_scheduler
 from worker.engine.batching import Row, plan_batches
-from worker.engine.engine import Engine
 from worker.engine.padding import PadChoice
+from worker.engine.steploop import StepLoopEngine
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,11 +82,11 @@ def id_tokenizer(vocab_size: int, pad: int, eos: int) -> PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=word(pad), eos_token=word(eos))
 
 
-def genqueue_engine(model, pad: int, eos: int, dtype: torch.dtype) -> Engine:
+def genqueue_engine(model, pad: int, eos: int, dtype: torch.dtype) -> StepLoopEngine:
     """genqueue's engine around the random model; EOS disabled (as min_new_tokens does for
     ``generate``), batches bounded by rows only."""
     config = model.config
-    engine = Engine(model, id_tokenizer(config.vocab_size, pad, eos), backend="transformers",
+    engine = StepLoopEngine(model, id_tokenizer(config.vocab_size, pad, eos), backend="transformers",
                     model_name="random-llama3", dtype=str(dtype).removeprefix("torch."),
                     pad=PadChoice(token=word(pad), token_id=pad, reason="config pad"),
                     max_batch_tokens=10**9, max_prefill_tokens=16384)

@@ -29,21 +29,31 @@ JSON_DEFAULTS = {"whitespace_flexible": False}
 MAX_FORMAT_BYTES = 65_536
 
 
-def grammar_for(response_format: dict[str, Any] | None) -> str | None:
-    """The llguidance grammar of a validated ``response_format`` (None: unconstrained)."""
+def constraint(response_format: dict[str, Any] | None) -> tuple[str, Any] | None:
+    """What a validated ``response_format`` demands: ``("json", schema)`` (strict schemas
+    closed, ``json_object`` as any object), ``("regex", pattern)``, or None (unconstrained)."""
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
-                                                             defaults=JSON_DEFAULTS)
+        return "json", {"type": "object"}
     if kind == "json_schema":
         spec = response_format["json_schema"]
-        schema = _closed(spec["schema"]) if spec.get("strict") else spec["schema"]
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+        return "json", _closed(spec["schema"]) if spec.get("strict") else spec["schema"]
     if kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(response_format["pattern"])
+        return "regex", response_format["pattern"]
     raise ValueError(f"unknown response_format type {kind!r}")
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> str | None:
+    """The llguidance grammar of a validated ``response_format`` (None: unconstrained)."""
+    demand = constraint(response_format)
+    if demand is None:
+        return None
+    kind, value = demand
+    if kind == "json":
+        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=JSON_DEFAULTS)
+    return llguidance.LLMatcher.grammar_from_regex(value)
 
 
 def _closed(schema: Any) -> Any:

@@ -149,6 +149,31 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
     return decision
 
 
+def admit_paged(waiting: list[Waiting], in_flight: int, suspect_in_flight: bool, max_rows: int,
+                headroom: int) -> list[str]:
+    """For a backend that owns its KV cache (vLLM: paged, no lanes, adapters mixed in one
+    batch): which waiting requests enter it now. Interactive requests in submit order while
+    fewer than ``max_rows + headroom`` rows are in flight (the headroom is theirs alone, so an
+    interactive request joins at the next step however full bulk work keeps the engine); bulk
+    requests in fair turns (``fair_order``) while fewer than ``max_rows`` are in flight and no
+    interactive request waits; at most one *suspect* in flight. Memory pressure inside the
+    backend is its own preemption (bulk first), never a refusal here."""
+    chosen: list[str] = []
+    inter = [w for w in waiting if w.priority == INTERACTIVE]
+    bulk = fair_order([w for w in waiting if w.priority == BULK])
+    for group, cap in ((inter, max_rows + headroom), (bulk, max_rows)):
+        for w in group:
+            if in_flight >= cap:
+                break
+            if w.suspect and suspect_in_flight:
+                continue
+            chosen.append(w.id)
+            in_flight += 1
+            suspect_in_flight = suspect_in_flight or w.suspect
+        if len(chosen) < len(group):
+            break  # bulk joins only when every interactive request has
+    return chosen
+
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:
     """Requests in weighted turns: owners in round-robin (weight w: w turns per round), each
     owner's turns shared round-robin by its jobs, oldest first within a job."""

@@ -15,16 +15,15 @@ finished, then it runs alone; only if it runs out alone does it fail, with ``out
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Iterable
 
 import structlog
 import torch
 
-from worker.engine.policy import Lane, LaneKey, Limits, Running, Waiting, decide, starved_since
+from worker.engine.policy import Lane, LaneKey, Limits, Running, decide, starved_since
 from worker.engine.running import RunningBatch, prefill_groups
 from worker.engine.sequence import Sequence
+from worker.engine.waiting import StepLoop, requests_done
 from worker.errors import OutOfMemory
 
 log = structlog.get_logger(__name__)
@@ -32,85 +31,29 @@ log = structlog.get_logger(__name__)
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 
-def _requests(rows: list[Sequence]) -> list[Sequence]:
-    """The requests these finished rows complete: a row alone, or sample 0 of a request
-    once all its samples are done (until then, nothing for it)."""
-    done: list[Sequence] = []
-    for row in rows:
-        request = row.primary or row
-        if row.request_done and request not in done:
-            done.append(request)
-    return done
-
-
-class Scheduler:
+class Scheduler(StepLoop):
     """Requests waiting and running on one engine; ``step()`` serves one lane once."""
 
     def __init__(self, engine, limits: Limits):
-        self.engine = engine
-        self.limits = limits
-        self.waiting: dict[str, Sequence] = {}
+        super().__init__(engine, limits)
         self.lanes: dict[LaneKey, RunningBatch] = {}
         self.prefill_cap = limits.max_prefill_tokens  # lowered after a prefill ran out of memory
         self.solo: Sequence | None = None  # ran out of memory next to others: runs alone next
         self.bulk_starved_since: float | None = None  # bulk work waiting for a turn since
-        # called with the joiners before their prefill; returns the ones to run (the worker
-        # writes their running records there and drops duplicates of finished requests)
-        self.before_admit: Callable[[list[Sequence]], list[Sequence]] | None = None
-        self._handles = itertools.count()
-        self.steps = 0
-        self.last_step_rows = 0  # rows the latest decode step computed
-        self.row_steps = 0  # rows computed, summed over decode steps
-        self.useful_row_steps = 0  # rows that produced a token, summed over decode steps
-        self.evictions = 0  # rows sent back to waiting after out-of-memory or for interactive
-        self.ooms = 0
-
-    # -- what is in it ----------------------------------------------------------------
 
     @property
     def running(self) -> list[Sequence]:
         return [row for lane in self.lanes.values() for row in lane.rows]
 
-    @property
-    def idle(self) -> bool:
-        return not self.waiting and not any(self.lanes.values())
-
-    def add(self, seq: Sequence) -> None:
-        """Queue a prepared request (``n`` rows if it asks for ``n`` samples); its rows join
-        lanes when the policy says so."""
-        for row in [seq, *self.engine.samples_of(seq)]:
-            row.handle = str(next(self._handles))
-            self.waiting[row.handle] = row
-
-    def forget(self, ids: set[str]) -> None:
-        """Drop these requests' waiting rows without a result (already final elsewhere)."""
-        for handle in [h for h, s in self.waiting.items() if s.id in ids]:
-            del self.waiting[handle]
-
-    def stop(self, ids: Iterable[str], status: str = "cancelled") -> list[Sequence]:
-        """End these requests now (waiting or running) with ``status``; the ended rows."""
-        wanted = set(ids)
-        ended = [s for s in self.waiting.values() if s.id in wanted]
-        for seq in ended:
-            del self.waiting[seq.handle]
+    def _stop_running(self, ids: set[str]) -> list[Sequence]:
+        ended: list[Sequence] = []
         for lane in self.lanes.values():
-            rows = [r for r in lane.rows if r.id in wanted and not r.done]
+            rows = [r for r in lane.rows if r.id in ids and not r.done]
             if rows:
                 lane.remove(rows)
                 ended.extend(rows)
-        now = time.time()
-        for seq in ended:
-            seq.stop_early(status)
-            seq.finished_at = now
         self._drop_empty_lanes()
-        return _requests(ended)
-
-    def expire(self, now: float | None = None) -> list[Sequence]:
-        """End every request past its deadline (``expires_in_s``) as ``expired``."""
-        now = time.time() if now is None else now
-        late = [s.id for s in [*self.waiting.values(), *self.running]
-                if s.expires_at is not None and now > s.expires_at and not s.done]
-        return self.stop(late, "expired") if late else []
+        return ended
 
     # -- the step ---------------------------------------------------------------------
 
@@ -138,9 +81,7 @@ class Scheduler:
         if evict:
             self._evict(set(evict), reason="interactive_first")
         finished: list[Sequence] = []
-        joiners = [self.waiting.pop(h) for h in handles]
-        if joiners and self.before_admit is not None:
-            joiners = self.before_admit(joiners)
+        joiners = self._admitting(handles)
         if joiners:
             finished += self._admit(lane, joiners)
         if lane.rows:
@@ -148,7 +89,7 @@ class Scheduler:
         if self.solo is not None and self.solo.done:
             self.solo = None
         self._drop_empty_lanes()
-        return _requests(finished)
+        return requests_done(finished)
 
     def _admit(self, lane: RunningBatch, joiners: list[Sequence]) -> list[Sequence]:
         """Prefill the joiners in groups of similar prompt length (padding under a third)."""
@@ -239,13 +180,6 @@ class Scheduler:
             del self.lanes[key]
 
     # -- views for the policy ---------------------------------------------------------
-
-    def _waiting_view(self) -> list[Waiting]:
-        """Waiting requests by submit time, ties in arrival order (an evicted row keeps its
-        place: it is back in the dict at the end, but its handle is older)."""
-        ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
-        return [Waiting(s.handle, s.priority, s.adapter, s.prompt_tokens, s.max_new_tokens,
-                        s.submitted_at, s.suspect, s.owner, s.job, s.weight) for s in ordered]
 
     def _lane_view(self) -> list[Lane]:
         return [Lane(key[0], key[1],

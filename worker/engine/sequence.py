@@ -80,12 +80,11 @@ class Sequence:
         """Whether every sample of this row's request has finished."""
         return all(s.done for s in (self.primary or self).samples or [self])
 
-    def siblings(self, make_sampler, make_grammar) -> list[Sequence]:
+    def siblings(self, row_state) -> list[Sequence]:
         """Samples 1..n-1 of this request (sample 0 is this sequence), each with its own
-        sampler (``make_sampler(i)``) and grammar matcher. Made before the request runs."""
-        rows = [dataclasses.replace(self, tokens=[], sampler=make_sampler(i), grammar=make_grammar(),
-                                    logprobs=None if self.logprobs is None else [], sample=i,
-                                    primary=self, samples=[])
+        backend state (``row_state(i)``: sampler, grammar matcher). Made before it runs."""
+        rows = [dataclasses.replace(self, tokens=[], logprobs=None if self.logprobs is None else [],
+                                    sample=i, primary=self, samples=[], **row_state(i))
                 for i in range(1, self.request.sample_count)]
         self.samples = [self, *rows]
         return rows

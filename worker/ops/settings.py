@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     redis_key_file: Path | None = None
     model: str = "demo"
     adapters: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
-    backend: Literal["auto", "unsloth", "transformers"] = "auto"
+    backend: Literal["auto", "vllm", "unsloth", "transformers"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     load_in_4bit: bool = False
     max_batch_size: int = Field(32, ge=1)
@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     webhook_max_age_s: int = Field(24 * 3600, ge=1)
     webhook_allow_private: bool = False
     files_options: dict[str, Any] = Field(default_factory=dict)
+    vllm_options: dict[str, Any] = Field(default_factory=dict)  # extra vLLM EngineArgs (JSON)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     sync_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "INFO"

@@ -1,0 +1,125 @@
+"""The step loop over vLLM: our policy admits waiting rows into vLLM's engine, vLLM steps
+them all (one forward pass, mixed adapters, chunked prefill), and each row's new tokens and
+end come back as ``Sequence`` updates, so the worker's consumer and ``Engine.generate`` drive
+it exactly as they drive our own loop.
+
+Priorities map onto vLLM's priority scheduling (interactive 0, bulk 1): when its KV cache
+runs short vLLM preempts bulk rows first and recomputes them later, never failing a
+request. A cancelled or expired row is aborted in vLLM before the next step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+
+from worker.engine.policy import INTERACTIVE, Limits, admit_paged
+from worker.engine.sequence import Sequence
+from worker.engine.waiting import StepLoop, requests_done
+
+log = structlog.get_logger(__name__)
+PRIORITY = {INTERACTIVE: 0, "bulk": 1}  # vLLM runs lower values first
+
+
+class VllmScheduler(StepLoop):
+    """Rows waiting here, rows running inside vLLM; ``step()`` admits, then steps vLLM once."""
+
+    def __init__(self, engine, limits: Limits, headroom: int):
+        super().__init__(engine, limits)
+        self.llm = engine.model
+        self.headroom = headroom
+        self.inflight: dict[str, Sequence] = {}  # vLLM request id -> row
+        self._prefix = uuid.uuid4().hex[:8]  # request ids unique across loops on one engine
+
+    @property
+    def running(self) -> list[Sequence]:
+        return list(self.inflight.values())
+
+    def step(self) -> list[Sequence]:
+        """Admit what the policy lets in, step vLLM once; the requests that finished."""
+        finished = self._admit()
+        if not self.inflight:
+            return requests_done(finished)
+        rows = len(self.inflight)
+        outputs = self.llm.step()
+        self.steps += 1
+        self.last_step_rows = rows
+        self.row_steps += rows
+        now = time.time()
+        for out in outputs:
+            seq = self.inflight.get(out.request_id)
+            if seq is None:  # aborted meanwhile
+                continue
+            completion = out.outputs[0]
+            if completion.token_ids:
+                self.useful_row_steps += 1
+                self._accept(seq, completion)
+            if out.finished:
+                del self.inflight[out.request_id]
+                seq.finish_reason = _finish_reason(completion)
+                if seq.finish_reason == "error":
+                    seq.error = {"code": "internal",
+                                 "message": f"vLLM ended the request: {completion.finish_reason}"}
+                seq.finished_at = now
+                finished.append(seq)
+        return requests_done(finished)
+
+    def _admit(self) -> list[Sequence]:
+        """Add the rows the policy admits to vLLM; rows vLLM refuses fail alone."""
+        suspect = any(s.suspect for s in self.inflight.values())
+        handles = admit_paged(self._waiting_view(), len(self.inflight), suspect,
+                              self.limits.max_rows, self.headroom)
+        failed: list[Sequence] = []
+        now = time.time()
+        for seq in self._admitting(handles):
+            request_id = f"{self._prefix}-{seq.handle}"
+            try:
+                self.llm.add_request(
+                    request_id, {"prompt_token_ids": seq.prompt_ids},
+                    self.engine.sampling_params(seq),
+                    lora_request=self.engine.lora_request(seq.adapter),
+                    priority=PRIORITY[seq.priority], arrival_time=seq.submitted_at)
+            except Exception as exc:  # noqa: BLE001 - vLLM validates with plain ValueErrors
+                seq.error = {"code": "invalid_request", "message": f"vLLM refused it: {exc}"[:300]}
+                seq.finish_reason = "error"
+                seq.finished_at = now
+                failed.append(seq)
+                continue
+            seq.admitted_at = now
+            seq.batch = {"size": len(self.inflight) + 1, "pad_fraction": 0.0}
+            self.inflight[request_id] = seq
+        return failed
+
+    def _accept(self, seq: Sequence, completion) -> None:
+        """Append a row's new tokens (and their log-probabilities)."""
+        new = list(completion.token_ids)
+        if seq.logprobs is not None and completion.logprobs:
+            k = seq.request.top_logprobs or 0
+            for token, entry in zip(new, completion.logprobs, strict=False):
+                if token in self.engine.eos_ids or token not in entry:
+                    continue
+                top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None
+                              and lp.rank <= k and lp.logprob != float("-inf")),
+                             key=lambda item: item[1].rank)
+                seq.logprobs.append((token, entry[token].logprob,
+                                     [(t, lp.logprob) for t, lp in top]))
+        seq.tokens.extend(new)
+
+    def _stop_running(self, ids: set[str]) -> list[Sequence]:
+        aborted = {rid: s for rid, s in self.inflight.items() if s.id in ids and not s.done}
+        if aborted:
+            self.llm.abort_request(list(aborted))
+            for rid in aborted:
+                del self.inflight[rid]
+        return list(aborted.values())
+
+
+def _finish_reason(completion) -> str:
+    """Ours from vLLM's: ``stop`` (EOS or grammar complete), ``stop_sequence``, ``length``."""
+    if completion.finish_reason == "length":
+        return "length"
+    if completion.finish_reason == "stop":
+        return "stop_sequence" if isinstance(completion.stop_reason, str) else "stop"
+    return "error"
