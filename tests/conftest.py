@@ -44,6 +44,27 @@ def unsloth_engine(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def lora_dir(cache_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter for the demo model made here (q/v projections, rank 8, random non-zero
+    weights, seed 0), saved as PEFT saves one (an Unsloth-trained adapter has this shape)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from worker.engine.demo import demo_model_dir
+
+    path = tmp_path_factory.mktemp("lora-a")
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir(cache_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, config)
+    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, cache_dir) -> Path:
     """A 2-layer random-weight Llama with the demo tokenizer: fast, real code paths."""
     from transformers import AutoTokenizer

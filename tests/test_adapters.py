@@ -10,25 +10,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def adapter_engine(cache_dir, tmp_path_factory):
+def adapter_engine(cache_dir, lora_dir):
     """The demo model with one LoRA adapter made here (random, non-zero weights)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from worker.engine import load_engine
-    from worker.engine.demo import demo_model_dir
 
-    path = tmp_path_factory.mktemp("lora-a")
-    base = AutoModelForCausalLM.from_pretrained(demo_model_dir(cache_dir), dtype=torch.float32)
-    torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(base, config)
-    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
-    peft_model.save_pretrained(path)
     return load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
-                       adapters={"a": str(path)})
+                       adapters={"a": str(lora_dir)})
 
 
 def test_adapter_changes_output_and_batched_equals_alone(adapter_engine):

@@ -20,6 +20,7 @@ from worker.engine.policy import (
     Limits,
     Running,
     Waiting,
+    admit_paged,
     decide,
     fair_order,
     starved_since,
@@ -287,3 +288,37 @@ def test_bulk_owners_take_weighted_turns_then_their_jobs():
     assert first.count("h") == 15 and first.count("l") == 5
     d = decide(big + small, [], Limits(max_rows=4, max_bulk_prefill_tokens=8192), now=300.0)
     assert sorted(d.admit) == ["big0", "big1", "sm0", "sm1"]  # each owner half the joiners
+
+
+def test_paged_admission_puts_interactive_first_with_headroom_of_its_own():
+    bulk = [waiting(BULK, at=float(i)) for i in range(10)]
+    inter = [waiting(INTERACTIVE, at=20.0 + i) for i in range(4)]
+    running = [waiting(BULK) for _ in range(7)]
+    # 7 of 8 rows busy: one more bulk row fits, but the interactive requests go first
+    assert admit_paged([*bulk, *inter], running, max_rows=8, headroom=2) == [w.id for w in inter[:3]]
+    assert admit_paged(bulk, running, max_rows=8, headroom=2) == [bulk[0].id]
+    full = running + [waiting(BULK)]
+    assert admit_paged([*bulk, inter[0]], full, max_rows=8, headroom=2) == [inter[0].id]
+    assert admit_paged(bulk, full, max_rows=8, headroom=2) == []
+
+
+def test_paged_admission_takes_bulk_in_fair_turns_and_one_suspect_at_a_time():
+    a = [replace(waiting(BULK, at=float(i)), owner="a") for i in range(6)]
+    b = [replace(waiting(BULK, at=10.0 + i), owner="b") for i in range(2)]
+    assert admit_paged([*a, *b], [], max_rows=4, headroom=1) == [a[0].id, b[0].id, a[1].id, b[1].id]
+    s1, s2 = waiting(suspect=True, at=0.0), waiting(suspect=True, at=1.0)
+    plain = waiting(at=2.0)
+    assert admit_paged([s1, s2, plain], [], max_rows=4, headroom=1) == [s1.id, plain.id]
+    assert admit_paged([s2, plain], [s1], max_rows=4, headroom=1) == [plain.id]
+
+
+def test_paged_admission_without_mixing_runs_one_adapter_at_a_time():
+    base = [waiting(at=float(i)) for i in range(3)]
+    lora = [waiting(adapter="a", at=1.5)]
+    mixed = sorted([*base, *lora], key=lambda w: w.submitted_at)
+    assert admit_paged(mixed, [], max_rows=8, headroom=2) == [w.id for w in mixed]
+    # the adapter's request is next in turn: nothing overtakes it, it joins once base rows end
+    assert admit_paged(mixed, [], max_rows=8, headroom=2, mix_adapters=False) == [
+        base[0].id, base[1].id]
+    assert admit_paged([lora[0], base[2]], [base[0]], 8, 2, mix_adapters=False) == []
+    assert admit_paged([lora[0], base[2]], [], 8, 2, mix_adapters=False) == [lora[0].id]

