@@ -1,0 +1,112 @@
+"""The service on the vLLM backend (vLLM's CPU build here): real ``genq worker`` processes with
+GENQ_BACKEND=vllm, a private redis-server and the client. The queue still decides who runs:
+interactive before bulk, cancel within a step, a bad request fails alone, a SIGKILLed
+worker's requests finish elsewhere exactly once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+
+from tests.conftest import example_requests
+from tests.test_engine_vllm import SCHEMA
+
+pytestmark = pytest.mark.slow
+
+VLLM = {"GENQ_BACKEND": "vllm"}
+
+
+def test_the_queue_end_to_end_on_vllm(client, start_worker, demo_engine, lora_dir):
+    from worker.queue.app import TASK_NAME
+
+    start_worker(**VLLM, GENQ_ADAPTERS=f"a={lora_dir}")
+    heartbeat = next(w for w in client.store.workers() if w["name"] == "w1@test")
+    assert heartbeat["backend"] == "vllm" and heartbeat["adapters"] == ["a"]
+    assert heartbeat["self_check"]["ok"] is True
+    log = (start_worker.log_dir / "w1@test.log").read_text()
+    assert "it/s]" not in log  # no progress bars in the JSON log
+
+    plain = example_requests(24, max_new_tokens=32)
+    job = client.submit_many(plain)
+    interactive = [client.submit(**r) for r in example_requests(4, max_new_tokens=16)]
+    adapter = client.submit(**{**plain[0], "adapter": "a"})
+    constrained = client.submit(messages=plain[1]["messages"], max_new_tokens=96,
+                                response_format={"type": "json_schema", "json_schema": {
+                                    "name": "person", "schema": SCHEMA, "strict": True}})
+    # a foreign producer skips the client's checks: the worker fails it alone
+    client.app.send_task(TASK_NAME, args=[{"prompt": "x " * 9000, "max_new_tokens": 8}],
+                         task_id="too-long", queue="genq.bulk")
+
+    info = client.wait_job(job, timeout=600)
+    assert info["counts"]["succeeded"] == 24
+    results = list(client.job_results(job))
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(plain)]
+    assert all(r["worker"] == "w1@test" and r["model"] == "SmolLM2-135M-Instruct" for r in results)
+    assert [r["usage"] for r in results] == [e["usage"] for e in demo_engine.generate(plain)]
+    for rid, request in zip(interactive, example_requests(4, max_new_tokens=16), strict=True):
+        assert client.wait(rid, timeout=120)["text"] == demo_engine.generate([request])[0]["text"]
+    lora = client.wait(adapter, timeout=120)
+    assert lora["status"] == "succeeded" and lora["adapter"] == "a" and lora["text"] != results[0]["text"]
+    shaped = client.wait(constrained, timeout=120)
+    jsonschema.validate(json.loads(shaped["text"]), SCHEMA)
+    refused = client.wait("too-long", timeout=120)
+    assert refused["status"] == "failed" and refused["error"]["code"] == "prompt_too_long"
+
+
+def test_cancel_and_progress_of_a_running_request_on_vllm(client, start_worker):
+    start_worker(**VLLM)
+    running = client.submit(prompt="Once upon a time, in a land far away,", max_new_tokens=1500)
+    deadline = time.monotonic() + 120
+    while not (client.get(running).get("text") or ""):  # a snapshot of the text so far
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    partial = client.get(running)
+    assert partial["status"] == "running" and partial["usage"]["completion_tokens"] > 0
+    asked = time.monotonic()
+    assert client.cancel(running) is True
+    result = client.wait(running, timeout=60)
+    took = time.monotonic() - asked
+    assert result["status"] == "cancelled" and result["finish_reason"] == "cancelled"
+    assert 0 < result["usage"]["completion_tokens"] < 1500
+    assert result["text"].startswith(partial["text"])
+    print(f"cancelled {took:.2f} s after asking, at {result['usage']['completion_tokens']} tokens")
+
+
+def test_interactive_joins_at_once_under_a_bulk_job_on_vllm(client, start_worker):
+    start_worker(**VLLM, GENQ_MAX_BATCH_SIZE="8")
+    bulk = client.submit_many([{"prompt": f"Tell a long story number {i}.", "max_new_tokens": 128,
+                                "temperature": 0.8, "seed": i} for i in range(48)])
+    deadline = time.monotonic() + 120
+    while client.job(bulk)["counts"]["running"] < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rid = client.submit(prompt="Hi", max_new_tokens=8)
+    result = client.wait(rid, timeout=120)
+    counts = client.job(bulk)["counts"]
+    # it joined the running rows at once (headroom of its own), not after the 40 queued
+    assert result["status"] == "succeeded" and counts["succeeded"] <= 16, counts
+    assert result["batch"]["size"] > 1
+    assert client.wait_job(bulk, timeout=900)["counts"]["succeeded"] == 48
+
+
+def test_sigkill_of_a_vllm_worker_mid_job_loses_nothing(client, start_worker, demo_engine):
+    requests = example_requests(32, max_new_tokens=48)
+    first = start_worker("victim@test", **VLLM, GENQ_MAX_BATCH_SIZE="8")
+    job = client.submit_many(requests)
+    deadline = time.monotonic() + 120
+    while client.job(job)["counts"]["succeeded"] < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    start_worker("rescuer@test", **VLLM, GENQ_MAX_BATCH_SIZE="8")
+    info = client.wait_job(job, timeout=600)
+    assert info["counts"] == {"total": 32, "queued": 0, "running": 0, "succeeded": 32,
+                              "failed": 0, "cancelled": 0, "expired": 0}
+    results = list(client.job_results(job))
+    assert len({r["id"] for r in results}) == 32
+    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
+    assert {r["worker"] for r in results} == {"victim@test", "rescuer@test"}
