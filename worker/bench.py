@@ -463,12 +463,13 @@ def _under_bulk(client, bulk: list[dict], requests: list[dict], interval_s: floa
 
 
 def bench_interactive_mode(cache_dir: Path, workdir: Path, mode: str, requests: list[dict],
-                           bulk: list[dict], batch: int, interval_s: float, timeout_s: float) -> dict:
+                           bulk: list[dict], batch: int, interval_s: float, timeout_s: float,
+                           backend: str = "transformers") -> dict:
     """One worker with ``GENQ_SCHEDULER=mode``: interactive time to result on an idle service,
     then the same requests submitted every ``interval_s`` while a bulk job runs."""
-    svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "transformers",
+    svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": backend,
                    "GENQ_DTYPE": "float32", "GENQ_MAX_BATCH_SIZE": str(batch),
-                   "GENQ_SCHEDULER": mode}, workdir / f"interactive-{mode}")
+                   "GENQ_SCHEDULER": mode}, workdir / f"interactive-{mode}-{backend}")
     try:
         svc.start_worker(f"bench@{mode}")
         client = svc.client()
@@ -535,7 +536,7 @@ def bench_startup(cache_dir: Path, workdir: Path, backend: str = "auto") -> dict
     for label, check in (("self-check off", "off"), ("strict, cold", "strict"),
                          ("strict, remembered", "strict")):
         env = {"GENQ_CACHE_DIR": str(private), "GENQ_BACKEND": backend}
-        svc = Service(env, workdir / f"startup{len(runs)}")
+        svc = Service(env, workdir / f"startup-{backend}-{len(runs)}")
         svc.env["GENQ_SELF_CHECK"] = check
         try:
             started = time.monotonic()
@@ -755,10 +756,16 @@ def run_all(out: Path, cache_dir: Path, parts: list[str], quick: bool,
             results["structured"] = (bench_structured(cache_dir, batch=8, new_tokens=12, repeats=1,
                                                       say=say)
                                      if quick else bench_structured(cache_dir, say=say))
+        if "backends" in parts:
+            from worker.bench_backends import bench_backends
+
+            results["backends"] = bench_backends(cache_dir, work, quick, say)
         if "startup" in parts:
-            results["startup"] = bench_startup(cache_dir, work)
-            say("worker ready: " + ", ".join(f"{r['run']} {r['seconds']:.1f} s"
-                                              for r in results["startup"]["runs"]))
+            results["startup"] = [bench_startup(cache_dir, work, backend)
+                                  for backend in ("vllm", "unsloth")]
+            for startup in results["startup"]:
+                say(f"worker ready ({startup['backend']}): " + ", ".join(
+                    f"{r['run']} {r['seconds']:.1f} s" for r in startup["runs"]))
     results["plots"] = plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -445,7 +445,8 @@ def _stack_for_run():
 def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PNGs.")] = Path(
               "bench/results"),
           parts: Annotated[str, typer.Option(help="Comma list of parts to run.")] = (
-              "engine,padding,overhead,control,scaling,mixed,uniform,interactive,structured,startup"),
+              "engine,padding,overhead,control,scaling,mixed,uniform,interactive,structured,backends,"
+              "startup"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
     """Run the benchmarks; print a table, write JSON and plots."""
     from worker.bench import run_all
@@ -490,11 +491,38 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
         ms = st["compile_ms"]
         table.add_row("grammar compile per schema (median)",
                       f"{ms['uncached_median']:.2f} ms; cached {ms['cached_median']:.3f} ms", "")
-    for run in results.get("startup", {}).get("runs", []):
-        table.add_row(f"worker time to ready, {run['run']}", f"{run['seconds']:.1f} s",
-                      "<= 10 s of self-check" if run["self_check"] != "off" else "")
+    if "backends" in results:
+        _backend_rows(table, results["backends"])
+    for startup in results.get("startup", []):
+        for run in startup["runs"]:
+            table.add_row(f"worker time to ready ({startup['backend']}), {run['run']}",
+                          f"{run['seconds']:.1f} s", "<= 30 s" if run["self_check"] != "off" else "")
     Console().print(table)
     console.print(f"results: {out / 'results.json'}")
+
+
+def _backend_rows(table: Table, res: dict) -> None:
+    """Rows of ``--parts backends``: vLLM beside the step loop."""
+    for row in res["engine"]:
+        table.add_row(f"engine, 64 prompts x {row['new_tokens']} tokens, batch {row['batch']}: "
+                      "vLLM vs step loop",
+                      f"{row['ratio']:.2f}x ({row['vllm_tok_s']:.1f} vs {row['step_loop_tok_s']:.1f}"
+                      f" tok/s), {row['identical_texts']}/64 identical", ">= 2x")
+    m = res["mixed"]
+    table.add_row(f"mixed, {m['requests']} requests, batch {m['batch']}: vLLM vs step loop",
+                  f"{m['ratio']:.2f}x ({m['vllm_tok_s']:.1f} vs {m['step_loop_tok_s']:.1f} tok/s), "
+                  f"{m['identical_texts']}/{m['requests']} identical", "")
+    q = res["queue"]
+    table.add_row(f"vLLM through the queue vs offline LLM.generate, {q['requests']} requests, "
+                  "engine core in-process / vLLM's default",
+                  f"{q['ratio']:.1%} / {q['ratio_offline']:.1%} ({q['queue_tok_s']:.1f} vs "
+                  f"{q['offline_inprocess_tok_s']:.1f} / {q['offline_tok_s']:.1f} tok/s)", ">= 90%")
+    p = res["prefix"]
+    table.add_row(f"prefix caching on vs off, {p['requests']} x {p['prompt_tokens']} prompt tokens",
+                  f"{p['speedup']:.2f}x ({p['seconds_on']:.1f} vs {p['seconds_off']:.1f} s)", "")
+    i = res["interactive"]
+    table.add_row("interactive under bulk vs idle (vLLM), p99",
+                  f"{i['p99_ratio']:.2f}x ({i['loaded_p99']:.2f} vs {i['idle_p99']:.2f} s)", "<= 2x")
 
 
 def _scheduler_rows(table: Table, part: str, res: dict | None) -> None:

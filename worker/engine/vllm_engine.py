@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,9 @@ from worker.structured import constraint
 log = structlog.get_logger(__name__)
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
-# in-process engine core (no second process), quiet logs; on a CPU 2 GiB of KV unless set
-VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING",
-            "VLLM_CONFIGURE_LOGGING": "1", "TOKENIZERS_PARALLELISM": "false"}
+# in-process engine core (no second process); vLLM's loggers left to ours (JSON, warnings up)
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0",
+            "TOKENIZERS_PARALLELISM": "false"}
 CPU_KV_CACHE_GIB = "2"
 
 
@@ -109,6 +110,7 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
 
     for key, value in VLLM_ENV.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("vllm").setLevel(logging.WARNING)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
