@@ -9,7 +9,9 @@ is disabled anyway), so every row generates exactly its max_new_tokens.
    transformers' continuous batching (``generate_batch``).
 2. Mixed: the same prompts, each with max_new_tokens drawn from 16/64/256 (seeded): genqueue's
    engine with its static scheduler vs its continuous scheduler (same requests, one process),
-   vs transformers' continuous batching with the same per-request max_new_tokens.
+   vs transformers' continuous batching with the same per-request max_new_tokens, vs
+   genqueue's vLLM backend (vLLM's engine stepped in this process, our admission policy; the
+   model saved to a temporary folder first; skipped with a note when vLLM is not installed).
 
 ``--cpu-smoke`` runs the same code paths with a tiny model on the CPU in seconds.
 """
@@ -251,6 +253,37 @@ def mixed_part(model, prompts: list[list[int]], args, pad: int, eos: int, dtype:
     except Exception as exc:  # report, do not hide
         report.row("transformers continuous batching (per-request max)", None,
                    f"unavailable: {type(exc).__name__}: {exc}"[:160])
+    vllm_part(model, requests, args, pad, eos, report)
+
+
+def vllm_part(model, requests: list[dict], args, pad: int, eos: int, report: Report) -> None:
+    """The mixed requests on genqueue's vLLM backend, at each of ``args.mixed_sizes``."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        report.row("genqueue vLLM backend", None, "unavailable: vllm is not installed")
+        return
+    from worker.engine import load_engine
+
+    folder = tempfile.mkdtemp(prefix="random-llama3-")
+    model.save_pretrained(folder)
+    id_tokenizer(model.config.vocab_size, pad, eos).save_pretrained(folder)
+    sizes = list(map(int, args.mixed_sizes.split(",")))
+    try:  # the torch model stays on the GPU: vLLM gets half of its memory
+        engine = load_engine(folder, backend="vllm", dtype=str(model.dtype).removeprefix("torch."),
+                             max_batch_size=max(sizes), max_batch_tokens=10**9,
+                             vllm_options={"gpu_memory_utilization": 0.5} if not args.cpu_smoke else {})
+    except Exception as exc:  # report, do not hide
+        report.row("genqueue vLLM backend", None, f"unavailable: {type(exc).__name__}: {exc}"[:160])
+        return
+    engine.eos_ids = frozenset()  # as for the step loop (the tokenizer's EOS still ends a row)
+    run_scheduler(engine, [{**r, "max_new_tokens": 4} for r in requests[:4]], "continuous")
+    for size in sizes:
+        engine.max_batch_size = size
+        run = run_scheduler(engine, requests, "continuous")
+        report.row(f"genqueue vLLM backend, batch {size}", run["tok_s"],
+                   f"{run['tokens']} tokens, {run['steps']} steps")
 
 
 def main() -> None:

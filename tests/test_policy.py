@@ -293,32 +293,49 @@ def test_bulk_owners_take_weighted_turns_then_their_jobs():
 def test_paged_admission_puts_interactive_first_with_headroom_of_its_own():
     bulk = [waiting(BULK, at=float(i)) for i in range(10)]
     inter = [waiting(INTERACTIVE, at=20.0 + i) for i in range(4)]
-    running = [waiting(BULK) for _ in range(7)]
-    # 7 of 8 rows busy: one more bulk row fits, but the interactive requests go first
-    assert admit_paged([*bulk, *inter], running, max_rows=8, headroom=2) == [w.id for w in inter[:3]]
-    assert admit_paged(bulk, running, max_rows=8, headroom=2) == [bulk[0].id]
-    full = running + [waiting(BULK)]
-    assert admit_paged([*bulk, inter[0]], full, max_rows=8, headroom=2) == [inter[0].id]
-    assert admit_paged(bulk, full, max_rows=8, headroom=2) == []
+    running = [waiting(BULK, at=-1.0) for _ in range(7)]
+    assert admit_paged(bulk, running, max_rows=8, headroom=2).admit == [bulk[0].id]
+    # interactive requests join at once (headroom of their own); bulk keeps a quarter of the
+    # batch while they run: the youngest bulk rows go back to waiting, none is admitted
+    decision = admit_paged([*bulk, *inter], running, max_rows=8, headroom=2)
+    assert decision.admit == [w.id for w in inter]
+    assert decision.evict == [r.id for r in running[2:]]
+    full = [*running[:2], *(replace(w, priority=INTERACTIVE) for w in inter)]
+    assert admit_paged(bulk, full, max_rows=8, headroom=2).admit == []  # bulk has its share
+    idle = admit_paged(bulk, [], max_rows=8, headroom=2, max_bulk_prefill=10**6)
+    assert idle.admit == [w.id for w in bulk[:8]] and idle.evict == []
 
 
 def test_paged_admission_takes_bulk_in_fair_turns_and_one_suspect_at_a_time():
     a = [replace(waiting(BULK, at=float(i)), owner="a") for i in range(6)]
     b = [replace(waiting(BULK, at=10.0 + i), owner="b") for i in range(2)]
-    assert admit_paged([*a, *b], [], max_rows=4, headroom=1) == [a[0].id, b[0].id, a[1].id, b[1].id]
+    assert admit_paged([*a, *b], [], max_rows=4, headroom=1).admit == [a[0].id, b[0].id, a[1].id,
+                                                                       b[1].id]
     s1, s2 = waiting(suspect=True, at=0.0), waiting(suspect=True, at=1.0)
     plain = waiting(at=2.0)
-    assert admit_paged([s1, s2, plain], [], max_rows=4, headroom=1) == [s1.id, plain.id]
-    assert admit_paged([s2, plain], [s1], max_rows=4, headroom=1) == [plain.id]
+    assert admit_paged([s1, s2, plain], [], max_rows=4, headroom=1).admit == [s1.id, plain.id]
+    assert admit_paged([s2, plain], [s1], max_rows=4, headroom=1).admit == [plain.id]
 
 
 def test_paged_admission_without_mixing_runs_one_adapter_at_a_time():
     base = [waiting(at=float(i)) for i in range(3)]
     lora = [waiting(adapter="a", at=1.5)]
     mixed = sorted([*base, *lora], key=lambda w: w.submitted_at)
-    assert admit_paged(mixed, [], max_rows=8, headroom=2) == [w.id for w in mixed]
+    assert admit_paged(mixed, [], max_rows=8, headroom=2).admit == [w.id for w in mixed]
     # the adapter's request is next in turn: nothing overtakes it, it joins once base rows end
-    assert admit_paged(mixed, [], max_rows=8, headroom=2, mix_adapters=False) == [
+    assert admit_paged(mixed, [], max_rows=8, headroom=2, mix_adapters=False).admit == [
         base[0].id, base[1].id]
-    assert admit_paged([lora[0], base[2]], [base[0]], 8, 2, mix_adapters=False) == []
-    assert admit_paged([lora[0], base[2]], [], 8, 2, mix_adapters=False) == [lora[0].id]
+    assert admit_paged([lora[0], base[2]], [base[0]], 8, 2, mix_adapters=False).admit == []
+    assert admit_paged([lora[0], base[2]], [], 8, 2, mix_adapters=False).admit == [lora[0].id]
+    # an interactive request of another adapter evicts the bulk rows in its way
+    urgent = waiting(INTERACTIVE, adapter="a", at=5.0)
+    decision = admit_paged([urgent], base, 8, 2, mix_adapters=False)
+    assert decision.admit == [urgent.id] and decision.evict == [w.id for w in base]
+
+
+def test_paged_admission_prefills_bulk_a_few_prompts_a_step():
+    bulk = [waiting(BULK, tokens=200, at=float(i)) for i in range(6)]
+    assert admit_paged(bulk, [], max_rows=8, headroom=2, max_bulk_prefill=512).admit == [
+        bulk[0].id, bulk[1].id]
+    huge = waiting(BULK, tokens=3000, at=-1.0)
+    assert admit_paged([huge, *bulk], [], 8, 2, max_bulk_prefill=512).admit == [huge.id]

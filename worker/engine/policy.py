@@ -150,26 +150,47 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
 
 
 def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, headroom: int,
-                mix_adapters: bool = True) -> list[str]:
+                max_bulk_prefill: int = 512, mix_adapters: bool = True) -> Decision:
     """For a backend that owns its KV cache (vLLM: paged, no lanes): which waiting requests
-    enter it now, ``running`` being what is in it.
+    enter it now and which running rows leave it (back to waiting, to restart later);
+    ``running`` is what is in it, oldest admission first.
 
     Interactive requests in submit order while fewer than ``max_rows + headroom`` rows are in
     flight (the headroom is theirs alone, so an interactive request joins at the next step
-    however full bulk work keeps the engine); bulk requests in fair turns (``fair_order``)
-    while fewer than ``max_rows`` are in flight and no interactive request waits; at most one
+    however full a bulk job keeps the engine). While interactive rows run, bulk keeps at most
+    a quarter of ``max_rows`` (the youngest bulk rows beyond it are evicted), so interactive
+    rows decode at the pace of a small batch; otherwise bulk requests fill ``max_rows`` in
+    fair turns (``fair_order``), and only once no interactive request waits, at most
+    ``max_bulk_prefill`` prompt tokens a step (one joiner always fits: a step that prefills
+    many bulk prompts would hold up an interactive request arriving during it). At most one
     *suspect* in flight. Without ``mix_adapters`` every row in flight has one adapter: a
-    request of another joins once they are done, and nothing overtakes it meanwhile. Memory
-    pressure inside the backend is its own preemption (bulk first), never a refusal here."""
-    in_flight = len(running)
-    suspect = any(r.suspect for r in running)
+    request of another waits until they are done (nothing overtakes it), except that an
+    interactive request evicts the bulk rows in its way. Memory pressure inside the backend
+    is its own preemption (bulk first), never a refusal here."""
     inter = [w for w in waiting if w.priority == INTERACTIVE]
-    ordered = [*inter, *fair_order([w for w in waiting if w.priority == BULK])]
-    adapter = running[0].adapter if running else (ordered[0].adapter if ordered else None)
+    bulk = fair_order([w for w in waiting if w.priority == BULK])
+    share = max(1, max_rows // 4)  # bulk rows kept while interactive rows run
+    kept = list(running)
+    evict: list[str] = []
+    busy = bool(inter) or any(r.priority == INTERACTIVE for r in running)
+    if busy:
+        extra = [r for r in running if r.priority == BULK][share:]
+        if inter and not mix_adapters and not any(r.priority == INTERACTIVE for r in running) \
+                and any(r.adapter != inter[0].adapter for r in running):
+            extra = [r for r in running if r.priority == BULK]  # in the first one's way
+        evict = [r.id for r in extra]
+        kept = [r for r in running if r.id not in set(evict)]
+    adapter = kept[0].adapter if kept else next((w.adapter for w in [*inter, *bulk]), None)
+    suspect = any(r.suspect for r in kept)
+    in_flight, bulk_in_flight = len(kept), sum(r.priority == BULK for r in kept)
     chosen: list[str] = []
-    for w in ordered:
-        if w.priority == BULK and len(chosen) < len(inter):
-            break  # an interactive request still waits
+    prefill = 0  # bulk prompt tokens admitted this step
+    for w in [*inter, *bulk]:
+        if w.priority == BULK and (len(chosen) < len(inter) or bulk_in_flight >= (
+                share if busy else max_rows)):
+            break  # an interactive request still waits, or bulk has its share
+        if w.priority == BULK and prefill and prefill + w.prompt_tokens > max_bulk_prefill:
+            break
         if in_flight >= max_rows + (headroom if w.priority == INTERACTIVE else 0):
             break
         if not mix_adapters and w.adapter != adapter:
@@ -178,8 +199,10 @@ def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, h
             continue
         chosen.append(w.id)
         in_flight += 1
+        bulk_in_flight += w.priority == BULK
+        prefill += w.prompt_tokens if w.priority == BULK else 0
         suspect = suspect or w.suspect
-    return chosen
+    return Decision(admit=chosen, evict=evict)
 
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:
     """Requests in weighted turns: owners in round-robin (weight w: w turns per round), each

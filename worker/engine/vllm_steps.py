@@ -5,7 +5,9 @@ it exactly as they drive our own loop.
 
 Priorities map onto vLLM's priority scheduling (interactive 0, bulk 1): when its KV cache
 runs short vLLM preempts bulk rows first and recomputes them later, never failing a
-request. A cancelled or expired row is aborted in vLLM before the next step.
+request. While interactive rows run, the policy keeps bulk to a quarter of the batch (the
+youngest bulk rows go back to waiting), so an interactive request decodes in a small batch.
+A cancelled or expired row is aborted in vLLM before the next step.
 """
 
 from __future__ import annotations
@@ -68,12 +70,15 @@ class VllmScheduler(StepLoop):
 
     def _admit(self) -> list[Sequence]:
         """Add the rows the policy admits to vLLM; rows vLLM refuses fail alone."""
-        handles = admit_paged(self._waiting_view(), self._view(self.inflight.values()),
-                              self.limits.max_rows, self.headroom,
-                              mix_adapters=self.engine.mixes_adapters)
+        decision = admit_paged(self._waiting_view(), self._view(self.inflight.values()),
+                               self.limits.max_rows, self.headroom,
+                               max_bulk_prefill=self.limits.max_bulk_prefill_tokens,
+                               mix_adapters=self.engine.mixes_adapters)
+        if decision.evict:
+            self._evict(set(decision.evict))
         failed: list[Sequence] = []
         now = time.time()
-        for seq in self._admitting(handles):
+        for seq in self._admitting(decision.admit):
             request_id = f"{self._prefix}-{seq.handle}"
             try:
                 self.llm.add_request(
@@ -91,6 +96,18 @@ class VllmScheduler(StepLoop):
             seq.batch = {"size": len(self.inflight) + 1, "pad_fraction": 0.0}
             self.inflight[request_id] = seq
         return failed
+
+    def _evict(self, handles: set[str]) -> None:
+        """Take these rows out of vLLM and back to waiting; they restart from their prompt
+        (same greedy text, same seeded samples), their prompt likely still in vLLM's cache."""
+        rows = {rid: s for rid, s in self.inflight.items() if s.handle in handles}
+        self.llm.abort_request(list(rows))
+        for rid, seq in rows.items():
+            del self.inflight[rid]
+            seq.restart()
+            self.waiting[seq.handle] = seq
+        self.evictions += len(rows)
+        log.info("rows_evicted", reason="interactive_first", request_ids=[s.id for s in rows.values()])
 
     def _accept(self, seq: Sequence, completion) -> None:
         """Append a row's new tokens (and their log-probabilities)."""
