@@ -204,7 +204,7 @@ def bench_interactive_vllm(cache_dir: Path, workdir: Path, k: int, bulk_n: int, 
     base = example_requests(bulk_new)
     bulk = [base[i % len(base)] for i in range(bulk_n)]
     m = bench_interactive_mode(cache_dir, workdir, "continuous", interactive_requests(k), bulk,
-                               32, 2.0, 3600.0, backend="vllm")
+                               64, 2.0, 3600.0, backend="vllm")
     say(f"interactive on vLLM: idle p50/p99 {m['idle_p50']:.2f}/{m['idle_p99']:.2f} s, under "
         f"load {m['loaded_p50']:.2f}/{m['loaded_p99']:.2f} s ({m['p99_ratio']:.2f}x p99)")
     return m

@@ -150,7 +150,8 @@ def decide(waiting: list[Waiting], lanes: list[Lane], limits: Limits, now: float
 
 
 def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, headroom: int,
-                max_bulk_prefill: int = 512, mix_adapters: bool = True) -> Decision:
+                max_bulk_prefill: int = 512, bulk_share: int | None = None,
+                mix_adapters: bool = True) -> Decision:
     """For a backend that owns its KV cache (vLLM: paged, no lanes): which waiting requests
     enter it now and which running rows leave it (back to waiting, to restart later);
     ``running`` is what is in it, oldest admission first.
@@ -158,18 +159,19 @@ def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, h
     Interactive requests in submit order while fewer than ``max_rows + headroom`` rows are in
     flight (the headroom is theirs alone, so an interactive request joins at the next step
     however full a bulk job keeps the engine). While interactive rows run, bulk keeps at most
-    a quarter of ``max_rows`` (the youngest bulk rows beyond it are evicted), so interactive
-    rows decode at the pace of a small batch; otherwise bulk requests fill ``max_rows`` in
-    fair turns (``fair_order``), and only once no interactive request waits, at most
-    ``max_bulk_prefill`` prompt tokens a step (one joiner always fits: a step that prefills
-    many bulk prompts would hold up an interactive request arriving during it). At most one
-    *suspect* in flight. Without ``mix_adapters`` every row in flight has one adapter: a
-    request of another waits until they are done (nothing overtakes it), except that an
-    interactive request evicts the bulk rows in its way. Memory pressure inside the backend
-    is its own preemption (bulk first), never a refusal here."""
+    ``bulk_share`` rows (default: a quarter of ``max_rows``; the youngest bulk rows beyond it
+    are evicted), so interactive rows decode at the pace of a small batch. Otherwise bulk
+    requests fill ``max_rows`` in fair turns (``fair_order``), only once no interactive
+    request waits, and at most ``max_bulk_prefill`` prompt tokens a step (one joiner always
+    fits): a step that prefills many bulk prompts would hold up an interactive request that
+    arrives during it. At most one *suspect* in flight. Without ``mix_adapters`` every row in
+    flight has one adapter: a request of another waits until they are done (nothing
+    overtakes it), except that an interactive request evicts the bulk rows in its way.
+    Memory pressure inside the backend is its own preemption (bulk first), never a refusal
+    here."""
     inter = [w for w in waiting if w.priority == INTERACTIVE]
     bulk = fair_order([w for w in waiting if w.priority == BULK])
-    share = max(1, max_rows // 4)  # bulk rows kept while interactive rows run
+    share = max(1, max_rows // 4 if bulk_share is None else bulk_share)
     kept = list(running)
     evict: list[str] = []
     busy = bool(inter) or any(r.priority == INTERACTIVE for r in running)

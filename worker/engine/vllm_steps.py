@@ -5,8 +5,9 @@ it exactly as they drive our own loop.
 
 Priorities map onto vLLM's priority scheduling (interactive 0, bulk 1): when its KV cache
 runs short vLLM preempts bulk rows first and recomputes them later, never failing a
-request. While interactive rows run, the policy keeps bulk to a quarter of the batch (the
-youngest bulk rows go back to waiting), so an interactive request decodes in a small batch.
+request. While interactive rows run, the policy keeps bulk to ``engine.bulk_share`` rows
+(the youngest bulk rows go back to waiting), so an interactive request decodes in a small
+batch.
 A cancelled or expired row is aborted in vLLM before the next step.
 """
 
@@ -73,6 +74,7 @@ class VllmScheduler(StepLoop):
         decision = admit_paged(self._waiting_view(), self._view(self.inflight.values()),
                                self.limits.max_rows, self.headroom,
                                max_bulk_prefill=self.limits.max_bulk_prefill_tokens,
+                               bulk_share=self.engine.bulk_share,
                                mix_adapters=self.engine.mixes_adapters)
         if decision.evict:
             self._evict(set(decision.evict))

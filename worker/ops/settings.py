@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     backend: Literal["auto", "vllm", "unsloth", "transformers"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     load_in_4bit: bool = False
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)  # None: the backend's (engine.max_batch_size)
     max_batch_tokens: int = Field(32768, ge=1)
     batch_wait_ms: int = Field(50, ge=0)
     max_wait_ms_for_bucket: int = Field(30_000, ge=0)
@@ -137,7 +137,9 @@ class Settings(BaseSettings):
         data["files_url"] = mask_secrets(self.files_root)
         data["files_options"] = _mask_options(self.files_options)
         # the value each default resolves to, rather than null
-        data["pool_size"] = self.pool_size or self.max_batch_size
+        data["max_batch_size"] = self.max_batch_size or ("32 (step loop); vLLM: 64 on a CPU, "
+                                                         "256 on a GPU")
+        data["pool_size"] = self.pool_size or "the batch size"
         data["max_prompt_tokens"] = self.max_prompt_tokens or "the model's context length"
         data["max_seq_length"] = self.max_seq_length or "the model's context length"
         data["max_pending_per_key"] = self.max_pending_per_key or "no limit per key"

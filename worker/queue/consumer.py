@@ -55,7 +55,8 @@ class Consumer:
             "model": engine.model_name, "backend": engine.backend, "scheduler": self.mode,
             "self_check": self_check, "adapters": sorted(engine.adapters),
             "max_new_tokens_limit": engine.max_new_tokens_limit})
-        self.pool_size = settings.pool_size or settings.max_batch_size
+        self.max_rows = engine.max_batch_size
+        self.pool_size = settings.pool_size or self.max_rows
         self.wait_s = settings.batch_wait_ms / 1000
         self.arrivals: dict[str, Arrival] = {}  # held requests: waiting or running
         self.received: dict[str, float] = {}
@@ -88,7 +89,7 @@ class Consumer:
         self.check_broker()
         self.link.start_threads()
         log.info("consumer_ready", worker=self.name, queues=list(REQUEST_QUEUES),
-                 scheduler=self.mode, max_batch_size=self.settings.max_batch_size,
+                 scheduler=self.mode, max_batch_size=self.max_rows,
                  pool_size=self.pool_size)
         try:
             while not self._stop.is_set():
@@ -150,7 +151,7 @@ class Consumer:
         if self._stop.is_set():
             self.link.want(0, 0)
         else:
-            self.link.want(self.settings.max_batch_size - waiting["interactive"],
+            self.link.want(self.max_rows - waiting["interactive"],
                            self.pool_size - waiting["bulk"])
 
     def _gathering(self) -> bool:
@@ -161,7 +162,7 @@ class Consumer:
         waiting = list(self.loop.waiting.values())
         if any(s.priority == "interactive" for s in waiting):
             return False
-        if len(waiting) >= self.settings.max_batch_size:
+        if len(waiting) >= self.max_rows:
             return False
         left = min(self.received.get(s.id, 0.0) for s in waiting) + self.wait_s - time.monotonic()
         if left <= 0:
