@@ -196,11 +196,12 @@ def test_a_small_job_is_not_held_up_by_another_keys_backlog(gateway, start_worke
     http = gateway(api_keys=KEYS, max_pending=10_000)
     big = http.post("/v1/jobs", headers=A, json=[
         {"prompt": f"big {i}", "max_new_tokens": 8} for i in range(400)]).json()["id"]
-    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_BATCH_SIZE="8")
-    time.sleep(1.0)
+    # queued behind the whole backlog before any worker runs (a worker started first can
+    # finish most of the big job before the small one is even posted: no race here)
     small = http.post("/v1/jobs", headers=B, json=[
         {"prompt": f"small {i}", "max_new_tokens": 8} for i in range(20)]).json()["id"]
     start = http.get(f"/v1/jobs/{big}", headers=A).json()["counts"]["succeeded"]
+    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_BATCH_SIZE="8")
     final(http, f"/v1/jobs/{small}", B, timeout=300)
     big_done = http.get(f"/v1/jobs/{big}", headers=A).json()["counts"]
     during = big_done["succeeded"] + big_done["running"] - start
