@@ -51,8 +51,8 @@ def parse_args() -> argparse.Namespace:
 def build_model(smoke: bool) -> tuple[LlamaForCausalLM, str, torch.dtype]:
     torch.manual_seed(0)
     if smoke:
-        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,  # head_dim
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,  # 64
                              max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
                              pad_token_id=3, tie_word_embeddings=True)
         device, dtype = "cpu", torch.float32
@@ -278,12 +278,15 @@ def vllm_part(model, requests: list[dict], args, pad: int, eos: int, report: Rep
         report.row("genqueue vLLM backend", None, f"unavailable: {type(exc).__name__}: {exc}"[:160])
         return
     engine.eos_ids = frozenset()  # as for the step loop (the tokenizer's EOS still ends a row)
-    run_scheduler(engine, [{**r, "max_new_tokens": 4} for r in requests[:4]], "continuous")
-    for size in sizes:
-        engine.max_batch_size = size
-        run = run_scheduler(engine, requests, "continuous")
-        report.row(f"genqueue vLLM backend, batch {size}", run["tok_s"],
-                   f"{run['tokens']} tokens, {run['steps']} steps")
+    try:
+        run_scheduler(engine, [{**r, "max_new_tokens": 4} for r in requests[:4]], "continuous")
+        for size in sizes:
+            engine.max_batch_size = size
+            run = run_scheduler(engine, requests, "continuous")
+            report.row(f"genqueue vLLM backend, batch {size}", run["tok_s"],
+                       f"{run['tokens']} tokens, {run['steps']} steps")
+    except Exception as exc:  # report, do not hide
+        report.row("genqueue vLLM backend", None, f"failed: {type(exc).__name__}: {exc}"[:160])
 
 
 def main() -> None:
