@@ -110,3 +110,23 @@ def test_sigkill_of_a_vllm_worker_mid_job_loses_nothing(client, start_worker, de
     assert len({r["id"] for r in results}) == 32
     assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(requests)]
     assert {r["worker"] for r in results} == {"victim@test", "rescuer@test"}
+
+
+def test_openai_streams_from_a_vllm_worker(gateway, start_worker, demo_engine):
+    """SSE from the running rows' snapshots: the OpenAI SDK's stream grows in several chunks
+    and adds up to the step loop's text."""
+    import openai
+
+    start_worker(**VLLM)
+    http = gateway()
+    api = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key="x",
+                        max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    expected = demo_engine.generate([{"messages": messages, "max_new_tokens": 160}])[0]
+    chunks = list(api.chat.completions.create(model="demo", messages=messages, max_tokens=160,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 3  # it streamed as it grew
+    assert "".join(deltas) == expected["text"]
+    assert chunks[-1].usage.completion_tokens == expected["usage"]["completion_tokens"]
