@@ -186,3 +186,16 @@ def test_10000_line_upload_is_never_held_in_memory_whole(gateway, redis_url):
     assert [res["custom_id"] for res in results] == [f"line-{i}" for i in range(10_000)]
     print(f"upload {upload_mb:.1f} MB, gateway traced peak {peak_mb:.1f} MB")
     assert peak_mb < upload_mb / 2, (peak_mb, upload_mb)
+
+
+def test_paths_no_route_matches_answer_in_the_shape_of_their_surface(gateway):
+    """The router's own 404/405 (found by the schema fuzz: ``/v1/models/%0A0``) is OpenAI's
+    error object on the OpenAI surface and FastAPI's ``detail`` elsewhere."""
+    http = gateway()
+    for method, path, status in (("GET", "/v1/models/%0A0", 404), ("GET", "/v1/files/a/b/c", 404),
+                                 ("DELETE", "/v1/models", 405)):
+        response = http.request(method, path)
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    native = http.get("/v1/generations/a/b")
+    assert native.status_code == 404 and native.json() == {"detail": "Not Found"}

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from kombu.exceptions import OperationalError
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.batchfile import Line, read_lines, strict_json, to_request
 from worker.client import GenerationClient
@@ -224,6 +226,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(GenqError)
     async def other(request: Request, exc: GenqError):
         return error_response(request, 400, exc.message, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """The router's own 404/405 (a path no route matches, say ``/v1/models/%0A``) in
+        OpenAI's shape on the OpenAI surface; FastAPI's elsewhere."""
+        if is_openai_route(request.url.path):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            return openai_error(exc.status_code, str(exc.detail), code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.post("/v1/generations", status_code=202, response_model=Accepted)
     def create_generation(body: GenerationRequest, request: Request) -> Accepted:
