@@ -110,6 +110,7 @@ def bench_prefix(cache_dir: Path, n: int, say: Callable[[str], None]) -> dict[st
 def bench_queue_vs_offline(cache_dir: Path, workdir: Path, n: int, new_tokens: int,
                            say: Callable[[str], None]) -> dict[str, Any]:
     """A vLLM worker through Redis vs vLLM's offline ``LLM.generate`` on the same prompts."""
+    from worker.engine.demo import demo_model_dir
     from worker.engine.vllm_engine import engine_args
     from worker.ops.settings import Settings
 
@@ -124,7 +125,8 @@ def bench_queue_vs_offline(cache_dir: Path, workdir: Path, n: int, new_tokens: i
         served, service_s = _run_job(client, requests)
     finally:
         svc.stop()
-    args = engine_args(Settings(cache_dir=cache_dir, dtype="float32", max_batch_size=n), "", 0, False)
+    args = engine_args(Settings(cache_dir=cache_dir, dtype="float32", max_batch_size=n),
+                       str(demo_model_dir(cache_dir)), 8192, cuda=False)  # the worker's arguments
     row: dict[str, Any] = {"requests": n, "new_tokens": new_tokens,
                            "queue_tok_s": tokens_per_s(served, service_s)}
     # vLLM's default layout (engine core in a second process, one torch thread on a 2-core
@@ -159,7 +161,7 @@ def _offline(cache_dir: Path, requests: list[dict], served: list[dict], args: di
 
     path = str(demo_model_dir(cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    job = {"args": {**args, "model": path, "tokenizer": path, "max_model_len": 8192},
+    job = {"args": args,
            "prompts": encode(tokenizer, [validate_request(r) for r in requests]),
            "max_tokens": [r["max_new_tokens"] for r in requests]}
     with tempfile.TemporaryDirectory() as tmp:

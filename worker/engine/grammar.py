@@ -39,6 +39,11 @@ class Grammars:
     def matcher(self, spec: dict[str, Any]) -> llguidance.LLMatcher:
         """A fresh matcher for a ``response_format`` (compiled once per distinct format);
         ``InvalidRequest`` naming the problem if it cannot be compiled for this tokenizer."""
+        return self.compiled(spec).deep_copy()
+
+    def compiled(self, spec: dict[str, Any]) -> llguidance.LLMatcher:
+        """The cached compiled grammar of a format (never consume tokens with it: copy it);
+        ``InvalidRequest`` if it cannot be compiled for this tokenizer."""
         key = format_key(spec)
         template = self._compiled.get(key)
         if template is None:
@@ -52,7 +57,7 @@ class Grammars:
         else:
             self.hits += 1
             self._compiled.move_to_end(key)
-        return template.deep_copy()
+        return template
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a special token's text for special tokens)."""

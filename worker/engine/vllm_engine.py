@@ -81,9 +81,14 @@ def _lora_rank(adapters: dict[str, str]) -> int:
     return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
 
 
+def vllm_rows(config, cuda: bool) -> int:
+    """``GENQ_MAX_BATCH_SIZE``, or vLLM's default for the device."""
+    return config.max_batch_size or VLLM_ROWS["cuda" if cuda else "cpu"]
+
+
 def engine_args(config, path: str, context: int, cuda: bool) -> dict[str, Any]:
     """vLLM's ``EngineArgs`` for these settings (``GENQ_VLLM_OPTIONS`` overrides any)."""
-    rows = config.max_batch_size or VLLM_ROWS["cuda" if cuda else "cpu"]
+    rows = vllm_rows(config, cuda)
     args: dict[str, Any] = {
         "model": path, "tokenizer": path, "dtype": _dtype(config.dtype, cuda), "seed": 0,
         "max_model_len": context,
@@ -131,7 +136,6 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         eos_extra = set()
     context = min(model_context(hf_config), config.max_seq_length or model_context(hf_config))
     args = engine_args(config, path, context, cuda)
-    rows = config.max_batch_size or VLLM_ROWS["cuda" if cuda else "cpu"]
     set_threads = torch.set_num_threads  # vLLM's CPU worker disables it for the whole process
     try:
         with quiet():
@@ -147,7 +151,7 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         eos_ids=frozenset(eos_ids(tokenizer, hf_config) | eos_extra),
         vocab_size=int(hf_config.vocab_size), adapters=config.adapters,
         scheduler=config.scheduler, worker_name=worker_name,
-        **{**engine_settings(config), "max_batch_size": rows})
+        **{**engine_settings(config), "max_batch_size": vllm_rows(config, cuda)})
 
 
 def kv_tokens(llm) -> int:
@@ -204,7 +208,7 @@ class VllmEngine(Engine):
         one fails its request alone before it runs."""
         spec = request.grammar_spec
         if spec is not None and sample == 0:
-            self.grammars.matcher(spec)  # compiled once per format (cached)
+            self.grammars.compiled(spec)  # compiled once per format (cached), never copied
         return {}
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
