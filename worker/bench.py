@@ -489,6 +489,7 @@ def bench_interactive_mode(cache_dir: Path, workdir: Path, mode: str, requests: 
             "idle_s": idle_s, "loaded_s": loaded_s,
             "idle_server_ms": [r["timings"]["total_ms"] for _, r in idle],
             "loaded_server_ms": [e[1]["timings"]["total_ms"] for e in loaded["latency"]],
+            "loaded_queued_ms": [e[1]["timings"]["queued_ms"] for e in loaded["latency"]],
             "under_load": sum(e[2] for e in loaded["latency"]),
             "identical_texts": sum(a[1]["text"] == b[1]["text"]
                                    for a, b in zip(idle, loaded["latency"], strict=True)),

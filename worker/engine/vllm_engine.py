@@ -193,9 +193,8 @@ class VllmEngine(Engine):
         # (measured: base rows came out as the adapter's), so on a CPU one adapter at a time
         self.mixes_adapters = self.device.type == "cuda"
         # bulk rows kept beside running interactive ones: a GPU decode step costs about the
-        # same for 8 rows or 64, a CPU one grows with every row (BENCHMARKS.md)
-        self.bulk_share = max(1, self.max_batch_size // 4 if self.device.type == "cuda"
-                              else min(4, self.max_batch_size // 4))
+        # same for 8 rows or 64, a CPU one grows with every row (BENCHMARKS.md): one there
+        self.bulk_share = max(1, self.max_batch_size // 4) if self.device.type == "cuda" else 1
 
     def scheduler(self, mode: str | None = None):
         """A new step loop over vLLM (the mode is always ``continuous``)."""
