@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.conftest import example_requests
@@ -36,3 +38,78 @@ def test_base_rows_match_an_engine_without_adapters(adapter_engine, demo_engine)
     reqs = example_requests(4, max_new_tokens=16)
     assert ([r["text"] for r in adapter_engine.generate(reqs)]
             == [r["text"] for r in demo_engine.generate(reqs)])
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter for the tiny model, made as ``lora_dir`` makes the demo model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-lora")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+def _tiny(model_dir, **extra: str) -> dict[str, str]:
+    return {"GENQ_MODEL": str(model_dir), "GENQ_MAX_BATCH_SIZE": "16", **extra}
+
+
+def test_adapter_requests_at_volume_run_only_where_the_adapter_is(
+        client, start_worker, tiny_model_dir, tiny_lora_dir, redis_url):
+    """240 adapter requests (interactive, and an owner's bulk job) among 60 plain ones, two
+    workers of which one has the adapter: every request succeeds, each adapter one on that
+    worker; then nothing is left set aside and the owner's list is dropped from the weights."""
+    import redis
+
+    from worker.queue.app import OWNER_LISTS_KEY, PARKED_KEY, pending_by_queue
+
+    start_worker("plain@test", **_tiny(tiny_model_dir))
+    start_worker("lora@test", **_tiny(tiny_model_dir, GENQ_ADAPTERS=f"pirate={tiny_lora_dir}"))
+    reqs = [{"prompt": f"p{i}", "max_new_tokens": 2, **({"adapter": "pirate"} if i % 5 else {})}
+            for i in range(300)]
+    ids = [client.submit(**r) for r in reqs[:150]]
+    job = client.as_owner("team-a").submit_many(reqs[150:])
+    results = [client.wait(i, timeout=240) for i in ids]
+    client.as_owner("team-a").wait_job(job, timeout=240)
+    results += list(client.as_owner("team-a").job_results(job))
+    assert [r["status"] for r in results] == ["succeeded"] * 300
+    for req, res in zip(reqs, results, strict=True):
+        assert res.get("adapter") == req.get("adapter")
+        if req.get("adapter"):
+            assert res["worker"] == "lora@test"
+    assert {r["worker"] for r in results if not r.get("adapter")} >= {"plain@test"}
+    r = redis.Redis.from_url(redis_url)
+    assert pending_by_queue(r) == {"genq.interactive": 0, "genq.bulk": 0}
+    assert {int(n) for n in r.hvals(PARKED_KEY)} <= {0}
+    deadline = time.monotonic() + 30  # dropped by a fetch after the last ack (idle: <= 10 s)
+    while r.hlen(OWNER_LISTS_KEY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert r.hlen(OWNER_LISTS_KEY) == 0
+
+
+def test_a_request_for_an_adapter_no_worker_serves_waits_until_its_deadline(
+        client, start_worker, tiny_model_dir, redis_url):
+    """Its worker stopped after it was queued: the request is not failed by a worker without
+    the adapter; it waits, then ends ``expired`` at its deadline."""
+    import redis
+
+    from worker.queue.app import PARKED_KEY
+
+    start_worker("plain@test", **_tiny(tiny_model_dir))
+    client.store.heartbeat("gone@test", {"adapters": ["ghost"]}, ttl_s=3)  # stops at once
+    queued_at = time.time()
+    rid = client.submit(prompt="arr", max_new_tokens=2, adapter="ghost", expires_in_s=8)
+    plain = client.submit(prompt="plain", max_new_tokens=2)
+    assert client.wait(plain, timeout=60)["status"] == "succeeded"
+    r = redis.Redis.from_url(redis_url)
+    assert r.hget(PARKED_KEY, "interactive") == b"1"  # set aside by the worker, not taken
+    assert client.get(rid)["status"] == "queued"
+    result = client.wait(rid, timeout=30)
+    assert (result["status"], result["finish_reason"]) == ("expired", "expired"), result
+    assert time.time() >= queued_at + 8

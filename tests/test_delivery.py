@@ -10,7 +10,17 @@ import redis
 from kombu import Connection
 
 from worker.ops.settings import Settings
-from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
+from worker.queue.app import (
+    BULK_QUEUE,
+    INTERACTIVE_QUEUE,
+    OWNER_LISTS_KEY,
+    PARKED_KEY,
+    REQUEST_QUEUES,
+    kombu_queue,
+    pending_by_queue,
+    pins_key,
+    transport_options,
+)
 from worker.queue.delivery import Inbox, Undecodable
 
 
@@ -70,3 +80,72 @@ def test_the_unacked_record_is_the_one_kombu_writes(redis_url):
         assert our_record[1:] == kombu_record[1:]  # exchange, routing key
         assert set(our_record[0]) == set(kombu_record[0])  # the same message fields
         assert json.loads(ours.raw) == our_record[0]
+
+
+def _drain(inbox: Inbox, want: int = 64) -> list:
+    """Fetch until nothing comes (as a worker with room for ``want`` of each priority)."""
+    got = []
+    while batch := inbox.fetch(dict.fromkeys(REQUEST_QUEUES, want))[0]:
+        got += batch
+    return got
+
+
+def test_a_worker_never_takes_what_it_cannot_serve_at_any_volume(client, redis_url):
+    """1,600 adapter requests (two adapters, one served by no worker) among 400 plain ones,
+    interactive and on an owner's bulk list: a worker without the adapters takes every plain
+    one and none of the others, moving each aside once (a fetch after that scans none of
+    them); a worker with ``pirate`` then takes its requests in order."""
+    r = redis.Redis.from_url(redis_url)
+    client.store.heartbeat("lora@test", {"adapters": ["pirate", "ghost"]})
+    def batch(tag: str) -> list[dict]:
+        return [{"prompt": f"{tag}{i}", "max_new_tokens": 1,
+                 **({"adapter": "pirate" if i % 5 < 3 else "ghost"} if i % 5 else {})}
+                for i in range(1000)]
+    client.submit_many(batch("i"), priority="interactive")
+    client.as_owner("team-a").submit_many(batch("b"))
+    options = transport_options(client.settings)
+
+    def prompts(deliveries) -> list[str]:
+        return [d.decode()[0][0][0]["prompt"] for d in deliveries]
+
+    plain = _drain(Inbox(r, options, adapters=[]))
+    assert sorted(prompts(plain)) == sorted(f"{t}{i}" for t in "ib" for i in range(0, 1000, 5))
+    assert {d.decode()[1].get("genq_adapter") for d in plain} == {None}
+    assert r.llen(INTERACTIVE_QUEUE) == r.llen(f"{BULK_QUEUE}.team-a") == 0
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 800, BULK_QUEUE: 800}
+    r.config_resetstat()
+    deliveries, left = Inbox(r, options, adapters=[]).fetch(dict.fromkeys(REQUEST_QUEUES, 64))
+    assert deliveries == [] and left == {INTERACTIVE_QUEUE: 800, BULK_QUEUE: 800}
+    assert int(r.info("commandstats").get("cmdstat_rpop", {}).get("calls", 0)) <= 8  # no rescan
+
+    pirate = _drain(Inbox(r, options, adapters=["pirate"]))
+    for t, queue in (("i", INTERACTIVE_QUEUE), ("b", BULK_QUEUE)):  # in submission order
+        assert prompts(d for d in pirate if d.priority_queue == queue) == [
+            f"{t}{i}" for i in range(1000) if i % 5 in (1, 2)]
+    assert {d.decode()[1]["genq_adapter"] for d in pirate} == {"pirate"}
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 400, BULK_QUEUE: 400}  # ghost's wait
+
+
+def test_owner_lists_are_dropped_once_empty_and_unpinned(client, redis_url):
+    """``genq:bulk:weights`` keeps an owner's list while it holds messages, while any of its
+    messages is held by a worker (kombu may restore it there) or set aside, and while a publish
+    is in flight; the fetch script drops it after that, and a new publish adds it back."""
+    r = redis.Redis.from_url(redis_url)
+    inbox = Inbox(r, transport_options(client.settings))
+    owners = [client.as_owner(f"team-{i}") for i in range(30)]
+    for owner in owners:
+        owner.submit(prompt=owner.owner, priority="bulk")
+    held = _drain(inbox)
+    assert len(held) == 30 and r.hlen(OWNER_LISTS_KEY) == 30  # empty, but held
+    inbox.ack(held[1:])
+    r.sadd(pins_key("genq.bulk.team-0"), "publish:in-flight")
+    inbox.fetch({BULK_QUEUE: 1})
+    assert sorted(r.hkeys(OWNER_LISTS_KEY)) == sorted(  # held, or being published to
+        {held[0].queue.encode(), b"genq.bulk.team-0"})
+    inbox.ack(held[:1])
+    r.srem(pins_key("genq.bulk.team-0"), "publish:in-flight")
+    inbox.fetch({BULK_QUEUE: 1})
+    assert r.hlen(OWNER_LISTS_KEY) == 0 and not r.keys("genq:pins:*")
+    again = owners[3].submit(prompt="again", priority="bulk")
+    [delivery], _ = inbox.fetch({BULK_QUEUE: 1})
+    assert delivery.decode()[1]["id"] == again and r.hget(PARKED_KEY, "bulk") in (None, b"0")

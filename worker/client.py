@@ -25,11 +25,11 @@ from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import (
     BULK_BELL,
-    BULK_QUEUE,
     OWNER_LISTS_KEY,
     TASK_NAME,
     make_app,
     pending_by_queue,
+    pins_key,
     queue_for,
 )
 from worker.queue.messages import headers_for
@@ -269,8 +269,10 @@ class GenerationClient:
             max_prompt_chars=self.settings.max_prompt_chars)
         if request.raw_special_tokens and not self.raw_tokens:
             raise InvalidRequest("raw_special_tokens: this API key may not send raw special tokens")
-        if request.adapter is not None and fleet and not any(
-                request.adapter in (w.get("adapters") or ()) for w in fleet):
+        # a request may wait for a worker to start, never for an adapter no one said would run
+        served = ({a for w in fleet for a in w.get("adapters") or ()} if fleet
+                  else set(self.settings.adapters))
+        if request.adapter is not None and request.adapter not in served:
             raise InvalidRequest(f"adapter: no worker serves adapter {request.adapter!r}")
         if request.webhook_url:
             self._hook(request.webhook_url)
@@ -325,13 +327,20 @@ class GenerationClient:
             self.store.unreserve(self.owner, n)
 
     def _publish(self, items: list[tuple[str, dict[str, Any]]], job_id: str | None) -> None:
+        """Publish; an owner's bulk list is registered and pinned first (no fetch script drops
+        it meanwhile: ``pins_key``), unpinned after, and the bulk bell rung."""
         now = time.time()
-        owner_lists = set()
+        queues = [queue_for(request.get("priority"), self.owner) for _, request in items]
+        pins = {q: pins_key(q) for q in set(queues) if pins_key(q)}
+        pin = f"publish:{uuid.uuid4()}"
+        if pins:
+            pipe = self.broker.pipeline(transaction=False)
+            for key in pins.values():
+                pipe.sadd(key, pin)
+            pipe.hset(OWNER_LISTS_KEY, mapping=dict.fromkeys(pins, self.weight))
+            pipe.execute()
         with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-            for request_id, request in items:
-                queue = queue_for(request.get("priority"), self.owner)
-                if queue != BULK_QUEUE and queue.startswith(BULK_QUEUE):
-                    owner_lists.add(queue)
+            for (request_id, request), queue in zip(items, queues, strict=True):
                 self.app.send_task(
                     TASK_NAME, args=[request], task_id=request_id, producer=producer,
                     queue=queue, retry=False,
@@ -340,9 +349,10 @@ class GenerationClient:
                     # the worker stores results itself; no prompt text in events or Flower
                     ignore_result=True, argsrepr=f"<request {request_id}>", kwargsrepr="{}",
                 )
-        if owner_lists:  # after publishing: a worker that sees the list finds its messages
+        if pins:
             pipe = self.broker.pipeline(transaction=False)
-            pipe.hset(OWNER_LISTS_KEY, mapping=dict.fromkeys(owner_lists, self.weight))
+            for key in pins.values():
+                pipe.srem(key, pin)
             pipe.rpush(BULK_BELL, 1)
             pipe.expire(BULK_BELL, 60)
             pipe.execute()

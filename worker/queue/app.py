@@ -18,8 +18,11 @@ INTERACTIVE_QUEUE = "genq.interactive"
 BULK_QUEUE = "genq.bulk"
 REQUEST_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)  # served in this order
 CONTROL_QUEUE = "genq.control"  # the Celery consumer's own queue; nothing is sent there
-# hash: every owner's bulk list ever published to -> its weight in bulk admission
+# hash: each owner's bulk list -> its weight in bulk admission. A publisher adds its list
+# before publishing; the fetch script removes a list that is empty and unpinned (``pins_key``)
 OWNER_LISTS_KEY = "genq:bulk:weights"
+# hash: priority -> messages the fetch script set aside for an adapter (on ``<list>\x06\x17<adapter>``)
+PARKED_KEY = "genq:parked"
 BULK_BELL = "genq:bell:bulk"  # rung after publishing to an owner's bulk list
 # kombu's Redis transport puts a message sent with Celery's priority=N on ``<queue>\x06\x16<step>``
 PRIORITY_STEPS = ("\x06\x163", "\x06\x166", "\x06\x169")
@@ -33,6 +36,13 @@ def queue_for(priority: str | None, owner: str | None = None) -> str:
     return f"{BULK_QUEUE}.{owner}" if owner else BULK_QUEUE
 
 
+def pins_key(name: str) -> str | None:
+    """For an owner's bulk list, the set of what keeps it in ``OWNER_LISTS_KEY`` though it
+    is empty: tags of its messages held or set aside (kombu may restore them onto it) and
+    publishes in flight; None for the shared lists, which are always read."""
+    return f"genq:pins:{name}" if name.startswith(BULK_QUEUE + ".") else None
+
+
 def logical_queue(name: str) -> str:
     """``genq.interactive`` or ``genq.bulk`` for any list a request can be on."""
     return BULK_QUEUE if name.startswith(BULK_QUEUE) else INTERACTIVE_QUEUE
@@ -41,7 +51,7 @@ def logical_queue(name: str) -> str:
 def request_lists(client) -> tuple[list[str], list[str], list[int]]:
     """(interactive lists, bulk lists, each bulk list's weight) that requests can be on: the
     two queues, the lists of Celery's priority steps (a foreign producer's ``priority=``), and
-    every owner's list (one read)."""
+    the owners' lists in ``OWNER_LISTS_KEY`` (one read)."""
     owners = sorted((k.decode() if isinstance(k, bytes) else k, int(w))
                     for k, w in client.hgetall(OWNER_LISTS_KEY).items())
     interactive = [INTERACTIVE_QUEUE, *(INTERACTIVE_QUEUE + s for s in PRIORITY_STEPS)]
@@ -51,14 +61,17 @@ def request_lists(client) -> tuple[list[str], list[str], list[int]]:
 
 
 def pending_by_queue(client) -> dict[str, int]:
-    """How many requests wait on Redis, per logical queue (one round trip after the lookup)."""
+    """How many requests wait on Redis, per logical queue, those set aside for an adapter
+    included (one round trip after the lookup)."""
     interactive, bulk, _ = request_lists(client)
     pipe = client.pipeline(transaction=False)
     for name in (*interactive, *bulk):
         pipe.llen(name)
-    lengths = pipe.execute()
-    return {INTERACTIVE_QUEUE: sum(lengths[:len(interactive)]),
-            BULK_QUEUE: sum(lengths[len(interactive):])}
+    pipe.hmget(PARKED_KEY, "interactive", "bulk")
+    *lengths, parked = pipe.execute()
+    parked = [int(n or 0) for n in parked]
+    return {INTERACTIVE_QUEUE: sum(lengths[:len(interactive)]) + parked[0],
+            BULK_QUEUE: sum(lengths[len(interactive):]) + parked[1]}
 
 
 def kombu_queue(name: str) -> Queue:
