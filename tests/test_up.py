@@ -4,10 +4,12 @@ command line, and the gateway on 127.0.0.1 unless asked otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -26,12 +28,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def start_up():
-    """Start ``genq up --gpus none --port PORT``; what a failed test left running is stopped."""
+    """Start ``genq up --gpus none --port PORT [ARGS]``; what a failed test left running is
+    stopped."""
     procs: list[subprocess.Popen] = []
 
-    def start(port: int, env: dict) -> subprocess.Popen:
+    def start(port: int, env: dict, *args: str) -> subprocess.Popen:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "up", "--gpus", "none", "--port", str(port)],
+            [sys.executable, "-m", "worker.cli", "up", "--gpus", "none", "--port", str(port), *args],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         return procs[-1]
 
@@ -180,3 +183,36 @@ def test_genq_up_keeps_the_password_off_command_lines_and_the_gateway_local(tmp_
     out = ctrl_c(proc)
     assert proc.returncode == 0 and "stopped" in out, out[-3000:]
     assert not config.exists()
+
+
+def test_genq_up_gives_each_worker_its_own_metrics_port(tmp_path, cache_dir, tiny_model_dir,
+                                                       start_up):
+    """Two workers (``--workers 2`` on the CPU, as ``--gpus 0,1`` starts two) with
+    GENQ_METRICS_PORT set: each serves /metrics on its own port (that port + its index) and
+    neither dies on a taken port and is restarted."""
+    while True:  # a free port whose next one is free too
+        base = free_port()
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("", base + 1))
+            break
+    env = {k: v for k, v in os.environ.items() if k != "GENQ_BROKER_URL"}
+    env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
+               GENQ_BACKEND="transformers", GENQ_MODEL=str(tiny_model_dir),
+               GENQ_METRICS_PORT=str(base))
+    proc = start_up(free_port(), env, "--workers", "2")
+    host = socket.gethostname()
+    names = {base: f"cpu@{host}", base + 1: f"cpu-2@{host}"}
+    deadline = time.monotonic() + 240
+    while names:
+        assert proc.poll() is None and time.monotonic() < deadline, names
+        for metrics_port, name in list(names.items()):
+            with contextlib.suppress(httpx.TransportError):
+                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+                assert f'genq_worker_up{{worker="{name}"}} 1.0' in text
+                del names[metrics_port]
+        time.sleep(0.5)
+    time.sleep(5)  # the supervisor looks every 2 s: a worker that died would be restarted now
+    out = ctrl_c(proc)
+    assert proc.returncode == 0 and "restarting" not in out, out[-3000:]
+    started = re.findall(r"worker (\S+): pid \d+, metrics on port (\d+)", out)
+    assert sorted(started) == [(f"cpu-2@{host}", str(base + 1)), (f"cpu@{host}", str(base))], out

@@ -146,6 +146,7 @@ def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1
 
 @app.command()
 def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list like 0,1.")] = "all",
+       workers: Annotated[int, typer.Option(min=1, help="Workers per GPU (or on the CPU).")] = 1,
        port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
        host: Annotated[str, typer.Option(
            help="Gateway address: this machine only by default; 0.0.0.0 for every interface."
@@ -153,7 +154,7 @@ def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list lik
     """Run the whole stack here: Redis (embedded if none answers), workers, gateway."""
     from worker.stack import run_stack
 
-    raise typer.Exit(run_stack(gpus, host, port, console))
+    raise typer.Exit(run_stack(gpus, host, port, console, workers))
 
 
 @app.command()

@@ -186,16 +186,19 @@ def select_gpus(gpus: str) -> list[str]:
     return chosen
 
 
-def run_stack(gpus: str, host: str, port: int, console) -> int:
-    """``genq up``: broker, one worker per GPU (restarted if it dies), gateway; Ctrl-C stops
-    the workers gracefully, then the gateway, then the embedded Redis."""
+def run_stack(gpus: str, host: str, port: int, console, per_device: int = 1) -> int:
+    """``genq up``: broker, ``per_device`` workers per GPU (or on the CPU), each restarted if it
+    dies and serving its metrics on its own port (``GENQ_METRICS_PORT`` + its index), gateway;
+    Ctrl-C stops the workers gracefully, then the gateway, then the embedded Redis."""
     import threading
 
     import uvicorn
 
     from worker.ops.logging import mask_secrets
+    from worker.ops.settings import get_settings
 
-    devices = select_gpus(gpus)
+    slots = [(dev, k) for dev in select_gpus(gpus) for k in range(per_device)]
+    metrics_base = get_settings().metrics_port
     configured = os.environ.get("GENQ_BROKER_URL")
     broker = ExitStack()
     if configured and broker_answers(configured):
@@ -206,23 +209,29 @@ def run_stack(gpus: str, host: str, port: int, console) -> int:
     env = {"GENQ_BROKER_URL": os.environ["GENQ_BROKER_URL"]}
     logs = data_dir() / "logs"
     logs.mkdir(exist_ok=True)
-    workers: dict[str, subprocess.Popen] = {}
+    workers: dict[int, subprocess.Popen] = {}
     stopping = threading.Event()
 
-    def start(dev: str) -> None:
-        name = f"{'cpu' if dev == 'none' else 'gpu' + dev}@{socket.gethostname()}"
-        workers[dev] = spawn_worker(env, gpu=dev, name=name, log_file=logs / f"{name}.log")
-        console.print(f"worker {name}: pid {workers[dev].pid}, log {logs / (name + '.log')}")
+    def start(i: int) -> None:
+        dev, k = slots[i]
+        prefix = "cpu" if dev == "none" else f"gpu{dev}"
+        name = f"{prefix}{f'-{k + 1}' if k else ''}@{socket.gethostname()}"
+        own, metrics = env, ""
+        if metrics_base:
+            own = {**env, "GENQ_METRICS_PORT": str(metrics_base + i)}
+            metrics = f", metrics on port {metrics_base + i}"
+        workers[i] = spawn_worker(own, gpu=dev, name=name, log_file=logs / f"{name}.log")
+        console.print(f"worker {name}: pid {workers[i].pid}{metrics}, log {logs / (name + '.log')}")
 
     def supervise() -> None:
         while not stopping.wait(2.0):
-            for dev, proc in list(workers.items()):
+            for i, proc in list(workers.items()):
                 if proc.poll() is not None and not stopping.is_set():
-                    console.print(f"[yellow]worker on {dev} exited ({proc.returncode}); restarting")
-                    start(dev)
+                    console.print(f"[yellow]worker on {slots[i][0]} exited ({proc.returncode}); restarting")
+                    start(i)
 
-    for dev in devices:
-        start(dev)
+    for i in range(len(slots)):
+        start(i)
     threading.Thread(target=supervise, name="genq-supervisor", daemon=True).start()
     console.print(f"gateway: http://{host}:{port} (Ctrl-C or SIGTERM stops everything)")
     from worker.api import create_app

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,8 +18,9 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
+from tests.test_openai_batches import CHAT, Surface, chat_line
 from worker.errors import InvalidRequest
-from worker.queue.webhooks import UnsafeURL, check_url
+from worker.queue.webhooks import EVENTS_KEY, GLOBAL_KEY, TASK, UnsafeURL, build_event, check_url
 from worker.stack import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"genqueue-test-secret-32-bytes!!!").decode()
@@ -126,12 +128,11 @@ def test_signed_deliveries_retry_until_accepted_once_per_event(redis_url, start_
 def test_an_openai_batch_event_names_the_batch(client):
     """Events are written by the finish script itself; a job behind an OpenAI batch is
     reported with the batch's id."""
-    from worker.queue.webhooks import EVENTS_KEY, GLOBAL_KEY, build_event
-
     r = client.store.redis
     r.set(GLOBAL_KEY, 1, ex=60)
     job = client.submit_many([{"prompt": "a"}, {"prompt": "b"}])
     r.hset(f"genq:job:{job}", "batch", "batch_abc")
+    r.set("genq:batch:batch_abc", json.dumps({"status": "in_progress", "ending": "cancelled"}))
     assert client.cancel_job(job) == 2
     [raw] = r.lrange(EVENTS_KEY, 0, -1)
     event_id, payload, own = build_event(raw, client.store)
@@ -146,3 +147,115 @@ def test_logs_name_a_webhook_by_its_origin_only():
     assert _origin("https://u:pw@hooks.example:8443/in/s3cr3t?token=abc") == "https://hooks.example:8443"
     assert _origin("http://10.0.0.1/x") == "http://10.0.0.1"
     assert _origin("http://[::1") == "(unparseable URL)"
+
+
+class Sink:
+    """An HTTP server on 127.0.0.1 that answers 204 and keeps each request's path and headers."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, dict]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                sink.seen.append((self.path, {**headers, "body": body}))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def delivery_task(allow_private: bool):
+    """The notifier's delivery task, called in this process (not through a broker)."""
+    from celery import Celery
+
+    from worker.ops.settings import Settings
+    from worker.queue.webhooks import register
+
+    app = Celery("webhooks-test")
+    register(app, Settings(webhook_allow_private=allow_private, webhook_secret=SECRET))
+    return app.tasks[TASK]
+
+
+def test_a_rebinding_name_is_resolved_once_and_only_the_checked_address_is_connected(monkeypatch):
+    """A name that resolves to a public address, then to 127.0.0.1 (DNS rebinding): the
+    delivery connects to the public address it checked and never reaches the private one."""
+    sink, public = Sink(), "93.184.215.14"
+    answers = iter([public])
+    real_resolve, real_connect = socket.getaddrinfo, socket.create_connection
+
+    def rebinding(host, *args, **kwargs):
+        if host != "hooks.rebind.test":
+            return real_resolve(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), 0))]
+
+    connected = []
+
+    def connect(address, *args, **kwargs):  # the public address is not reachable from here
+        connected.append(address[0])
+        if address[0] == public:
+            raise ConnectionRefusedError("test: the public address refuses")
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    deliver = delivery_task(allow_private=False)
+    deliver(f"http://hooks.rebind.test:{sink.port}/in", "evt_rebind", "{}", 0.0)  # 0: no retry
+    assert connected == [public] and sink.seen == []
+    sink.server.shutdown()
+
+
+def test_a_delivery_to_a_name_keeps_its_host_and_signature():
+    """Allowed private targets (GENQ_WEBHOOK_ALLOW_PRIVATE=1) still get the POST through the
+    pinned address, with the URL's Host header and a valid signature."""
+    sink = Sink()
+    delivery_task(allow_private=True)(f"http://localhost:{sink.port}/in?t=1", "evt_ok",
+                                      '{"type":"x"}', time.time())
+    [(path, headers)] = sink.seen
+    assert path == "/in?t=1" and headers["host"] == f"localhost:{sink.port}"
+    assert Webhook(SECRET).verify(headers.pop("body"), headers) == {"type": "x"}
+    sink.server.shutdown()
+
+
+def test_an_ended_job_reports_the_status_it_reads(gateway, client, tmp_path):
+    """A cancelled OpenAI batch with a success reads ``cancelled`` and its event is
+    ``batch.cancelled``; a plain job cancelled after a success reads ``completed`` and its event
+    is ``batch.completed``: the event follows the status read back."""
+    r, store = client.store.redis, client.store
+    r.set(GLOBAL_KEY, 1, ex=60)
+
+    def succeed_first(job: str) -> None:
+        record = store.get_many([next(store.job_ids(job))[0]])[0]
+        store.finish([{**record, "status": "succeeded", "text": "hi", "finish_reason": "stop",
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 1}}])
+
+    def event() -> dict:
+        [raw] = r.lrange(EVENTS_KEY, 0, -1)
+        r.delete(EVENTS_KEY)
+        return build_event(raw, store)[1]
+
+    s = Surface(gateway(files_url=str(tmp_path / "files")), tmp_path / "files")
+    batch = s.oai.batches.create(input_file_id=s.upload([chat_line("a", "x"), chat_line("b", "y")]),
+                                 endpoint=CHAT, completion_window="24h")
+    s.wait(batch.id, until=("in_progress",), timeout=30)  # its job queued
+    succeed_first(json.loads(r.get(f"genq:batch:{batch.id}"))["job_id"])
+    assert s.oai.batches.cancel(batch.id).status == "cancelling"
+    payload = event()
+    done = s.wait(batch.id, timeout=30)
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("cancelled", 1, 1)
+    assert payload["type"] == "batch.cancelled" and payload["data"]["status"] == done.status
+    assert payload["data"]["id"] == batch.id
+
+    job = client.submit_many([{"prompt": "a"}, {"prompt": "b"}])
+    succeed_first(job)
+    assert client.cancel_job(job) == 1
+    payload = event()
+    assert client.job(job)["status"] == payload["data"]["status"] == "completed"
+    assert payload["type"] == "batch.completed"

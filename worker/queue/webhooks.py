@@ -13,11 +13,15 @@ can drop duplicates) and POSTs it, retrying with exponential backoff for up to
 
 SSRF guard: only http(s) URLs whose host resolves to public addresses, unless
 ``GENQ_WEBHOOK_ALLOW_PRIVATE=1`` (loopback, link-local, private, reserved and multicast
-addresses are refused otherwise, at delivery time, after resolution).
+addresses are refused otherwise, at delivery time, after resolution). The host is resolved
+once per attempt and the POST goes to an address that was checked (the Host header and TLS
+server name stay the URL's host): a name that resolves elsewhere the second time (DNS
+rebinding) cannot redirect it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -45,7 +49,7 @@ GLOBAL_KEY = "genq:webhooks:global"  # present while a notifier serves GENQ_WEBH
 WEBHOOK_QUEUE = "genq.webhooks"
 TASK = "genq.webhook"
 MAX_BACKOFF_S = 30  # under the broker's visibility timeout: a held retry is never redelivered
-JOB_EVENTS = {"completed": "batch.completed", "failed": "batch.failed",
+JOB_EVENTS = {"completed": "batch.completed", "failed": "batch.failed",  # by ended status
               "cancelled": "batch.cancelled", "expired": "batch.expired"}
 
 
@@ -53,30 +57,46 @@ class UnsafeURL(ValueError):
     """A webhook URL that is not http(s) or points at a non-public address."""
 
 
-def check_url(url: str, allow_private: bool, resolve: bool = True) -> None:
+def check_url(url: str, allow_private: bool, resolve: bool = True) -> list[str]:
     """Refuse a webhook target that is not http(s), or (unless ``allow_private``) whose host is
-    or resolves to a loopback, link-local, private, reserved or multicast address. Without
-    ``resolve`` (at enqueue) only a literal address is judged; names are judged at delivery."""
+    or resolves to a loopback, link-local, private, reserved or multicast address; return the
+    addresses judged, the only ones to connect to. Without ``resolve`` (at enqueue) only a
+    literal address is judged; names are judged at delivery. A name that does not resolve
+    raises ``httpx.ConnectError`` (retried, as any failed connection)."""
     parts = urlsplit(url)
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
         raise UnsafeURL(f"webhook URL must be http(s) with a host: {url[:100]!r}")
-    if allow_private:
-        return
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:  # a name
         if not resolve:
-            return
+            return []
         try:
-            infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise UnsafeURL(f"webhook host {host!r} does not resolve") from exc
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+            raise httpx.ConnectError(f"webhook host {host!r} does not resolve") from exc
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
     for address in addresses:
-        if not address.is_global or address.is_multicast:
+        if not allow_private and (not address.is_global or address.is_multicast):
             raise UnsafeURL(f"webhook host {host!r} is not a public address ({address}); "
                             "set GENQ_WEBHOOK_ALLOW_PRIVATE=1 to allow it")
+    return [str(address) for address in addresses]
+
+
+def post(url: str, addresses: list[str], body: str, headers: dict[str, str]) -> int:
+    """POST ``body`` to the first of ``addresses`` that takes the connection, never to a fresh
+    resolution of the URL's host (its Host header and TLS server name are kept); the status."""
+    target = httpx.URL(url)
+    headers = {**headers, "host": target.netloc.decode("ascii")}
+    sni = {"sni_hostname": target.raw_host.decode("ascii")}
+    with httpx.Client(timeout=10, follow_redirects=False) as client:
+        for address in addresses[:-1]:
+            with contextlib.suppress(httpx.ConnectError):
+                return client.post(target.copy_with(host=address), content=body, headers=headers,
+                                   extensions=sni).status_code
+        return client.post(target.copy_with(host=addresses[-1]), content=body, headers=headers,
+                           extensions=sni).status_code
 
 
 def event_id(kind: str, subject: str) -> str:
@@ -100,28 +120,36 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
         job = store.job(note["id"])
     except NotFound:  # expired before its event was sent
         return None
-    status = job["status"]
-    if status == "completed" and job["counts"]["expired"] and not job["counts"]["succeeded"]:
-        status = "expired"
-    kind = JOB_EVENTS.get(status, "batch.completed")
-    data = {"id": job["id"], "object": "job", "status": job["status"], "counts": job["counts"]}
     hook, batch = store.redis.hmget(f"genq:job:{note['id']}", ["webhook", "batch"])
-    if batch:  # an OpenAI batch: its id, as OpenAI's batch events carry it
-        data = {"id": batch, "object": "batch", "job_id": job["id"], "counts": job["counts"]}
+    data = {"id": job["id"], "object": "job", "status": job["status"], "counts": job["counts"]}
+    if batch:  # an OpenAI batch: its id and status, as OpenAI's batch events carry them
+        data = {"id": batch, "object": "batch", "status": batch_status(store.redis, batch, job),
+                "job_id": job["id"], "counts": job["counts"]}
+    kind = JOB_EVENTS.get(data["status"], "batch.completed")
     return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, hook
+
+
+def batch_status(redis, batch_id: str, job: dict[str, Any]) -> str:
+    """The status an OpenAI batch whose job ended reads (``compat.batches`` ends it so on its
+    next read): its own once final, else the ending asked for (cancel, expiry), else failed,
+    expired (a request expired) or completed."""
+    from worker.compat.batches import TERMINAL, batch_key
+
+    raw = redis.get(batch_key(batch_id))
+    record = json.loads(raw) if raw else {}
+    if record.get("status") in TERMINAL:
+        return record["status"]
+    return record.get("ending") or ("failed" if job["status"] == "failed" else
+                                    "expired" if job["counts"]["expired"] else "completed")
 
 
 def register(app, settings: Settings) -> None:
     """Add the delivery task to a Celery app."""
 
-    @app.task(name=TASK, bind=True, max_retries=None, acks_late=True, ignore_result=True)
+    @app.task(name=TASK, bind=True, max_retries=None, acks_late=True, ignore_result=True,
+              shared=False)  # its settings are this app's
     def deliver(self, url: str, msg_id: str, body: str, first_at: float) -> None:
         target = _origin(url)  # what logs show: a path or query may hold the receiver's token
-        try:
-            check_url(url, settings.webhook_allow_private)
-        except UnsafeURL as exc:
-            log.error("webhook_refused", target=target, event_id=msg_id, reason=str(exc))
-            return
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         now = datetime.now(UTC)  # one instant for the header and the signature
         headers = {"content-type": "application/json", "webhook-id": msg_id,
@@ -129,12 +157,13 @@ def register(app, settings: Settings) -> None:
         if secret:
             headers["webhook-signature"] = Webhook(secret).sign(msg_id, now, body)
         try:
-            status = httpx.post(url, content=body, headers=headers, timeout=10,
-                                follow_redirects=False).status_code
+            status, error = post(url, check_url(url, settings.webhook_allow_private), body,
+                                 headers), None
+        except UnsafeURL as exc:
+            log.error("webhook_refused", target=target, event_id=msg_id, reason=str(exc))
+            return
         except httpx.HTTPError as exc:
             status, error = None, repr(exc)[:200]
-        else:
-            error = None
         if status is not None and 200 <= status < 300:
             log.info("webhook_delivered", target=target, event_id=msg_id, attempt=self.request.retries + 1)
             return
