@@ -231,7 +231,7 @@ class FakeWorker:
         from worker.schema import result_record
 
         rid = self.next_request()
-        self.store.start([result_record(rid, "running", model="fake")])
+        self.store.start([result_record(rid, "running", model="fake")], ["fake:1"], [False])
         for text in snapshots:
             pipe = self.store.redis.pipeline(transaction=False)
             self.store.progress([result_record(rid, "running", model="fake", text=text)], pipe)

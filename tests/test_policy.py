@@ -1,7 +1,7 @@
 """The scheduling policy alone: plain data in, a decision out (no torch, no Redis).
 
 Unit tests pin each rule; property tests drive a simulated worker (random arrivals of
-interactive and bulk requests, two adapters, suspects, rows that end early) through thousands
+interactive and bulk requests, two adapters, rows that end early) through thousands
 of decisions and check what must always hold."""
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from worker.engine.policy import (
     fair_order,
     starved_since,
 )
+from worker.engine.sequence import Sequence
+from worker.engine.waiting import StepLoop
+from worker.schema import GenerationRequest
 
 ids = itertools.count()
 
 
-def waiting(priority=BULK, tokens=100, new=50, at=0.0, adapter=None, suspect=False) -> Waiting:
-    return Waiting(f"r{next(ids)}", priority, adapter, tokens, new, at, suspect)
+def waiting(priority=BULK, tokens=100, new=50, at=0.0, adapter=None) -> Waiting:
+    return Waiting(f"r{next(ids)}", priority, adapter, tokens, new, at)
 
 
 def lane(priority=BULK, rows=1, reserve=150, adapter=None, last_step=0.0, **kw) -> Lane:
@@ -93,15 +96,6 @@ def test_adapters_run_in_separate_lanes():
     assert d.lane == (BULK, "b") and d.admit == [b.id]  # a new lane first: round robin
 
 
-def test_at_most_one_suspect_per_lane():
-    suspects = [waiting(INTERACTIVE, at=float(i), suspect=True) for i in range(3)]
-    fresh = waiting(INTERACTIVE, at=9.0)
-    d = decide([*suspects, fresh], [], Limits(), now=10.0)
-    assert d.admit == [suspects[0].id, fresh.id]
-    d = decide(suspects[1:], [lane(INTERACTIVE, has_suspect=True)], Limits(), now=10.0)
-    assert d.admit == []
-
-
 def test_interactive_evicts_the_youngest_bulk_rows_for_kv_room():
     bulk = lane(BULK, rows=4, reserve=1000, last_step=1.9)
     inter = waiting(INTERACTIVE, tokens=1500, new=100, at=2.0)
@@ -152,8 +146,7 @@ class Sim:
 
     def view(self) -> list[Lane]:
         return [Lane(k[0], k[1], rows=tuple(r for r, _, _ in rows.values()),
-                     last_step=self.last_step.get(k, float("-inf")),
-                     has_suspect=any(w.suspect for _, _, w in rows.values()))
+                     last_step=self.last_step.get(k, float("-inf")))
                 for k, rows in self.lanes.items() if rows]
 
     def turn(self):
@@ -189,7 +182,7 @@ class Sim:
 
 arrival = st.tuples(st.integers(0, 40), st.sampled_from([INTERACTIVE, BULK, BULK]),
                     st.sampled_from([None, None, "a"]), st.integers(1, 400), st.integers(1, 40),
-                    st.integers(1, 40), st.booleans())
+                    st.integers(1, 40))
 
 
 @settings(max_examples=150, deadline=None)
@@ -204,8 +197,8 @@ def test_properties_of_the_continuous_policy(arrivals, max_rows, max_kv):
     overtaken: dict[str, int] = {}
     while pending or sim.waiting or any(sim.lanes.values()):
         while pending and pending[0][0] <= sim.step:
-            at, prio, adapter, tokens, new, natural, suspect = pending.pop(0)
-            w = Waiting(f"q{len(submitted)}", prio, adapter, tokens, new, sim.now, suspect and prio == BULK)
+            at, prio, adapter, tokens, new, natural = pending.pop(0)
+            w = Waiting(f"q{len(submitted)}", prio, adapter, tokens, new, sim.now)
             sim.lengths[w.id] = min(new, natural)
             sim.arrived_at[w.id] = sim.step
             older_bulk_at_arrival[w.id] = sum(1 for x in sim.waiting.values() if x.key == w.key)
@@ -229,7 +222,6 @@ def test_properties_of_the_continuous_policy(arrivals, max_rows, max_kv):
         # 3. limits
         for rows in sim.lanes.values():
             assert len(rows) <= max_rows
-            assert sum(1 for _, _, w in rows.values() if w.suspect) <= 1
         reserved = sum(r.reserve for rows in sim.lanes.values() for r, _, _ in rows.values())
         alone = sum(len(rows) for rows in sim.lanes.values()) == 1
         assert reserved <= max_kv or alone
@@ -306,15 +298,11 @@ def test_paged_admission_puts_interactive_first_with_headroom_of_its_own():
     assert idle.admit == [w.id for w in bulk[:8]] and idle.evict == []
 
 
-def test_paged_admission_takes_bulk_in_fair_turns_and_one_suspect_at_a_time():
+def test_paged_admission_takes_bulk_in_fair_turns():
     a = [replace(waiting(BULK, at=float(i)), owner="a") for i in range(6)]
     b = [replace(waiting(BULK, at=10.0 + i), owner="b") for i in range(2)]
     assert admit_paged([*a, *b], [], max_rows=4, headroom=1).admit == [a[0].id, b[0].id, a[1].id,
                                                                        b[1].id]
-    s1, s2 = waiting(suspect=True, at=0.0), waiting(suspect=True, at=1.0)
-    plain = waiting(at=2.0)
-    assert admit_paged([s1, s2, plain], [], max_rows=4, headroom=1).admit == [s1.id, plain.id]
-    assert admit_paged([s2, plain], [s1], max_rows=4, headroom=1).admit == [plain.id]
 
 
 def test_paged_admission_without_mixing_runs_one_adapter_at_a_time():
@@ -339,3 +327,32 @@ def test_paged_admission_prefills_bulk_a_few_prompts_a_step():
         bulk[0].id, bulk[1].id]
     huge = waiting(BULK, tokens=3000, at=-1.0)
     assert admit_paged([huge, *bulk], [], 8, 2, max_bulk_prefill=512).admit == [huge.id]
+
+
+class _Loop(StepLoop):
+    """A step loop with no backend: ``rows`` stand for what runs."""
+
+    def __init__(self, waiting_rows: list[Sequence], running_rows: list[Sequence]):
+        super().__init__(engine=None, limits=Limits())
+        self.waiting = {s.handle: s for s in waiting_rows}
+        self.rows = running_rows
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.rows
+
+
+def row(n: int, suspect: bool = False, request_id: str | None = None) -> Sequence:
+    request = GenerationRequest(prompt="x", max_new_tokens=4)
+    return Sequence(request_id or f"req{n}", request, [1, 2], submitted_at=float(n),
+                    suspect=suspect, handle=str(n))
+
+
+def test_a_suspect_runs_alone_after_the_running_rows_end():
+    fresh, suspect, later = row(0), row(1, suspect=True), row(2, suspect=True)
+    sample = row(3, suspect=True, request_id=suspect.id)  # its second sample comes with it
+    view = lambda loop: [w.id for w in loop._waiting_view()]  # noqa: E731
+    assert view(_Loop([fresh, later, suspect, sample], [row(9)])) == []  # drain first
+    assert view(_Loop([fresh, later, suspect, sample], [])) == [suspect.handle, sample.handle]
+    assert view(_Loop([fresh, later], [suspect])) == []  # nothing joins a running suspect
+    assert view(_Loop([fresh], [row(9)])) == [fresh.handle]

@@ -25,8 +25,10 @@ The continuous rules:
   other bulk lanes admit nothing until it can, so no adapter starves.
 - Limits: rows per lane (``max_rows``, lower after an out-of-memory error), KV tokens reserved
   across lanes (prompt + ``max_new_tokens`` per row: ``GENQ_MAX_BATCH_TOKENS``), prompt tokens
-  prefilled per join (``max_prefill_tokens``; one joiner always fits), and at most one
-  *suspect* (a request that was running on a worker that died) per lane.
+  prefilled per join (``max_prefill_tokens``; one joiner always fits).
+
+A *suspect* (a request that was running on a worker that died) never reaches these rules: the
+step loop runs it alone (``worker.engine.waiting``).
 
 The static rules (``GENQ_SCHEDULER=static``, kept for comparison): one lane at a time, run until
 its last row finishes; the next batch is the oldest interactive request (or the oldest request
@@ -53,7 +55,6 @@ class Waiting:
     prompt_tokens: int
     max_new_tokens: int
     submitted_at: float
-    suspect: bool = False
     owner: str | None = None
     job: str | None = None
     weight: int = 1
@@ -86,7 +87,6 @@ class Lane:
     rows: tuple[Running, ...] = ()
     cap: int | None = None  # fewer rows than max_rows after an out-of-memory error
     last_step: float = float("-inf")
-    has_suspect: bool = False
 
     @property
     def key(self) -> LaneKey:
@@ -164,7 +164,7 @@ def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, h
     requests fill ``max_rows`` in fair turns (``fair_order``), only once no interactive
     request waits, and at most ``max_bulk_prefill`` prompt tokens a step (one joiner always
     fits): a step that prefills many bulk prompts would hold up an interactive request that
-    arrives during it. At most one *suspect* in flight. Without ``mix_adapters`` every row in
+    arrives during it. Without ``mix_adapters`` every row in
     flight has one adapter: a request of another waits until they are done (nothing
     overtakes it), except that an interactive request evicts the bulk rows in its way.
     Memory pressure inside the backend is its own preemption (bulk first), never a refusal
@@ -183,7 +183,6 @@ def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, h
         evict = [r.id for r in extra]
         kept = [r for r in running if r.id not in set(evict)]
     adapter = kept[0].adapter if kept else next((w.adapter for w in [*inter, *bulk]), None)
-    suspect = any(r.suspect for r in kept)
     in_flight, bulk_in_flight = len(kept), sum(r.priority == BULK for r in kept)
     chosen: list[str] = []
     prefill = 0  # bulk prompt tokens admitted this step
@@ -197,13 +196,10 @@ def admit_paged(waiting: list[Waiting], running: list[Waiting], max_rows: int, h
             break
         if not mix_adapters and w.adapter != adapter:
             break
-        if w.suspect and suspect:
-            continue
         chosen.append(w.id)
         in_flight += 1
         bulk_in_flight += w.priority == BULK
         prefill += w.prompt_tokens if w.priority == BULK else 0
-        suspect = suspect or w.suspect
     return Decision(admit=chosen, evict=evict)
 
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:
@@ -266,13 +262,10 @@ class _Budget:
         if candidates and candidates[0].key[0] == BULK:
             cap = min(cap, self.limits.max_bulk_prefill_tokens)
         prefill = 0
-        suspect = lane is not None and lane.has_suspect
         chosen: list[Waiting] = []
         for w in candidates:
             if len(chosen) >= room:
                 break
-            if w.suspect and suspect:
-                continue
             if w.reserve > free_kv and not (self.alone and not chosen):
                 continue
             if chosen and prefill + w.prompt_tokens > cap:
@@ -280,7 +273,6 @@ class _Budget:
             chosen.append(w)
             prefill += w.prompt_tokens
             free_kv -= w.reserve
-            suspect = suspect or w.suspect
             if free_kv < 0:  # the one oversized request runs alone
                 break
         return chosen

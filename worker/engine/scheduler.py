@@ -185,6 +185,5 @@ class Scheduler(StepLoop):
         return [Lane(key[0], key[1],
                      rows=tuple(Running(r.handle, r.prompt_tokens + r.max_new_tokens,
                                         r.admitted_at or 0.0) for r in lane.rows),
-                     cap=lane.cap, last_step=lane.last_step,
-                     has_suspect=any(r.suspect for r in lane.rows))
+                     cap=lane.cap, last_step=lane.last_step)
                 for key, lane in self.lanes.items() if lane.rows]

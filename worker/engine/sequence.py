@@ -31,7 +31,7 @@ class Sequence:
     body: dict[str, Any] = field(default_factory=dict)  # as received: custom_id, metadata echo
     submitted_at: float = field(default_factory=time.time)
     expires_at: float | None = None  # wall clock deadline (``expires_in_s``)
-    suspect: bool = False  # was running on a worker that died: never shares a lane with another
+    suspect: bool = False  # was running on a worker that died: runs alone (waiting.py)
     owner: str | None = None  # who submitted it, and its job: bulk admission takes turns
     job: str | None = None
     weight: int = 1  # the owner's share of bulk admission

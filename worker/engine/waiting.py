@@ -97,13 +97,25 @@ class StepLoop:
         return joiners
 
     def _waiting_view(self) -> list[Waiting]:
-        """Waiting requests by submit time, ties in arrival order (an evicted row keeps its
-        place: it is back in the dict at the end, but its handle is older)."""
+        """What the policy may admit now: waiting requests by submit time, ties in arrival
+        order (an evicted row keeps its place: it is back in the dict at the end, but its
+        handle is older).
+
+        A *suspect* (it was running on a worker that died) runs alone, so that a worker death
+        while it runs is evidence against it and no other request's: while one runs nothing
+        joins it; while one waits nothing new is admitted until the running rows are done,
+        then it alone (with its other samples)."""
         ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
+        suspects = [s for s in ordered if s.suspect]
+        if any(s.suspect for s in self.running):
+            return []
+        if suspects:
+            return [] if self.running else self._view(
+                [s for s in suspects if s.id == suspects[0].id])
         return self._view(ordered)
 
     @staticmethod
     def _view(rows: Iterable[Sequence]) -> list[Waiting]:
         """Rows as the policy sees them."""
         return [Waiting(s.handle, s.priority, s.adapter, s.prompt_tokens, s.max_new_tokens,
-                        s.submitted_at, s.suspect, s.owner, s.job, s.weight) for s in rows]
+                        s.submitted_at, s.owner, s.job, s.weight) for s in rows]

@@ -22,6 +22,10 @@ from redis.sentinel import Sentinel
 
 from worker.ops.settings import Settings, get_settings
 
+SOCKET_TIMEOUT_S = 10.0  # longest a command may wait for its reply (blocking ones set more)
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_CHECK_S = 10  # a connection idle this long is PINGed before use
+
 
 def tls_options(settings: Settings) -> dict[str, Any]:
     """redis-py's TLS keyword arguments (empty without ``GENQ_REDIS_CA_FILE``)."""
@@ -51,8 +55,12 @@ def sentinel_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
 
 def connect(url: str, settings: Settings | None = None, **kwargs: Any) -> redis.Redis:
     """A redis-py client for ``url`` (redis://, rediss:// or sentinel://), with ``kwargs``
-    (``decode_responses``, timeouts...) passed through."""
+    (``decode_responses``, timeouts...) passed through. Every connection has timeouts, TCP
+    keepalive and health checks unless ``kwargs`` say otherwise, so a half-open connection
+    (a Redis host frozen or gone without a FIN) raises within seconds instead of hanging."""
     settings = settings or get_settings()
+    kwargs = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+              "socket_keepalive": True, "health_check_interval": HEALTH_CHECK_S, **kwargs}
     if url.startswith("sentinel://"):
         nodes, password, db = sentinel_nodes(url)
         tls = tls_options(settings) if settings.redis_sentinel_tls else {}

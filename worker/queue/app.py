@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker.ops.redisconn import celery_options
+from worker.ops.redisconn import CONNECT_TIMEOUT_S, HEALTH_CHECK_S, SOCKET_TIMEOUT_S, celery_options
 from worker.ops.settings import Settings, get_settings
 
 TASK_NAME = "genq.generate"
@@ -96,6 +96,9 @@ def transport_options(settings: Settings, batch_publish: bool = False) -> dict:
         "unacked_mutex_expire": 10,
         "queue_order_strategy": "priority",
         "socket_keepalive": True,
+        "socket_timeout": SOCKET_TIMEOUT_S,  # kombu's BRPOP waits 1 s at most
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_S,
         "retry_on_timeout": not batch_publish,
     }
 
@@ -117,6 +120,8 @@ def make_app(settings: Settings | None = None, batch_publish: bool = False) -> C
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         result_expires=settings.result_ttl_s,
+        redis_socket_timeout=SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
         broker_transport_options=transport_options(settings, batch_publish),
         result_backend_transport_options={"retry_policy": {"timeout": 5.0},
                                           **extra.pop("result_backend_transport_options", {})},

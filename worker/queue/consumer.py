@@ -199,7 +199,8 @@ class Consumer:
         fresh = list({s.id: s for s in joiners if s.id not in self.announced}.values())
         if not fresh:
             return joiners
-        attempts = self.link.started([self._running_record(s) for s in fresh])
+        attempts = self.link.started([self._running_record(s) for s in fresh],
+                                     alone={s.id for s in fresh if s.suspect})
         self.announced.update(s.id for s in fresh)
         duplicates = {s.id for s in fresh if attempts.get(s.id) == 0}
         if duplicates:

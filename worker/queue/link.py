@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,14 @@ from celery.worker import state as celery_state
 
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
-from worker.queue.app import BULK_BELL, BULK_QUEUE, INTERACTIVE_QUEUE, REQUEST_QUEUES, transport_options
+from worker.queue.app import (
+    BULK_BELL,
+    BULK_QUEUE,
+    INTERACTIVE_QUEUE,
+    PRIORITY_STEPS,
+    REQUEST_QUEUES,
+    transport_options,
+)
 from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, parse
 from worker.queue.results import ResultStore
@@ -62,6 +70,7 @@ class _Op:
     kind: str  # start | progress | finish | requeue
     records: list[dict[str, Any]] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
+    starts: list[tuple[str, str, bool]] = field(default_factory=list)  # (id, token, alone)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[int] | None = None
 
@@ -77,15 +86,14 @@ class Link:
         self.info = info
         self.metrics = metrics
         url = settings.broker_url.get_secret_value()
-        self.broker = connect(url, settings, socket_timeout=10, socket_connect_timeout=5,
-                              health_check_interval=10)
+        self.broker = connect(url, settings)
         self.inbox = Inbox(self.broker, transport_options(settings),
                            adapters=list(settings.adapters))
-        # (priority, list it rings for): the bell rings for every owner's bulk list
-        self.doorbells = [(q, Doorbell(connect(url, settings, socket_timeout=20,
-                                               socket_connect_timeout=5), key, 5.0))
-                          for q, key in ((INTERACTIVE_QUEUE, INTERACTIVE_QUEUE),
-                                         (BULK_QUEUE, BULK_QUEUE), (BULK_QUEUE, BULK_BELL))]
+        # (priority, list it rings for): each queue and its priority-step lists (a foreign
+        # producer's ``priority=``); the bulk bell rings for every owner's bulk list
+        lists = [(q, q + step) for q in REQUEST_QUEUES for step in ("", *PRIORITY_STEPS)]
+        self.doorbells = [(q, Doorbell(connect(url, settings, socket_timeout=20), key, 5.0))
+                          for q, key in [*lists, (BULK_QUEUE, BULK_BELL)]]
         self.max_attempts = settings.max_attempts
         self.stall_timeout_s = settings.stall_timeout_s
         self.lease_every_s = max(1.0, min(5.0, settings.visibility_timeout_s / 4))
@@ -98,6 +106,7 @@ class Link:
         self._progress: dict[str, dict[str, Any]] = {}
         self._held: dict[str, tuple[Delivery, str]] = {}  # request id -> (message, priority)
         self._running: set[str] = set()
+        self._tokens: dict[str, str] = {}  # request id -> token of this worker's start
         self._cancelled: set[str] = set()
         self._want = dict.fromkeys(REQUEST_QUEUES, 0)
         self._empty = dict.fromkeys(REQUEST_QUEUES, False)
@@ -114,10 +123,11 @@ class Link:
 
     def start_threads(self) -> None:
         """Start the I/O thread and one doorbell thread per request queue."""
-        self._threads = [threading.Thread(target=self._run, name="genq-link", daemon=True)]
+        self._threads = [threading.Thread(target=self._run, name="genq-link", daemon=True),
+                         threading.Thread(target=self._guard, name="genq-watchdog", daemon=True)]
         self._threads += [threading.Thread(target=self._ring, args=(q, bell),
-                                           name=f"genq-bell-{bell.queue}", daemon=True)
-                          for q, bell in self.doorbells]
+                                           name=f"genq-bell-{i}", daemon=True)
+                          for i, (q, bell) in enumerate(self.doorbells)]
         for t in self._threads:
             t.start()
 
@@ -151,14 +161,18 @@ class Link:
             out, self._cancelled = self._cancelled, set()
         return out
 
-    def started(self, records: list[dict[str, Any]]) -> dict[str, int]:
-        """Store running records and count the attempts before the first forward pass.
+    def started(self, records: list[dict[str, Any]], alone: set[str]) -> dict[str, int]:
+        """Store running records and count the attempts before the first forward pass (the
+        ids in ``alone`` run with no other row: a death now is charged to them).
 
         Returns the attempt number per id (0: already final, a duplicate); ids missing from
         the answer are unknown (Redis did not answer in time: run them anyway)."""
-        op = _Op("start", records)
         with self._lock:
+            for r in records:
+                self._tokens.setdefault(r["id"], f"{self.name}:{uuid.uuid4().hex[:12]}")
+            starts = [(r["id"], self._tokens[r["id"]], r["id"] in alone) for r in records]
             self._running.update(r["id"] for r in records)
+        op = _Op("start", records, starts=starts)
         self._push(op)
         if self.healthy and op.done.wait(START_WAIT_S) and op.result is not None:
             return {r["id"]: n for r, n in zip(records, op.result, strict=True)}
@@ -179,8 +193,11 @@ class Link:
         self._push(_Op("finish", [], self._release(ids)))
 
     def requeue(self, ids: list[str]) -> None:
-        """Hand unstarted requests back to the head of their queues (warm shutdown)."""
-        self._push(_Op("requeue", [], self._release(ids)))
+        """Hand waiting requests back to the head of their queues (warm shutdown); one that
+        started here and went back to waiting (evicted) is not charged for that start."""
+        with self._lock:
+            starts = [(i, self._tokens[i], False) for i in ids if i in self._tokens]
+        self._push(_Op("requeue", [], self._release(ids), starts=starts))
 
     def step_started(self) -> None:
         """A forward pass is about to run: from now on the watchdog expects it to end."""
@@ -217,6 +234,8 @@ class Link:
         with self._lock:
             out = [self._held.pop(i)[0] for i in ids if i in self._held]
             self._running.difference_update(ids)
+            for i in ids:
+                self._tokens.pop(i, None)
         return out
 
     # -- the I/O thread ---------------------------------------------------------------
@@ -226,7 +245,6 @@ class Link:
         next_beat = next_cancel = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            self._watchdog(now)
             try:
                 self._write()
                 if now >= next_beat:
@@ -268,11 +286,13 @@ class Link:
         for op in ops:
             if op.kind == "start":
                 starts.append((op, len(records.command_stack)))
-                self.store.start(op.records, pipe=records)
+                self.store.start(op.records, [t for _, t, _ in op.starts],
+                                 [a for _, _, a in op.starts], pipe=records)
             elif op.kind == "finish":
                 self.store.finish(op.records, pipe=records)
                 self.inbox.ack(op.deliveries, pipe=acks)
             else:
+                self.store.unstart([(i, t) for i, t, _ in op.starts], pipe=records)
                 self.inbox.requeue(op.deliveries, pipe=acks)
         self.store.progress(progress, pipe=records)
         try:
@@ -337,12 +357,12 @@ class Link:
         try:
             states = self.store.admission_state([e.id for e in envelopes])
         except redis.RedisError:  # they are taken: run them (a finish is idempotent)
-            states = [(None, 0)] * len(envelopes)
+            states = [(None, 0, 0)] * len(envelopes)
         arrivals, done, lost = [], [], []
-        for envelope, (status, attempts) in zip(envelopes, states, strict=True):
+        for envelope, (status, attempts, deaths_alone) in zip(envelopes, states, strict=True):
             if status in ("succeeded", "failed", "cancelled", "expired"):
                 done.append(envelope.delivery)  # finished before: a redelivered duplicate
-            elif attempts >= self.max_attempts:
+            elif deaths_alone >= self.max_attempts:
                 lost.append(envelope)
             else:
                 arrivals.append(Arrival(envelope, suspect=attempts > 0))
@@ -354,7 +374,7 @@ class Link:
             log.error("request_worker_lost", worker=self.name, request_id=envelope.id,
                       job_id=envelope.job_id, attempts=self.max_attempts)
             self._fail(envelope, "worker_lost",
-                       f"{self.max_attempts} workers stopped while running this request")
+                       f"{self.max_attempts} workers stopped while running this request alone")
         with self._lock:
             for a in arrivals:
                 self._held[a.envelope.id] = (a.envelope.delivery, a.envelope.priority)
@@ -426,6 +446,12 @@ class Link:
 
     def _stalled(self, now: float) -> bool:
         return self.busy and now - self.progress_at > self.stall_timeout_s
+
+    def _guard(self) -> None:
+        """Watchdog thread, apart from the I/O it watches (a Redis call stuck on a half-open
+        connection cannot hold it up): exit when the loop stalls or the link is stuck."""
+        while not self._stop.wait(0.5):
+            self._watchdog(time.monotonic())
 
     def _watchdog(self, now: float) -> None:
         if self._stalled(now):

@@ -10,10 +10,11 @@ Keys (all expire after ``GENQ_RESULT_TTL_S``):
 (hash) · ``genq:job:<jid>:ids`` submission order (list) · ``genq:job:<jid>:done`` and
 ``:running`` (sets) · ``genq:rjobs:<id>`` other jobs a request belongs to (idempotency keys) ·
 ``genq:idem:<scope>:<key>`` idempotency claims · ``genq:attempts:<id>`` how many times a
-worker started it · ``genq:owner:<id>`` who submitted it · ``genq:pending:<owner>`` how many of
-an owner's requests are not final (the per-key quota) · ``genq:jobs:open`` jobs still being
-submitted, by last sign of life (the reaper's index) · ``genq:hook:<id>`` a request's webhook URL
-· ``genq:events`` webhook events for ``genq notifier`` (see ``worker.queue.webhooks``) ·
+worker started it · ``genq:starts:<id>`` each start's token and whether it ran alone ·
+``genq:owner:<id>`` who submitted it · ``genq:pending:<owner>`` how many of an owner's
+requests are not final (the per-key quota) · ``genq:jobs:open`` jobs still being submitted, by
+last sign of life (the reaper's index) · ``genq:hook:<id>`` a request's webhook URL ·
+``genq:events`` webhook events for ``genq notifier`` (see ``worker.queue.webhooks``) ·
 ``genq:worker:<name>`` and the hash ``genq:workers`` heartbeats.
 """
 
@@ -100,15 +101,26 @@ else
 end
 return 1
 """
-# KEYS: result, attempts. ARGV: running json, ttl, job id or '', request id.
-# Returns the attempt number (1 for the first start), or 0 if the request is already final.
+# KEYS: result, attempts, starts. ARGV: running json, ttl, job id or '', request id, start
+# token, 1 if it runs alone else 0. Returns the attempt number (1 for the first start), or 0 if
+# the request is already final. Idempotent: a start is counted once per token, so a retried
+# write counts nothing twice.
 START = _IS_FINAL + """
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[3] ~= '' then redis.call('SADD', 'genq:job:' .. ARGV[3] .. ':running', ARGV[4]) end
-local n = redis.call('INCR', KEYS[2])
+if redis.call('HSETNX', KEYS[3], ARGV[5], ARGV[6]) == 1 then redis.call('INCR', KEYS[2]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return n
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return tonumber(redis.call('GET', KEYS[2]))
+"""
+# KEYS: attempts, starts. ARGV: start token. A start handed back unfinished by a worker that
+# stops on purpose (warm shutdown): it never counts. Idempotent.
+UNSTART = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
+  if redis.call('DECR', KEYS[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+end
+return 1
 """
 # KEYS: result. ARGV: running json with the text so far, ttl. Never overwrites a final state.
 PROGRESS = _IS_FINAL + """
@@ -157,6 +169,10 @@ def attempts_key(request_id: str) -> str:
     return f"genq:attempts:{request_id}"
 
 
+def starts_key(request_id: str) -> str:
+    return f"genq:starts:{request_id}"
+
+
 def owner_key(request_id: str) -> str:
     return f"genq:owner:{request_id}"
 
@@ -173,11 +189,11 @@ class ResultStore:
     """Reads and writes results, jobs and flags; safe to share between threads."""
 
     def __init__(self, url: str, ttl_s: int, settings: Settings | None = None):
-        self.redis = connect(url, settings, decode_responses=True, health_check_interval=10,
-                             retry_on_timeout=True)
+        self.redis = connect(url, settings, decode_responses=True, retry_on_timeout=True)
         self.ttl = ttl_s
         self._finish = self.redis.register_script(FINISH)
         self._start = self.redis.register_script(START)
+        self._unstart = self.redis.register_script(UNSTART)
         self._progress = self.redis.register_script(PROGRESS)
         self._link = self.redis.register_script(LINK)
         self._reserve = self.redis.register_script(RESERVE)
@@ -284,39 +300,54 @@ class ResultStore:
 
     # -- workers ----------------------------------------------------------------------
 
-    def start(self, records: list[dict[str, Any]], pipe=None) -> list[int] | None:
-        """Mark requests running and count the attempt; per request its attempt number, or 0
-        if it is already final (a redelivered duplicate). With ``pipe``: queued on it."""
+    def start(self, records: list[dict[str, Any]], tokens: list[str], alone: list[bool],
+              pipe=None) -> list[int] | None:
+        """Mark requests running and count the attempt once per start token (``alone``: it
+        runs with no other row, so a worker death now is evidence against it); per request
+        its attempt number, or 0 if it is already final (a redelivered duplicate). With
+        ``pipe``: queued on it."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        for rec in records:
-            self._start(keys=[result_key(rec["id"]), attempts_key(rec["id"])],
-                        args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"]],
-                        client=pipe)
+        for rec, token, solo in zip(records, tokens, alone, strict=True):
+            self._start(keys=[result_key(rec["id"]), attempts_key(rec["id"]),
+                              starts_key(rec["id"])],
+                        args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"], token,
+                              int(solo)], client=pipe)
         for job_id in {rec["job_id"] for rec in records if rec.get("job_id")}:
             pipe.expire(f"{job_key(job_id)}:running", self.ttl)
         return [int(x) for x in pipe.execute()[:len(records)]] if own else None
+
+    def unstart(self, starts: list[tuple[str, str]], pipe) -> None:
+        """Queue on ``pipe``: these (request id, start token) starts never count (the worker
+        hands the requests back on purpose)."""
+        for request_id, token in starts:
+            self._unstart(keys=[attempts_key(request_id), starts_key(request_id)], args=[token],
+                          client=pipe)
 
     def progress(self, records: list[dict[str, Any]], pipe) -> None:
         """Queue on ``pipe`` running records with the text so far (never over a final one)."""
         for rec in records:
             self._progress(keys=[result_key(rec["id"])], args=[_dumps(rec), self.ttl], client=pipe)
 
-    def admission_state(self, ids: list[str]) -> list[tuple[str | None, int]]:
-        """Per request: its stored status (None if unknown) and how many workers started it."""
+    def admission_state(self, ids: list[str]) -> list[tuple[str | None, int, int]]:
+        """Per request: its stored status (None if unknown), how many times a worker started
+        it, and how many of those starts ran it alone (unfinished starts of a request that is
+        not final: its worker died while it ran alone)."""
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         pipe.mget([result_key(i) for i in ids])
         pipe.mget([attempts_key(i) for i in ids])
-        records, attempts = pipe.execute()
+        for i in ids:
+            pipe.hvals(starts_key(i))
+        records, attempts, *starts = pipe.execute()
         out = []
-        for raw, n in zip(records, attempts, strict=True):
+        for raw, n, modes in zip(records, attempts, starts, strict=True):
             try:
                 status = json.loads(raw).get("status") if raw else None
             except ValueError:
                 status = None
-            out.append((status, int(n or 0)))
+            out.append((status, int(n or 0), sum(m == "1" for m in modes)))
         return out
 
     def finish(self, results: list[dict[str, Any]], pipe=None) -> list[bool] | None:
