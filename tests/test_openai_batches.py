@@ -4,6 +4,10 @@ gateway (uvicorn), a real Redis and real workers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -94,11 +98,11 @@ def test_batch_output_equals_the_engine_in_input_order(surface, start_worker, de
     created = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
                                    completion_window="24h", metadata={"run": "eq"})
     assert created.object == "batch" and created.id.startswith("batch_")
-    assert created.status in ("validating", "in_progress") and created.metadata == {"run": "eq"}
-    assert created.request_counts.total == 4 and created.expires_at == created.created_at + 86400
+    assert created.status == "validating" and created.metadata == {"run": "eq"}
+    assert created.expires_at == created.created_at + 86400
     done = s.wait(created.id)
     assert done.status == "completed", done
-    assert done.request_counts.completed == 4 and done.request_counts.failed == 0
+    assert done.request_counts.model_dump() == {"total": 4, "completed": 4, "failed": 0}
     assert done.error_file_id is None and done.completed_at >= done.finalizing_at >= done.created_at
     assert done.usage.output_tokens > 0 and done.model
     out = s.lines(done.output_file_id)
@@ -115,32 +119,33 @@ def test_batch_output_equals_the_engine_in_input_order(surface, start_worker, de
         assert s.oai.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
-def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
+def test_file_level_faults_fail_the_batch_and_queue_nothing(surface, redis_url):
+    """Only a fault of the file (not JSON, no or a duplicate ``custom_id``, another ``url`` or
+    ``method``) fails a batch; its errors name every such line and no other."""
     s = surface()
     lines = [
         chat_line("ok-1", "fine"),                                            # 1
         "this is not json",                                                   # 2
         {**chat_line("url", "x"), "url": "/v1/embeddings"},                   # 3
         chat_line("ok-1", "duplicate custom_id"),                             # 4
-        chat_line("temp", "x", temperature=-1),                               # 5
+        chat_line("temp", "x", temperature=-1),                               # 5: a bad body
         {"method": "POST", "url": CHAT, "body": {"messages": []}},            # 6: no custom_id
         "",                                                                   # 7: blank, skipped
-        chat_line("n", "x", n=17),                                            # 8
+        {**chat_line("get", "x"), "method": "GET"},                           # 8
         chat_line("ok-2", "fine too"),                                        # 9
-        chat_line("model", "x", model="gpt-4o"),                              # 10
+        chat_line("model", "x", model="gpt-4o"),                              # 10: a bad body
     ]
-    batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
-                                 completion_window="24h")
+    created = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
+                                   completion_window="24h")
+    assert created.status == "validating"
+    batch = s.wait(created.id, timeout=30)
     assert batch.status == "failed" and batch.failed_at and batch.errors.object == "list"
     by_line = {e.line: e for e in batch.errors.data}
-    assert sorted(by_line) == [2, 3, 4, 5, 6, 8, 10], batch.errors
+    assert sorted(by_line) == [2, 3, 4, 6, 8], batch.errors
     assert by_line[2].code == "invalid_json_line"
     assert by_line[3].code == "invalid_url" and by_line[3].param == "url"
     assert by_line[4].code == "duplicate_custom_id"
-    assert "temperature" in by_line[5].message and by_line[5].param == "body.temperature"
-    assert by_line[6].param == "custom_id"
-    assert by_line[8].param == "body.n" and "16" in by_line[8].message
-    assert by_line[10].code == "model_not_found" and by_line[10].param == "body.model"
+    assert by_line[6].param == "custom_id" and by_line[8].param == "method"
     assert s.oai.batches.retrieve(batch.id).status == "failed"
     r = redis.Redis.from_url(redis_url)
     assert not r.keys("genq:job:*") and not r.keys("genq:r:*")  # nothing queued
@@ -148,6 +153,7 @@ def test_bad_lines_fail_the_batch_and_queue_nothing(surface, redis_url):
 
     empty = s.oai.batches.create(input_file_id=s.upload([""]), endpoint=CHAT,
                                  completion_window="24h")
+    empty = s.wait(empty.id, timeout=30)
     assert empty.status == "failed" and empty.errors.data[0].code == "empty_file"
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         s.oai.batches.create(input_file_id=s.upload([chat_line("a", "b")]), endpoint=CHAT,
@@ -172,7 +178,7 @@ def test_short_window_expires_queued_requests(surface):
     batch = s.oai.batches.create(input_file_id=s.upload([chat_line("a", "x"), chat_line("b", "y")]),
                                  endpoint=CHAT, completion_window="1s")
     # on a loaded machine the create call itself can outlast a 1 s window
-    assert batch.status in ("in_progress", "expired") and batch.expires_at == batch.created_at + 1
+    assert batch.status == "validating" and batch.expires_at == batch.created_at + 1
     done = s.wait(batch.id, timeout=30)
     assert done.status == "expired" and done.expired_at and done.output_file_id is None
     assert done.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
@@ -236,14 +242,14 @@ def test_worker_failures_go_to_the_error_file_and_finalize_once(surface, start_w
     # worker's to check, and it fails there
     batch = s.oai.batches.create(input_file_id=s.upload(lines), endpoint=CHAT,
                                  completion_window="24h")
-    assert batch.status == "in_progress"
+    assert s.wait(batch.id, until=("in_progress",)).request_counts.total == 3
     completions = None
     if serves_completions():
         completions = s.oai.batches.create(input_file_id=s.upload([
             {"custom_id": "p1", "method": "POST", "url": "/v1/completions",
              "body": {"model": "demo", "prompt": "Once upon", "max_tokens": 4, "temperature": 0}}]),
             endpoint="/v1/completions", completion_window="24h")
-        assert completions.status == "in_progress", completions.errors
+        assert s.wait(completions.id, until=("in_progress",)).status == "in_progress"
     start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_PROMPT_TOKENS="64", GENQ_SELF_CHECK="off")
     deadline = time.monotonic() + 60
     job_done = False
@@ -268,9 +274,11 @@ def test_worker_failures_go_to_the_error_file_and_finalize_once(surface, start_w
     assert done.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
     out, errs = s.lines(done.output_file_id), s.lines(done.error_file_id)
     assert [o["custom_id"] for o in out] == ["short-1", "short-2"]
-    assert errs == [{"id": errs[0]["id"], "custom_id": "long", "response": None,
-                     "error": {"code": "prompt_too_long", "message": errs[0]["error"]["message"]}}]
-    assert errs[0]["id"].startswith("batch_req_")
+    rid = errs[0]["response"]["request_id"]  # the worker refused it: the endpoint's 400
+    assert errs == [{"id": f"batch_req_{rid}", "custom_id": "long", "error": None, "response": {
+        "status_code": 400, "request_id": rid, "body": {"error": {
+            "message": errs[0]["response"]["body"]["error"]["message"],
+            "type": "invalid_request_error", "param": None, "code": "prompt_too_long"}}}}]
     if completions is not None:
         done = s.wait(completions.id)
         assert done.status == "completed" and done.endpoint == "/v1/completions"
@@ -331,3 +339,233 @@ def test_cancel_and_expiry_mid_run_keep_partial_results(surface, start_worker, t
     assert "e-quick" in [o["custom_id"] for o in out]
     assert len(out) + len(errs) == 4 and {e["error"]["code"] for e in errs} == {"batch_expired"}
     assert done.request_counts.failed == len(errs) >= 1
+
+
+@pytest.mark.slow
+def test_a_bad_body_answers_alone_and_each_line_is_read_and_tokenized_once(
+        surface, start_worker, tiny_model_dir, monkeypatch):
+    """The create call answers ``validating`` at once; a body genqueue cannot run is that
+    line's own HTTP answer in the error file (OpenAI's shape: 400, or 404 for an unknown
+    model), counted as failed, and the other lines run. The input file is opened once and
+    each runnable line's prompt tokenized once."""
+    from worker.compat.storage import FileStore as Store
+    from worker.tokencount import PromptCounter
+
+    s = surface()
+    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_PROMPT_TOKENS="64", GENQ_SELF_CHECK="off",
+                 GENQ_MAX_NEW_TOKENS_LIMIT="16")
+    opened, counted = [], []
+    real_open, real_count = Store.open, PromptCounter.count
+    monkeypatch.setattr(Store, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
+    monkeypatch.setattr(PromptCounter, "count", lambda self, r: counted.append(1) or real_count(self, r))
+    bad_messages = chat_line("messages", "x", model=None)
+    bad_messages["body"]["messages"] = "not a list"
+    lines = [chat_line("a", "hello", model=None), bad_messages,
+             chat_line("temp", "x", model=None, temperature=-1),
+             chat_line("b", "bye", max_tokens=None, model=None),  # OpenAI's: what fits
+             chat_line("model", "x", model="gpt-4o"), chat_line("long", "word " * 200, model=None),
+             chat_line("c", "again", model=None)]
+    file_id = s.upload(lines)
+    started = time.monotonic()
+    created = s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    answered_s = time.monotonic() - started
+    assert created.status == "validating" and created.request_counts.total == 0, created
+    done = s.wait(created.id)
+    assert done.status == "completed" and done.errors is None, done
+    assert done.request_counts.model_dump() == {"total": 7, "completed": 3, "failed": 4}, \
+        s.lines(done.error_file_id)
+    assert len(opened) == 1 and len(counted) == 4  # a, b, long, c: each once
+    assert [o["custom_id"] for o in s.lines(done.output_file_id)] == ["a", "b", "c"]
+    errs = s.lines(done.error_file_id)
+    assert [(e["custom_id"], e["error"], e["response"]["status_code"]) for e in errs] == [
+        ("messages", None, 400), ("temp", None, 400), ("model", None, 404), ("long", None, 400)]
+    for e in errs:
+        assert e["id"] == f"batch_req_{e['response']['request_id']}"
+        assert set(e["response"]["body"]["error"]) == {"message", "type", "param", "code"}
+    body = {e["custom_id"]: e["response"]["body"]["error"] for e in errs}
+    assert body["messages"]["param"] == "body.messages" and body["messages"]["type"] == \
+        "invalid_request_error" and body["messages"]["code"] == "invalid_request"
+    assert body["temp"]["param"] == "body.temperature"
+    assert body["model"]["code"] == "model_not_found" and body["model"]["type"] == "not_found_error"
+    assert body["long"]["code"] == "prompt_too_long" and "64" in body["long"]["message"]
+    print(f"create answered in {answered_s * 1000:.0f} ms")
+
+
+class TimeoutOnce(httpx.BaseTransport):
+    """Sends each request, but answers the first ``POST /v1/batches`` with a read timeout
+    after the gateway handled it: the SDK then retries a call that did happen."""
+
+    def __init__(self):
+        self.inner, self.tripped = httpx.HTTPTransport(), False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/batches" and not self.tripped:
+            self.tripped = True
+            response.read()
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        return response
+
+
+def test_an_sdk_retry_with_the_same_idempotency_key_makes_one_batch(surface):
+    s = surface()
+    file_id = s.upload([chat_line("a", "x")])
+    transport = TimeoutOnce()
+    retrying = openai.OpenAI(base_url=s.oai.base_url, api_key="x", max_retries=2,
+                             http_client=httpx.Client(transport=transport))
+    key = {"Idempotency-Key": "nightly-2026-01-01"}
+    batch = retrying.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                                    extra_headers=key)
+    assert transport.tripped and [b.id for b in s.oai.batches.list()] == [batch.id]
+    again = s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                                 extra_headers=key)
+    assert again.id == batch.id and len(s.oai.batches.list().data) == 1
+    with pytest.raises(openai.ConflictError, match="Idempotency-Key"):
+        s.oai.batches.create(input_file_id=s.upload([chat_line("b", "y")]), endpoint=CHAT,
+                             completion_window="24h", extra_headers=key)
+    # the key of metadata, for a caller who cannot set headers; no key: a new batch each time
+    meta = {"idempotency_key": "m1"}
+    first = s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                                 metadata=meta)
+    assert s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                                metadata=meta).id == first.id
+    fresh = s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    assert len({batch.id, first.id, fresh.id}) == 3
+    for b in (batch, first, fresh):
+        assert s.wait(b.id, until=("in_progress",)).request_counts.total == 1
+
+
+def test_finalization_lease_outlives_a_slow_upload(surface, monkeypatch):
+    """The finalizer's lease is renewed by its holder while the error file uploads (here for
+    longer than the lease's TTL): reads meanwhile answer ``finalizing`` and the files are
+    written once."""
+    from worker.compat import batches as module
+
+    monkeypatch.setattr(module, "LOCK_S", 1)
+    uploads = []
+    real_create = FileStore.create
+
+    def slow_create(self, chunks, filename, purpose, owner=None):
+        if purpose == "batch_output":
+            uploads.append(filename)
+            time.sleep(2.5)  # 2.5 TTLs
+        return real_create(self, chunks, filename, purpose, owner)
+
+    monkeypatch.setattr(FileStore, "create", slow_create)
+    s = surface()
+    batch = s.oai.batches.create(input_file_id=s.upload([chat_line("a", "x"), chat_line("b", "y")]),
+                                 endpoint=CHAT, completion_window="24h")
+    s.wait(batch.id, until=("in_progress",))
+    assert s.oai.batches.cancel(batch.id).status == "cancelling"  # no worker: all end now
+    first = threading.Thread(target=s.oai.batches.retrieve, args=(batch.id,))
+    first.start()
+    while not uploads:
+        time.sleep(0.01)
+    seen = []
+    while first.is_alive():
+        seen.append(s.oai.batches.retrieve(batch.id).status)
+        time.sleep(0.2)
+    first.join()
+    assert len(seen) >= 5 and set(seen) <= {"finalizing", "cancelled"}, seen
+    done = s.wait(batch.id)
+    assert done.status == "cancelled" and uploads == [f"{batch.id}_error.jsonl"]
+
+
+def test_a_lease_is_renewed_and_freed_by_its_holder_only(redis_url):
+    from worker.compat.lease import Lease
+
+    r = redis.Redis.from_url(redis_url)
+    mine = Lease(r, "genq:test:lease", 0.6)
+    assert mine.acquire() and not Lease(r, "genq:test:lease", 0.6).acquire()
+    time.sleep(1.0)  # past the TTL: renewed
+    assert mine.held()
+    r.set("genq:test:lease", "someone-else", px=600)  # lost (say, a long pause), then taken
+    time.sleep(0.5)
+    assert not mine.held() and r.get("genq:test:lease") == b"someone-else"
+    mine.release()  # frees nothing of theirs
+    assert r.get("genq:test:lease") == b"someone-else"
+
+
+@pytest.mark.slow
+def test_a_gateway_killed_mid_submission_leaves_a_batch_another_finishes(
+        surface, start_worker, tiny_model_dir, redis_url, tmp_path):
+    """SIGKILL the gateway while it queues a batch: the batch stays ``validating`` until its
+    submission lease lapses, then the next read (another gateway) resumes it. Every line is
+    queued under one id and answered exactly once, and no request runs twice."""
+    from worker.compat.batchsubmit import CHUNK, SEND, progress_key, request_id
+    from worker.queue.app import BULK_QUEUE, pending_by_queue
+    from worker.stack import free_port
+
+    n = 3 * CHUNK
+    port = free_port()
+    env = {**os.environ, "GENQ_BROKER_URL": redis_url, "GENQ_FILES_URL": str(tmp_path / "files")}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "api", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if http.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        first = Surface(http, tmp_path / "files")
+        lines = [chat_line(f"r{i}", f"count {i}", max_tokens=1, model=None) for i in range(n)]
+        batch = first.oai.batches.create(input_file_id=first.upload(lines), endpoint=CHAT,
+                                         completion_window="24h")
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        while not int(r.hget(progress_key(batch.id), "queued") or 0):
+            assert time.monotonic() < deadline
+        os.kill(proc.pid, signal.SIGSTOP)  # freeze it where it is, look, then kill it
+        queued = int(r.hget(progress_key(batch.id), "queued"))
+        record = json.loads(r.get(f"genq:batch:{batch.id}"))
+        assert record["status"] == "validating" and queued < 3, (record["status"], queued)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_at = time.monotonic()
+
+    s = surface()  # another gateway on the same Redis and files
+    resumed = s.wait(batch.id, until=("in_progress",), timeout=60)
+    assert resumed.request_counts.total == n
+    ids = r.lrange(f"genq:job:{record['job_id']}:ids", 0, -1)
+    assert ids == [request_id(batch.id, number) for number in range(1, n + 1)]
+    waiting = pending_by_queue(redis.Redis.from_url(redis_url))[BULK_QUEUE]
+    assert n <= waiting <= n + SEND  # at most one part published twice, under the same ids
+    print(f"killed after {queued} of 3 chunks, resumed {time.monotonic() - killed_at:.1f}s "
+          f"later; {waiting - n} messages published twice")
+
+    start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_SELF_CHECK="off", GENQ_MAX_BATCH_SIZE="64")
+    done = s.wait(batch.id, timeout=600)
+    assert done.status == "completed" and done.request_counts.completed == n, done
+    assert [o["custom_id"] for o in s.lines(done.output_file_id)] == [f"r{i}" for i in range(n)]
+    attempts = r.mget([f"genq:attempts:{rid}" for rid in ids])
+    assert all(a == "1" for a in attempts), [a for a in attempts if a != "1"][:5]
+    print(f"{n} lines answered {time.monotonic() - killed_at:.1f}s after the kill")
+
+
+def test_a_batch_cancelled_while_validating_runs_nothing(surface, redis_url):
+    """A cancel that comes while the file is still being read and queued: the submitter
+    queues nothing more to run and cancels what it queued; no request is left open."""
+    s = surface()
+    n = 1200
+    file_id = s.upload([chat_line(f"r{i}", f"count {i}", model=None) for i in range(n)])
+    batch = s.oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    cancelling = s.oai.batches.cancel(batch.id)
+    assert (batch.status, cancelling.status) == ("validating", "cancelling")
+    done = s.wait(batch.id, timeout=60)
+    assert done.status == "cancelled" and done.cancelled_at and done.output_file_id is None
+    counts = done.request_counts
+    assert counts.completed == 0 and counts.failed == counts.total in (0, n), counts
+    print(f"cancelled with {counts.total} of {n} lines queued")
+    if counts.total:  # it had begun queueing: every line ended cancelled
+        assert [e["error"]["code"] for e in s.lines(done.error_file_id)] == ["batch_cancelled"] * n
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    records = [json.loads(r.get(k)) for k in r.scan_iter("genq:r:*")]
+    assert len(records) == counts.total and all(x["status"] == "cancelled" for x in records)

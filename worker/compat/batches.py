@@ -1,64 +1,70 @@
 """OpenAI's Batch API (``/v1/batches``) over genqueue's bulk jobs, driven unchanged by the SDKs.
 
-``POST /v1/batches`` reads the caller's input file (uploaded with purpose ``batch``), checks
-every line (an OpenAI Batch line: ``custom_id`` unique in the file, ``method`` POST, ``url``
-the batch's ``endpoint``, a ``body`` genqueue can run, translated as the synchronous routes
-translate theirs: OpenAI's defaults, ``model`` the base model or an adapter), and queues it
-all as one bulk job of the caller's. A file with bad lines makes a ``failed`` batch whose
-``errors`` name each line (from 1) and nothing is queued. Each request carries the
-completion window as its deadline (``expires_in_s``): ``24h``, OpenAI's only value, or a
-shorter ``<n>s|m|h|d`` (a genqueue extension).
+``POST /v1/batches`` checks the call (the input file is the caller's, purpose ``batch``; the
+window; the metadata), saves the batch as ``validating`` and answers at once; the file is then
+read, checked and queued in the background as one bulk job of the caller's
+(``worker.compat.batchsubmit``: resumable by any gateway, each line queued once). Lines are
+OpenAI Batch lines (``custom_id`` unique in the file, ``method`` POST, ``url`` the batch's
+``endpoint``), their bodies translated as the synchronous routes translate theirs
+(``worker.compat.batchlines``). A file-level fault makes a ``failed`` batch whose ``errors``
+name each line (from 1), and nothing is queued; a body genqueue cannot run answers that line
+alone, in the error file. Each request carries the completion window as its deadline
+(``expires_in_s``): ``24h``, OpenAI's only value, or a shorter ``<n>s|m|h|d`` (a genqueue
+extension). An ``Idempotency-Key`` header (else ``metadata.idempotency_key``), per API key,
+makes a repeated create answer the batch the first one made.
 
 The batch record is ``genq:batch:<id>`` (JSON) in the result Redis, listed newest first from
 the sorted sets ``genq:batches`` (every batch) and ``genq:batches:by:<owner>``; all expire
-after ``GENQ_RESULT_TTL_S``. Its status is read from the job on every read: ``in_progress``
-while requests are open; past ``expires_at`` the rest are cancelled (``finalizing``, then
-``expired``); ``POST /v1/batches/{id}/cancel`` cancels the rest (``cancelling``, then
-``cancelled``). Once every request is final, the first read that sees it (one Redis
-``SET NX`` lock; reads meanwhile answer ``finalizing``) writes the output file (succeeded
-requests) and the error file (the others), both purpose ``batch_output``, lines in input
-order, in OpenAI's documented format::
+after ``GENQ_RESULT_TTL_S``. Once queued, its status is read from the job on every read:
+``in_progress`` while requests are open; past ``expires_at`` the rest are cancelled
+(``finalizing``, then ``expired``); ``POST /v1/batches/{id}/cancel`` cancels the rest
+(``cancelling``, then ``cancelled``). Once every request is final, the first read that sees it
+(a lease kept alive while it works, ``worker.compat.lease``; reads meanwhile answer
+``finalizing``) writes the output file (succeeded requests) and the error file (the others),
+both purpose ``batch_output``, lines in input order, in OpenAI's documented format: an HTTP
+answer in ``response`` (a bad body: 400, an unknown model: 404, OpenAI's error object as its
+body), any other failure in ``error``::
 
     {"id": "batch_req_<request id>", "custom_id": ..., "error": null,
      "response": {"status_code": 200, "request_id": <request id>, "body": <chat.completion>}}
+    {"id": "batch_req_<request id>", "custom_id": ..., "error": null,
+     "response": {"status_code": 400, "request_id": <request id>,
+                  "body": {"error": {"message", "type", "param", "code"}}}}
     {"id": "batch_req_<request id>", "custom_id": ..., "response": null,
-     "error": {"code": "prompt_too_long" | "batch_expired" | "batch_cancelled" | ..., "message": ...}}
+     "error": {"code": "batch_expired" | "batch_cancelled" | "out_of_memory" | ..., "message": ...}}
 
-``request_counts``: ``completed`` the succeeded requests, ``failed`` every other final one
-(failed, cancelled, expired).
+``request_counts``: ``completed`` the succeeded requests, ``failed`` every other final one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import WatchError
 
-from worker.batchfile import Line, from_openai, json_error, strict_json
-from worker.compat.chat import resolve_model, served
-from worker.compat.shapes import chat_completion, text_completion
-from worker.errors import IdempotencyConflict, InvalidRequest, ModelNotFound, NotFound, PromptTooLong
+from worker.compat.batchlines import fault
+from worker.compat.batchsubmit import Submitter
+from worker.compat.lease import Lease
+from worker.compat.shapes import chat_completion, error_object, text_completion
+from worker.errors import IdempotencyConflict, InvalidRequest, NotFound
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
-MAX_REQUESTS = 200_000  # genqueue's bulk-job limit (OpenAI's is 50,000)
-MAX_ERRORS = 1000  # per failed batch; a line-numbered error each
 MAX_WINDOW_S = 30 * 24 * 3600
-LOCK_S = 300  # finalization lock, refreshed while the files are written
-RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0"""  # the finalization lock, only by its holder
+LOCK_S = 30  # the finalization lease (kept alive while the files are written and uploaded)
 SPOOL_BYTES = 8 * 1024 * 1024
 WINDOW = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+HTTP_ERRORS = {"invalid_request": 400, "prompt_too_long": 400, "model_not_found": 404}
 FIELDS = ("id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window",
           "status", "output_file_id", "error_file_id", "created_at", "in_progress_at",
           "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
@@ -99,82 +105,14 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
-class Translator:
-    """OpenAI Batch lines as genqueue requests, as the synchronous routes take their bodies:
-    OpenAI's defaults (``from_openai(..., openai_defaults=True)``: temperature 1; chat writes
-    as many tokens as fit the context, legacy completions 16), ``body.model`` naming the base
-    model or an adapter, bulk priority, the completion window as the deadline. What the fleet
-    serves is read once per batch, so every pass over the file translates it alike."""
-
-    def __init__(self, view, settings, window_s: int):
-        self.settings, self.window_s = settings, window_s
-        self.bases = served(view, settings)
-        limits = [int(w["max_new_tokens_limit"]) for w in view.store.workers()
-                  if isinstance(w.get("max_new_tokens_limit"), int)]
-        self.cap = min(limits) if limits else settings.max_new_tokens_limit
-        self.counter = view.counter.get()
-
-    def __call__(self, line: dict[str, Any]) -> dict[str, Any]:
-        request = from_openai(line, openai_defaults=True)
-        model = line["body"].get("model")
-        if model is not None and not isinstance(model, str):
-            raise InvalidRequest("body.model: must be a string")
-        try:
-            adapter = resolve_model(model, self.bases)
-        except ModelNotFound as exc:
-            raise InvalidRequest(f"body.model: {exc.message}") from None
-        if adapter is not None:
-            request["adapter"] = adapter
-        if line.get("url") == ENDPOINTS[0] and "max_new_tokens" not in request:
-            request["max_new_tokens"] = self._fit(request)
-        return {**request, "priority": "bulk", "expires_in_s": self.window_s}
-
-    def _fit(self, request: dict[str, Any]) -> int:
-        """OpenAI's absent ``max_tokens``: the context left after the prompt (as the workers
-        count it; the cap alone before a worker has published its tokenizer)."""
-        if self.counter is None:
-            return self.cap
-        try:
-            prompt = self.counter.count({**request, "max_new_tokens": 1})
-        except InvalidRequest:
-            raise
-        except Exception:  # a template error: the worker reports it for this request alone
-            return self.cap
-        room = self.counter.context_length - prompt
-        if room < 1:
-            raise PromptTooLong(f"prompt has {prompt} tokens; it fills the context "
-                                f"{self.counter.context_length}")
-        return min(self.cap, room)
-
-
-def _param(message: str, body: Any = None) -> str | None:
-    """The OpenAI parameter an error message names first (``body.max_tokens`` for genqueue's
-    ``max_new_tokens``)."""
-    match = PARAM.match(message)
-    if not match:
-        return None
-    name = match.group(1)
-    if name.startswith(("body", "custom_id", "url", "method")):
-        return name
-    if name == "max_new_tokens":
-        given = body if isinstance(body, dict) else {}
-        name = "max_completion_tokens" if given.get("max_completion_tokens") is not None and \
-            given.get("max_tokens") is None else "max_tokens"
-    return f"body.{name}"
-
-
-def _error(code: str, message: str, line: int | None, param: str | None = None) -> dict:
-    return {"code": code, "message": message, "param": param, "line": line}
-
-
 class Batches:
     """Batch records in Redis and the routes' logic (``view``: the caller's client)."""
 
     def __init__(self, client, settings, files):
         self.client, self.settings, self.files = client, settings, files
         self.redis = client.store.redis
-        self._release = self.redis.register_script(RELEASE)
         self.ttl = settings.result_ttl_s
+        self.submitter = Submitter(self)
 
     # -- records ----------------------------------------------------------------------
 
@@ -188,14 +126,36 @@ class Batches:
             raise NotFound(f"No batch found with id '{batch_id[:128]}'.")
         return record
 
-    def save_new(self, record: dict[str, Any]) -> None:
+    def save_new(self, record: dict[str, Any], idem: str | None = None,
+                 fingerprint: str = "") -> dict[str, Any]:
+        """Save a new batch, indexed; with an idempotency key (``idem``) used before, save
+        nothing and return the batch it made (``IdempotencyConflict`` if that one was asked
+        with other arguments). Claim and save are one transaction."""
         score = record["created_ns"] / 1e9
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(batch_key(record["id"]), json.dumps(record), ex=self.ttl)
-        for key in {index_key(None), index_key(record.get("owner"))}:
-            pipe.zadd(key, {record["id"]: score})
-            pipe.expire(key, self.ttl)
-        pipe.execute()
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem:
+                        pipe.watch(idem)
+                        claim = json.loads(pipe.get(idem) or "null")
+                        raw = pipe.get(batch_key(claim["id"])) if claim else None
+                        if raw is not None:
+                            if claim["fp"] != fingerprint:
+                                raise IdempotencyConflict(
+                                    "Idempotency-Key: used before with other arguments")
+                            return json.loads(raw)
+                    pipe.multi()
+                    if idem:
+                        pipe.set(idem, json.dumps({"id": record["id"], "fp": fingerprint}),
+                                 ex=self.ttl)
+                    pipe.set(batch_key(record["id"]), json.dumps(record), ex=self.ttl)
+                    for key in {index_key(None), index_key(record.get("owner"))}:
+                        pipe.zadd(key, {record["id"]: score})
+                        pipe.expire(key, self.ttl)
+                    pipe.execute()
+                    return record
+                except WatchError:
+                    continue
 
     def update(self, batch_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
         """Apply ``change`` to the stored record atomically (optimistic: WATCH and retry);
@@ -222,7 +182,9 @@ class Batches:
 
     # -- creating ---------------------------------------------------------------------
 
-    def create(self, view, body: CreateBatch) -> dict[str, Any]:
+    def create(self, view, body: CreateBatch, key: str | None = None) -> dict[str, Any]:
+        """Save the batch (``validating``) and start queueing it in the background; with an
+        idempotency ``key`` used before by this API key, the batch that one made."""
         window_s = window_seconds(body.completion_window)
         if body.metadata is not None and (len(body.metadata) > 16 or any(
                 len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
@@ -232,10 +194,17 @@ class Batches:
         if info.get("purpose") != "batch":
             raise InvalidRequest(f"input_file_id: file {body.input_file_id!r} has purpose "
                                  f"{info.get('purpose')!r}, not 'batch'")
+        key = key or (body.metadata or {}).get("idempotency_key")
+        idem, fingerprint = None, ""
+        if key:
+            scope = hashlib.sha256(f"{view.owner or ''}\n{key}".encode()).hexdigest()[:32]
+            idem = f"genq:batch-idem:{scope}"
+            fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
         now_ns = time.time_ns()
         now = now_ns // 1_000_000_000
+        hex_id = uuid.uuid4().hex
         record: dict[str, Any] = {
-            "id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": body.endpoint,
+            "id": f"batch_{hex_id}", "object": "batch", "endpoint": body.endpoint,
             "model": None, "errors": None, "input_file_id": body.input_file_id,
             "completion_window": body.completion_window, "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": now,
@@ -243,127 +212,30 @@ class Batches:
             "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
             "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": body.metadata, "usage": None,
-            # internal
-            "owner": view.owner, "job_id": None, "ending": None, "created_ns": now_ns,
+            # internal: whose it is (the submitter queues as them), its job, its window
+            "owner": view.owner, "principal": {"admin": view.admin, "weight": view.weight,
+                                               "raw_tokens": view.raw_tokens},
+            "job_id": f"job-{uuid.UUID(hex_id)}", "window_s": window_s, "ending": None,
+            "created_ns": now_ns,
         }
-        translate = Translator(view, self.settings, window_s)
-        errors, total = self._check_file(view, body, translate)
-        job_id = None
-        if not errors:
-            try:
-                job_id = view.submit_stream(
-                    lambda: self._requests(view, body, translate), priority="bulk")
-            except (InvalidRequest, IdempotencyConflict) as exc:
-                errors = _submit_errors(exc)
-        if errors:
-            record.update(status="failed", failed_at=int(time.time()),
-                          errors={"object": "list", "data": errors[:MAX_ERRORS]})
-        else:
-            record.update(status="in_progress", in_progress_at=int(time.time()), job_id=job_id,
-                          request_counts={"total": total, "completed": 0, "failed": 0})
-            self.redis.hset(f"genq:job:{job_id}", "batch", record["id"])  # webhook events
-        self.save_new(record)
-        return self.refresh(record)
-
-    def _lines(self, view, file_id: str) -> Iterator[tuple[int, Any, dict | None]]:
-        """(line number, parsed line, or an error) of each non-blank line of the file."""
-        with self.files.open(file_id, view.owner, view.admin) as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield number, None, _error("invalid_json_line", "not UTF-8", number)
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    yield number, json.loads(text, parse_constant=strict_json), None
-                except json.JSONDecodeError as exc:
-                    yield number, None, _error("invalid_json_line", json_error(exc), number)
-                except RecursionError:
-                    yield number, None, _error("invalid_json_line", "JSON nested too deeply",
-                                               number)
-                except ValueError as exc:
-                    yield number, None, _error("invalid_json_line", str(exc), number)
-
-    @staticmethod
-    def _check_line(number: int, line: Any, endpoint: str, seen: set[str],
-                    translate: Translator) -> tuple[dict | None, dict | None]:
-        """(the genqueue request, None) or (None, the line's error)."""
-        if not isinstance(line, dict):
-            return None, _error("invalid_json_line", "a line must be a JSON object", number)
-        custom_id = line.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            return None, _error("missing_required_parameter",
-                                "custom_id: a non-empty string is required", number, "custom_id")
-        if custom_id in seen:
-            return None, _error("duplicate_custom_id", f"custom_id {custom_id[:64]!r} is used by "
-                                "an earlier line; custom_ids must be unique in the file",
-                                number, "custom_id")
-        seen.add(custom_id)
-        extra = set(line) - {"custom_id", "method", "url", "body"}
-        if extra:
-            return None, _error("invalid_request", f"unknown field(s): {', '.join(sorted(extra))}",
-                                number, sorted(extra)[0])
-        if line.get("method") != "POST":
-            return None, _error("invalid_request", "method: must be 'POST'", number, "method")
-        if line.get("url") != endpoint:
-            return None, _error("invalid_url", f"url: {str(line.get('url'))[:64]!r} does not "
-                                f"match the batch's endpoint {endpoint!r}", number, "url")
-        if not isinstance(line.get("body"), dict):
-            return None, _error("invalid_request", "body: must be an object", number, "body")
-        try:
-            return translate(line), None
-        except InvalidRequest as exc:
-            code = "model_not_found" if exc.message.startswith("body.model:") else exc.code
-            return None, _error(code, exc.message, number, _param(exc.message, line["body"]))
-
-    def _check_file(self, view, body: CreateBatch, translate: Translator
-                    ) -> tuple[list[dict], int]:
-        """Every line's errors (schema, limits and prompt length as ``submit`` checks them)
-        and the number of requests; keeps no request."""
-        errors: list[dict] = []
-        seen: set[str] = set()
-        total = 0
-        for number, line, error in self._lines(view, body.input_file_id):
-            if error is None:
-                request, error = self._check_line(number, line, body.endpoint, seen, translate)
-                if error is None:
-                    try:
-                        view.validate(request)
-                    except InvalidRequest as exc:
-                        error = _error(exc.code, exc.message, number,
-                                       _param(exc.message, line["body"]))
-            total += 1
-            if error is not None and len(errors) < MAX_ERRORS:
-                errors.append(error)
-        if not total:
-            errors.append(_error("empty_file", "the input file has no requests", None,
-                                 "input_file_id"))
-        elif total > MAX_REQUESTS:
-            errors.append(_error("too_many_tasks", f"{total} requests; a batch takes at most "
-                                 f"{MAX_REQUESTS}", None, "input_file_id"))
-        return errors, total
-
-    def _requests(self, view, body: CreateBatch, translate: Translator) -> Iterator[Line]:
-        """The file's requests as ``Line``s, for ``submit_stream`` (read again each time)."""
-        seen: set[str] = set()
-        for number, line, error in self._lines(view, body.input_file_id):
-            request, error = (None, error) if error else self._check_line(
-                number, line, body.endpoint, seen, translate)
-            if error is not None:
-                yield Line(number, error=error["message"])
-            else:
-                yield Line(number, request=request)
+        saved = self.save_new(record, idem, fingerprint)
+        if saved["id"] != record["id"]:
+            return self.refresh(saved)
+        self.submitter.start(record)
+        return record
 
     # -- reading ----------------------------------------------------------------------
 
     def refresh(self, record: dict[str, Any], finalize: bool = True) -> dict[str, Any]:
         """The batch as it stands now: status and counts from its job; expiry applied; the
         files written once every request is final (unless ``finalize`` is False: then it
-        reads ``finalizing``)."""
-        if record["status"] in TERMINAL or record["job_id"] is None:
+        reads ``finalizing``). A batch still ``validating`` whose submitter stopped (its
+        lease lapsed) is taken up here."""
+        if record["status"] in TERMINAL:
             return record
+        if record["status"] == "validating":
+            self.submitter.start(record)
+            return {**record, "status": "cancelling"} if record.get("ending") else record
         try:
             job = self.client.store.job(record["job_id"])
         except NotFound:  # the job's records expired before the batch's
@@ -396,10 +268,13 @@ class Batches:
             job["status"] != "validating" and counts["queued"] == 0 and counts["running"] == 0)
 
     def cancel(self, view, batch_id: str) -> dict[str, Any]:
+        """Cancel the batch: its unfinished requests (while ``validating``: its submitter
+        cancels what it queued once it is done)."""
         record = self.load(view, batch_id)
-        if record["status"] in ("failed", "completed", "expired") or record["job_id"] is None:
+        if record["status"] in ("failed", "completed", "expired"):
             raise InvalidRequest(f"Cannot cancel a batch with status '{record['status']}'.")
-        if self.refresh(record, finalize=False)["status"] == "finalizing":
+        if record["status"] != "validating" and \
+                self.refresh(record, finalize=False)["status"] == "finalizing":
             return self.refresh(record)  # every request is final (or expired): nothing to cancel
 
         def mark(cur: dict) -> dict | None:
@@ -409,7 +284,8 @@ class Batches:
 
         record = self.update(batch_id, mark)
         if record.get("ending") == "cancelled" and record["status"] not in TERMINAL:
-            self.client.cancel_job(record["job_id"])
+            if record["status"] != "validating":
+                self.client.cancel_job(record["job_id"])
             return {**self.refresh(record, finalize=False), "status": "cancelling"}
         return self.refresh(record)
 
@@ -441,11 +317,13 @@ class Batches:
     # -- finalizing -------------------------------------------------------------------
 
     def finalize(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write the output and error files once (a Redis ``SET NX`` lock; others answer
-        ``finalizing``) and end the batch: completed, expired or cancelled."""
+        """Write the output and error files once and end the batch: completed, expired or
+        cancelled. One finalizer at a time: it holds a lease (others answer ``finalizing``),
+        renewed by its token alone and kept alive through the uploads; one that lost it
+        leaves the batch to the finalizer that took it."""
         batch_id = record["id"]
-        lock, token = f"{batch_key(batch_id)}:lock", uuid.uuid4().hex
-        if not self.redis.set(lock, token, nx=True, ex=LOCK_S):
+        lease = Lease(self.redis, f"{batch_key(batch_id)}:lock", LOCK_S)
+        if not lease.acquire():
             current = self.load_any(batch_id)
             return current if current["status"] in TERMINAL else {**current, "status": "finalizing"}
         try:
@@ -454,8 +332,10 @@ class Batches:
                 or int(time.time())})
             if record["status"] in TERMINAL:
                 return record
-            written = self._write_files(record, lambda: self.redis.expire(lock, LOCK_S))
+            written = self._write_files(record)
             job = self.client.store.job(record["job_id"])
+            if not lease.held():
+                return {**self.load_any(batch_id), "status": "finalizing"}
 
             def end(cur: dict) -> dict | None:
                 if cur["status"] in TERMINAL:
@@ -466,7 +346,7 @@ class Batches:
                     else "expired" if written["expired"] else "completed")
                 errors = cur.get("errors")
                 if job["status"] == "failed" and not errors:
-                    errors = {"object": "list", "data": [_error(
+                    errors = {"object": "list", "data": [fault(
                         "batch_failed", job.get("error") or "the batch failed", None)]}
                 return {**cur, "status": status, f"{status}_at": now, "errors": errors,
                         "output_file_id": written["output_file_id"],
@@ -476,7 +356,7 @@ class Batches:
 
             return self.update(batch_id, end)
         finally:
-            self._release(keys=[lock], args=[token])
+            lease.release()
 
     def load_any(self, batch_id: str) -> dict[str, Any]:
         raw = self.redis.get(batch_key(batch_id))
@@ -484,7 +364,7 @@ class Batches:
             raise NotFound(f"No batch found with id '{batch_id}'.")
         return json.loads(raw)
 
-    def _write_files(self, record: dict[str, Any], keep_lock: Callable[[], Any]) -> dict:
+    def _write_files(self, record: dict[str, Any]) -> dict:
         """One pass over the job's results, in input order, into the two files."""
         shape = chat_completion if record["endpoint"] == "/v1/chat/completions" else text_completion
         expiring = record.get("ending") == "expired"
@@ -494,13 +374,15 @@ class Batches:
         model, expired = None, 0
         now = int(time.time())
         try:
-            for n, res in enumerate(self.client.job_results(record["job_id"])):
-                if n % 1000 == 999:
-                    keep_lock()
+            for res in self.client.job_results(record["job_id"]):
                 rid = res["id"]
                 line: dict[str, Any] = {"id": f"batch_req_{rid}", "custom_id": res.get("custom_id")}
                 counts["total"] += 1
-                if res["status"] == "succeeded":
+                if res["status"] == "failed" and (res.get("error") or {}).get("code") in HTTP_ERRORS:
+                    line.update(response=_refused(res), error=None)
+                    counts["failed"] += 1
+                    out = outputs[1]
+                elif res["status"] == "succeeded":
                     model = model or res.get("model")
                     body = shape(res, res.get("model") or self.settings.model, created=now)
                     line.update(response={"status_code": 200, "request_id": rid, "body": body},
@@ -551,16 +433,14 @@ def _counts(counts: dict[str, int]) -> dict[str, int]:
             "failed": counts["failed"] + counts["cancelled"] + counts["expired"]}
 
 
-def _submit_errors(exc: InvalidRequest | IdempotencyConflict) -> list[dict]:
-    """A batch's errors from ``submit_stream``'s refusal ("N bad request(s): line 2: ...;
-    line 5: ..."): one per line where the message names it."""
-    _, _, listed = exc.message.partition(": ")
-    parts = re.split(r"(?:^|; )line (\d+): ", listed)
-    if len(parts) < 3:
-        return [_error(exc.code, exc.message, None, _param(exc.message))]
-    return [_error(exc.code, parts[i + 1].removesuffix(")").strip(), int(parts[i]),
-                   _param(parts[i + 1]))
-            for i in range(1, len(parts) - 1, 2)]
+def _refused(res: dict[str, Any]) -> dict[str, Any]:
+    """The HTTP answer to a request the endpoint would have refused (a bad body: 400, an
+    unknown model: 404), OpenAI's error object as its body."""
+    err = res["error"]
+    status = HTTP_ERRORS[err["code"]]
+    return {"status_code": status, "request_id": res["id"],
+            "body": error_object(status, err.get("message") or "invalid request", err["code"],
+                                 err.get("param"))}
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -575,8 +455,11 @@ def router(client, settings, files) -> APIRouter:
 
     @api.post("/v1/batches")
     def create_batch(body: CreateBatch, request: Request) -> dict:
-        """Create a batch from an uploaded file of OpenAI Batch lines (purpose ``batch``)."""
-        return public(batches.create(request.state.client, body))
+        """Create a batch from an uploaded file of OpenAI Batch lines (purpose ``batch``): it
+        answers ``validating`` at once and queues in the background. A repeat with the same
+        ``Idempotency-Key`` header answers the batch the first call made."""
+        return public(batches.create(request.state.client, body,
+                                     request.headers.get("idempotency-key")))
 
     @api.get("/v1/batches")
     def list_batches(request: Request, after: str | None = Query(None, max_length=128),
