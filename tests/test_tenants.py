@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from worker.errors import IdempotencyConflict, InvalidRequest, NotFound, QueueFull
+from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped, NotFound, QueueFull
 from worker.ops.keys import KeyRing, key_id
 from worker.ops.settings import Settings
 from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, transport_options
@@ -218,3 +218,28 @@ def test_unknown_adapters_and_limits_come_from_the_workers(client):
     assert client.validate({"prompt": "x", "adapter": "pirate", "max_new_tokens": 64})
     with pytest.raises(InvalidRequest, match="above the limit 64"):
         client.validate({"prompt": "x", "max_new_tokens": 65})
+
+
+def test_a_slow_submitter_whose_job_was_reaped_stops_and_the_job_ends(client):
+    """The reaper fails a job whose submitter looked dead, but the submitter was only slow:
+    its next chunk finds the job reaped, cancels what it just wrote and raises; the job
+    stays ``failed`` (never back to ``queued``), no count goes negative, ``wait_job`` returns
+    and the owner's quota is whole again."""
+    a = client.as_owner("team-slow")
+    passes = []
+
+    def source():
+        passes.append(1)
+        for i in range(6):
+            if len(passes) == 2 and i == 2:  # enqueueing, between chunks 1 and 2
+                a.store.reap(stale_s=0)
+            yield {"prompt": f"slow {i}", "max_new_tokens": 2}
+
+    with pytest.raises(JobReaped, match="GENQ_JOB_SUBMIT_TIMEOUT_S") as caught:
+        a.submit_stream(source, chunk=2)
+    info = a.wait_job(caught.value.job_id, timeout=5)
+    assert info["status"] == "failed"
+    assert all(v >= 0 for v in info["counts"].values())
+    assert a.store.pending("team-slow") == 0
+    records = [r for k in a.store.redis.keys("genq:r:*") if (r := a.store.get(k[7:]))]
+    assert records and all(r["status"] == "cancelled" for r in records)

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from worker.batchfile import Line, from_openai, is_batch_line
-from worker.errors import IdempotencyConflict, InvalidRequest, NotFound, QueueFull
+from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped, NotFound, QueueFull
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import (
@@ -247,7 +247,12 @@ class GenerationClient:
             fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
             self.store.record_queued(fresh, job_id=job_id, pipe=pipe, owner=self.owner)
             self.store.touch_job(job_id, pipe)
-            pipe.execute()
+            if pipe.execute()[-1] is None:  # reaped meanwhile: this submitter was too slow
+                self.store.cancel([rid for rid, _ in fresh])
+                self._unreserve(len(checked) - len(fresh))
+                raise JobReaped(f"job {job_id} failed: its submitter queued nothing for "
+                                f"GENQ_JOB_SUBMIT_TIMEOUT_S={self.settings.job_submit_timeout_s}",
+                                job_id)
             # requests submitted before with the same key join this job instead of running again
             self.store.link([twin for twin in earlier if twin is not None], job_id)
             self._unreserve(len(checked) - len(fresh))

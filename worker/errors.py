@@ -43,6 +43,15 @@ class QueueFull(GenqError):
         self.retry_after_s = retry_after_s
 
 
+class JobReaped(GenqError):
+    """A job's submitter showed no life for ``GENQ_JOB_SUBMIT_TIMEOUT_S`` while queueing: the
+    job was failed and what it had queued cancelled."""
+
+    def __init__(self, message: str, job_id: str):
+        super().__init__(message)
+        self.job_id = job_id
+
+
 class NotFound(GenqError, KeyError):
     """No request or job with that id (never existed, or expired)."""
 

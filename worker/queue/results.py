@@ -129,8 +129,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 # KEYS: job, the open-jobs index. ARGV: job id. The job leaves ``validating``; a job whose
-# requests all ended already (twins of finished requests, fast workers) is notified here.
+# requests all ended already (twins of finished requests, fast workers) is notified here. A
+# job no longer validating (reaped: its submitter was too slow) is left as it is.
 SUBMITTED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'validating' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('ZREM', KEYS[2], ARGV[1])
 local f = redis.call('HMGET', KEYS[1], 'total', 'succeeded', 'failed', 'cancelled', 'expired',
@@ -251,8 +253,10 @@ class ResultStore:
         pipe.zadd(OPEN_JOBS_KEY, {job_id: now})
 
     def touch_job(self, job_id: str, pipe) -> None:
-        """The submitter is alive: keep the job from being reaped."""
+        """The submitter is alive: keep the job from being reaped. The pipe's last reply is
+        None if it was reaped already (the submitter must stop)."""
         pipe.zadd(OPEN_JOBS_KEY, {job_id: time.time()}, xx=True)
+        pipe.zscore(OPEN_JOBS_KEY, job_id)
 
     def job_submitted(self, job_id: str) -> None:
         """Every request of the job is queued: it leaves ``validating`` (and, if every request
@@ -431,8 +435,8 @@ class ResultStore:
             raise NotFound(f"no job {job_id!r} (unknown or expired)")
         counts = {k: int(fields.get(k, 0)) for k in JOB_COUNTS if k not in ("queued", "running")}
         finished = sum(counts[k] for k in FINAL)
-        counts["running"] = min(running, counts["total"] - finished)
-        counts["queued"] = counts["total"] - finished - counts["running"]
+        counts["running"] = max(0, min(running, counts["total"] - finished))
+        counts["queued"] = max(0, counts["total"] - finished - counts["running"])
         status = "completed" if finished == counts["total"] else (
             "running" if finished or counts["running"] else "queued")
         if status == "completed" and counts["cancelled"] and not counts["succeeded"]:
