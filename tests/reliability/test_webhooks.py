@@ -259,3 +259,56 @@ def test_an_ended_job_reports_the_status_it_reads(gateway, client, tmp_path):
     payload = event()
     assert client.job(job)["status"] == payload["data"]["status"] == "completed"
     assert payload["type"] == "batch.completed"
+
+
+@pytest.mark.slow
+def test_events_are_kept_while_the_notifier_is_down_and_delivered_after(
+        redis_url, start_worker, tiny_model_dir, tmp_path):
+    """The notifier stopped for 90 s (longer than any expiry it used to refresh): requests and
+    jobs that end meanwhile still create their events (global hook and own hooks), and a
+    notifier started afterwards delivers every one, once."""
+    from worker.client import GenerationClient
+    from worker.ops.settings import Settings
+
+    receiver = Receiver()
+    env = {**os.environ, "GENQ_BROKER_URL": redis_url, "GENQ_WEBHOOK_SECRET": SECRET,
+           "GENQ_WEBHOOK_URL": receiver.url + "/global", "GENQ_WEBHOOK_ALLOW_PRIVATE": "1"}
+
+    def notifier(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+        return subprocess.Popen([sys.executable, "-m", "worker.cli", "notifier", "--name",
+                                 f"{name}@test"], env=env, stdout=log, stderr=log)
+
+    r = redis.Redis.from_url(redis_url)
+    first = notifier("first")
+    deadline = time.monotonic() + 60
+    while not r.exists(GLOBAL_KEY):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    first.terminate()
+    assert first.wait(30) is not None
+    down_at = time.monotonic()
+    start_worker(GENQ_MODEL=str(tiny_model_dir))
+    client = GenerationClient(settings=Settings(broker_url=redis_url, webhook_allow_private=True))
+    time.sleep(70)  # past the 60 s expiry the notifier used to refresh
+    rid = client.submit(prompt="hello", max_new_tokens=3)
+    job = client.submit_many([{"prompt": f"p{i}", "max_new_tokens": 3} for i in range(3)],
+                             webhook_url=receiver.url + "/job")
+    client.wait(rid, timeout=60)
+    client.wait_job(job, timeout=60)
+    time.sleep(max(0.0, 90 - (time.monotonic() - down_at)))
+    assert r.llen(EVENTS_KEY) == 2 and receiver.accepted == []  # kept, not delivered yet
+    second = notifier("second")
+    try:
+        expected = {("/global", "generation.completed"), ("/global", "batch.completed"),
+                    ("/job", "batch.completed")}
+        deadline = time.monotonic() + 90
+        while {(p, t) for p, _, t in receiver.accepted} != expected:
+            assert time.monotonic() < deadline, (receiver.accepted, dict(receiver.attempts))
+            time.sleep(0.2)
+        time.sleep(2)
+    finally:
+        second.terminate()
+        second.wait(30)
+        receiver.server.shutdown()
+    assert len(receiver.accepted) == 3

@@ -45,7 +45,7 @@ log = structlog.get_logger(__name__)
 
 EVENTS_KEY = "genq:events"
 PENDING_KEY = "genq:events:pending"
-GLOBAL_KEY = "genq:webhooks:global"  # present while a notifier serves GENQ_WEBHOOK_URL
+GLOBAL_KEY = "genq:webhooks:global"  # present while GENQ_WEBHOOK_URL is configured
 WEBHOOK_QUEUE = "genq.webhooks"
 TASK = "genq.webhook"
 MAX_BACKOFF_S = 30  # under the broker's visibility timeout: a held retry is never redelivered
@@ -205,11 +205,8 @@ class Pump:
             try:
                 while self.redis.lmove(PENDING_KEY, EVENTS_KEY, "RIGHT", "RIGHT"):
                     pass  # a notifier stopped mid-event: do it again (at least once)
-                next_flag = 0.0
+                announce_global_hook(self.redis, self.settings, authority=True)
                 while not self.stop.is_set():
-                    if self.settings.webhook_url and time.monotonic() >= next_flag:
-                        self.redis.set(GLOBAL_KEY, 1, ex=60)
-                        next_flag = time.monotonic() + 20
                     raw = self.redis.blmove(EVENTS_KEY, PENDING_KEY, 1.0, "RIGHT", "LEFT")
                     if raw is not None:
                         self.publish(raw)
@@ -230,6 +227,17 @@ class Pump:
             self.app.send_task(TASK, args=[url, msg_id, body, time.time()], queue=WEBHOOK_QUEUE,
                                ignore_result=True)
         log.info("webhook_event", event_id=msg_id, type=payload["type"], targets=len(targets))
+
+
+def announce_global_hook(client, settings: Settings, authority: bool = False) -> None:
+    """Record in Redis that ``GENQ_WEBHOOK_URL`` is configured, with no expiry: the finish
+    script creates events for it whether or not a notifier runs now, and a notifier delivers
+    them once it runs. Workers and the notifier record it at start; the notifier
+    (``authority``) also removes it when it has no URL (the hook was switched off)."""
+    if settings.webhook_url:
+        client.set(GLOBAL_KEY, 1)
+    elif authority:
+        client.delete(GLOBAL_KEY)
 
 
 def run_notifier(name: str | None = None) -> int:

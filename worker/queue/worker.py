@@ -81,6 +81,7 @@ class GenerationStep(bootsteps.StartStopStep):
         from worker.engine.selfcheck import enforce
         from worker.ops.metrics import WorkerMetrics
         from worker.queue.consumer import Consumer
+        from worker.queue.webhooks import announce_global_hook
         from worker.tokencount import publish as publish_tokenizer
 
         engine = load_engine(
@@ -99,6 +100,7 @@ class GenerationStep(bootsteps.StartStopStep):
         self.consumer = Consumer(engine, settings, worker.hostname, metrics=metrics,
                                  self_check=check)
         publish_tokenizer(self.consumer.store.redis, engine, settings.result_ttl_s)
+        announce_global_hook(self.consumer.store.redis, settings)
         log.info("worker_ready", worker=worker.hostname, backend=engine.backend,
                  model=engine.model_name, dtype=engine.dtype, pad_token=engine.pad.token,
                  self_check=check)
