@@ -14,13 +14,15 @@ import itertools
 import json
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
@@ -29,6 +31,7 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from worker import overview
 from worker.batchfile import Line, read_lines, strict_json, to_request
 from worker.client import GenerationClient
 from worker.compat import batches as compat_batches
@@ -46,7 +49,9 @@ MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request (and any other body)
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one JSONL batch upload, streamed to a spool file
 MAX_JSON_LIST_BYTES = 32 * 1024 * 1024  # a JSON-list upload is parsed whole: send JSONL for more
 MAX_UPLOAD_LINES = 200_000
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/demand"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/demand", "/", "/ui"}
+OPEN_PREFIXES = ("/docs", "/openapi", "/ui/")  # the status page's files hold no data
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
 
 
@@ -171,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 request.state.client = client.as_owner(
                     principal.id, admin=principal.admin, weight=principal.weight,
                     raw_tokens=principal.raw_tokens)
-            elif path not in OPEN_PATHS and not path.startswith(("/docs", "/openapi")):
+            elif path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
                 return error_response(request, 401, "missing or invalid API key", "invalid_api_key",
                                       headers={"WWW-Authenticate": "Bearer"})
             request.state.authenticated = principal is not None
@@ -270,6 +275,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id = await run_in_threadpool(lambda: owner.submit_stream(
             lambda: _batch_lines(spool, content_type), webhook_url=webhook_url))
         return await run_in_threadpool(owner.job, job_id)
+
+    @app.get("/v1/jobs")
+    def list_jobs(request: Request, after: str | None = Query(None, max_length=128),
+                  limit: int = Query(20, ge=1, le=100)) -> dict:
+        """The caller's jobs, newest first, paged like ``/v1/batches`` (``after``: the
+        ``last_id`` of the page before); admins see every job. Each job has its status,
+        counts, ``created``, ``progress`` (0-1), ``rate`` (requests finished per second) and
+        ``eta_s``."""
+        return overview.list_jobs(request.state.client, after, limit)
+
+    @app.get("/v1/overview")
+    def get_overview(request: Request) -> dict:
+        """What the status page (``/ui``) shows: live workers, queues, the newest jobs and
+        batches, recent failures; the caller's own work (admins: everyone's)."""
+        return overview.build_overview(request.state.client)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui")
+
+    @app.get("/ui", include_in_schema=False)
+    def status_page() -> FileResponse:
+        """The status page: plain HTML and JavaScript, no build step, nothing from a CDN."""
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/v1/jobs/{job_id}", response_model=Job)
     def get_job(job_id: str, request: Request) -> dict:

@@ -23,6 +23,7 @@ from worker.batchfile import Line, from_openai, is_batch_line
 from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped, NotFound, QueueFull
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
+from worker.overview import index_job
 from worker.queue.app import (
     BULK_BELL,
     OWNER_LISTS_KEY,
@@ -238,6 +239,7 @@ class GenerationClient:
         job_id = f"job-{uuid.uuid4()}"
         pipe = self.store.redis.pipeline(transaction=False)
         self.store.create_job(job_id, total, pipe, owner=self.owner, webhook_url=webhook_url)
+        index_job(pipe, job_id, self.owner, time.time(), self.settings.result_ttl_s)  # genq jobs
         for requests in chunks:
             checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
                        for r in requests]

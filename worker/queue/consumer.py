@@ -38,6 +38,23 @@ SNAPSHOT_TOKENS = 16  # a running result's text is refreshed at least every 16 t
 SNAPSHOT_S = 0.5  # ...or every half second
 
 
+def device_label(engine) -> str:
+    """What the worker runs on, for the status page: ``cpu`` or ``cuda:<GPU index> (<name>)``."""
+    import os
+
+    device = getattr(engine, "device", None)
+    kind = getattr(device, "type", None) or str(device or "cpu")
+    if kind != "cuda":
+        return kind
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0] or "0"
+    try:
+        import torch
+
+        return f"cuda:{gpu} ({torch.cuda.get_device_name(0)})"
+    except Exception:  # noqa: BLE001 - a label only
+        return f"cuda:{gpu}"
+
+
 class Consumer:
     """Pulls requests from the genqueue queues and runs them on ``engine`` step by step."""
 
@@ -53,6 +70,7 @@ class Consumer:
         self.mode = "static" if self.loop.limits.static else "continuous"
         self.link = Link(settings, name, self.store, metrics=metrics, info={
             "model": engine.model_name, "backend": engine.backend, "scheduler": self.mode,
+            "device": device_label(engine),
             "self_check": self_check, "adapters": sorted(engine.adapters),
             "max_new_tokens_limit": engine.max_new_tokens_limit})
         self.max_rows = engine.max_batch_size
@@ -130,12 +148,13 @@ class Consumer:
         if self._gathering():
             self.link.step_ended(busy=False)
             return
-        steps = self.loop.steps
+        steps, tokens = self.loop.steps, self.loop.useful_row_steps
         self.link.step_started()
         finished = self.loop.step()
         self._finish(finished)
         self._snapshot()
-        self.link.step_ended(busy=bool(self.loop.running), steps=self.loop.steps - steps)
+        self.link.step_ended(busy=bool(self.loop.running), steps=self.loop.steps - steps,
+                             tokens=self.loop.useful_row_steps - tokens)
         if self.loop.steps == steps and not finished and self.loop.waiting:
             # nothing could move (say, waiting for KV room that only a cancel frees): no spin
             for arrival in self.link.take_arrivals(timeout=0.05):
