@@ -77,7 +77,7 @@ def test_openai_batch_upload_streams_results_in_order(gateway, start_worker):
                     b'{"prompt": "long", "max_new_tokens": 99999}\n{"prompt": "fine"}',
                     headers={"content-type": "application/jsonl"})
     assert bad.status_code == 422  # every bad line, by its line in the file; nothing queued
-    detail = bad.json()["detail"]
+    detail = bad.json()["detail"][0]["msg"]
     assert "line 2: not JSON" in detail and "line 3" in detail
     assert "line 5: max_new_tokens" in detail and "line 6" not in detail
     assert http.get("/demand").json() == before
@@ -198,4 +198,5 @@ def test_paths_no_route_matches_answer_in_the_shape_of_their_surface(gateway):
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     native = http.get("/v1/generations/a/b")
-    assert native.status_code == 404 and native.json() == {"detail": "Not Found"}
+    assert native.status_code == 404 and native.json() == {
+        "detail": [{"loc": [], "msg": "Not Found", "type": "not_found"}], "code": "not_found"}

@@ -119,7 +119,38 @@ def _too_large(limit: int, path: str = "") -> JSONResponse:
     message = f"body larger than {limit} bytes"
     if is_openai_route(path):
         return openai_error(413, message, "too_large")
-    return JSONResponse({"detail": message, "code": "too_large"}, status_code=413)
+    return JSONResponse(native_error(message, "too_large"), status_code=413)
+
+
+# a POST body without a content type (or curl -d's default form type) is read as JSON there
+JSON_BODY_ROUTES = ("/v1/generations",)
+FORM = "application/x-www-form-urlencoded"
+
+
+class JsonByDefault:
+    """ASGI middleware: ``POST /v1/generations`` takes JSON. A body sent with no content type,
+    or with curl ``-d``'s default ``application/x-www-form-urlencoded``, is read as JSON;
+    any other non-JSON type is refused with 415 naming the one to send."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope.get("method") != "POST"
+                or scope["path"].rstrip("/") not in JSON_BODY_ROUTES):
+            return await self.app(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+        given = next((v.decode("latin-1") for k, v in scope["headers"]
+                      if k.lower() == b"content-type"), "")
+        kind = given.split(";", 1)[0].strip().lower()
+        if kind in ("", FORM):
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        elif kind != "application/json" and not kind.endswith("+json"):
+            return await JSONResponse(native_error(
+                f"content-type {kind!r} is not taken here: send the request as JSON "
+                "(content-type: application/json)", "unsupported_media_type"),
+                status_code=415)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class Accepted(BaseModel):
@@ -189,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     app.add_middleware(LimitBody, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(JsonByDefault)
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, __: RecursionError):
@@ -213,6 +245,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(InvalidRequest)
     async def invalid(request: Request, exc: InvalidRequest):
+        names = getattr(request.state, "openai_names", None)
+        if names is not None:  # OpenAI's field names in OpenAI's error, with its ``param``
+            message, param = compat_chat.openai_message(exc.message, names)
+            return openai_error(422, message, exc.code, param=param)
         return error_response(request, 422, exc.message, exc.code)
 
     @app.exception_handler(QueueFull)
@@ -239,7 +275,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if is_openai_route(request.url.path):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
             return openai_error(exc.status_code, str(exc.detail), code, headers=exc.headers)
-        return await http_exception_handler(request, exc)
+        if not isinstance(exc.detail, str):
+            return await http_exception_handler(request, exc)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(native_error(exc.detail, code), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.post("/v1/generations", status_code=202, response_model=Accepted)
     def create_generation(body: GenerationRequest, request: Request) -> Accepted:
@@ -412,13 +452,38 @@ def error_response(request: Request, status: int, message: str, code: str | None
     ``{"detail", "code"}`` elsewhere."""
     if is_openai_route(request.url.path):
         return openai_error(status, message, code, headers=headers)
-    return JSONResponse({"detail": message, "code": code}, status_code=status, headers=headers)
+    return JSONResponse(native_error(message, code), status_code=status, headers=headers)
+
+
+def native_error(message: str, code: str | None) -> dict[str, Any]:
+    """genqueue's error body, one shape for every status: ``{"detail": [{"loc", "msg",
+    "type"}, ...], "code"}``, as FastAPI's validation errors; ``loc`` names the field when
+    the message starts with one (``max_new_tokens: 5000 is above the limit 2048``)."""
+    field = message.split(":", 1)[0] if ":" in message else ""
+    loc = ["body", *field.split(".")] if field.split(".")[0] in REQUEST_FIELDS else []
+    return {"detail": [{"loc": loc, "msg": message, "type": code or "error"}], "code": code}
+
+
+REQUEST_FIELDS = set(GenerationRequest.model_fields)
+# OpenAI's names given to a native route: the hint names genqueue's
+NATIVE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """Field-level validation errors without the offending input (it may be huge)."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")).removeprefix("Value error, "),
-             "type": e.get("type")} for e in exc.errors()]
+    """Field-level validation errors without the offending input (it may be huge); OpenAI's
+    ``max_tokens`` given here is told genqueue's name."""
+    out = []
+    for e in exc.errors():
+        loc = list(e.get("loc", ()))
+        msg = str(e.get("msg")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden" and loc and loc[-1] in NATIVE_NAMES and len(loc) == 2:
+            msg = (f"{loc[-1]} is OpenAI's name: genqueue's routes take "
+                   f"{NATIVE_NAMES[loc[-1]]} (the OpenAI routes, /v1/chat/completions and "
+                   f"/v1/completions, take {loc[-1]})")
+        elif e.get("type") == "model_attributes_type" and loc == ["body"]:
+            msg = f"{msg}: the body must be a JSON object (content-type: application/json)"
+        out.append({"loc": loc, "msg": msg, "type": e.get("type")})
+    return out
 
 
 def _batch_lines(spool, content_type: str) -> Iterator[Line]:

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -22,7 +23,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -78,7 +78,12 @@ def explain(exc: BaseException) -> str | None:
     """One or two lines for an expected failure (None: unexpected, show the traceback)."""
     import redis
     from kombu.exceptions import OperationalError
+    from pydantic import ValidationError
 
+    if isinstance(exc, ValidationError) and exc.title == "Settings":  # a GENQ_ setting
+        return "\n".join(f"GENQ_{'_'.join(map(str, e['loc'])).upper()}: "
+                         f"{str(e['msg']).removeprefix('Value error, ')}"
+                         for e in exc.errors(include_input=False))
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OperationalError)):
         from worker.ops.settings import Settings
 
@@ -87,6 +92,8 @@ def explain(exc: BaseException) -> str | None:
                 "start Redis (or `genq up`), or point GENQ_BROKER_URL at one")
     if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
         return f"the broker refused: {exc}"
+    if type(exc).__name__ == "ModelUnavailable":  # worker.engine.loading (not imported here)
+        return str(exc)
     if isinstance(exc, OSError) and getattr(exc, "filename", None):
         return f"cannot read {exc.filename}: {exc.strerror or exc}"
     return None
@@ -150,11 +157,24 @@ def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list lik
        port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
        host: Annotated[str, typer.Option(
            help="Gateway address: this machine only by default; 0.0.0.0 for every interface."
-       )] = "127.0.0.1") -> None:
-    """Run the whole stack here: Redis (embedded if none answers), workers, gateway."""
+       )] = "127.0.0.1",
+       embedded_redis: Annotated[bool, typer.Option(
+           "--embedded-redis", help="Start an embedded Redis even though GENQ_BROKER_URL is "
+                                    "set (by default a GENQ_BROKER_URL that does not answer "
+                                    "is an error).")] = False,
+       redis_port: Annotated[int | None, typer.Option(
+           help="Port of the embedded Redis (default: a free one).")] = None,
+       show_password: Annotated[bool, typer.Option(
+           "--show-password", help="Print the embedded Redis's password in the export line "
+                                   "(by default it is read from its file).")] = False,
+       summary: Annotated[float, typer.Option(
+           help="Seconds between queue summaries while it changes (0: none).")] = 30.0) -> None:
+    """Run the whole stack here: Redis (GENQ_BROKER_URL, else embedded), workers, gateway."""
     from worker.stack import run_stack
 
-    raise typer.Exit(run_stack(gpus, host, port, console, workers))
+    raise typer.Exit(run_stack(gpus, host, port, console, workers, embedded=embedded_redis,
+                               redis_port=redis_port, show_password=show_password,
+                               summary_s=summary))
 
 
 @app.command()
@@ -266,10 +286,25 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
     lines = list(read_lines(input_path.open(encoding="utf-8", errors="surrogateescape")))
     for bad in (ln for ln in lines if ln.error):
         console.print(f"[red]line {bad.number}[/red]: {escape(bad.error)}", highlight=False)
+    from worker.queue.worker import _first_run
+    from worker.stack import loading_text
+
+    console.print(f"{loading_text({'model': settings.model, **_first_run(settings)})}...",
+                  highlight=False)
+    started = time.monotonic()
     engine = load_engine(settings.model, backend=settings.backend, dtype=settings.dtype,
                          adapters=settings.adapters, cache_dir=settings.cache_dir)
+    console.print(f"ready in {time.monotonic() - started:.0f} s: {engine.model_name} on "
+                  f"{engine.backend} ({engine.dtype})", highlight=False)
     good = [ln for ln in lines if ln.request]
-    results = engine.generate([ln.request for ln in good])
+    rate = MovingRate()
+    with Progress(*_progress_columns(), console=console) as progress:
+        task = progress.add_task("generating", total=len(good), failed=0, rate="-", eta="-")
+
+        def update(done: int) -> None:
+            progress.update(task, completed=done, **rate.fields(done, len(good)))
+
+        results = engine.generate([ln.request for ln in good], on_finished=update)
     out = output.open("w", encoding="utf-8") if output else sys.stdout
     for ln, res in zip(good, results, strict=True):
         out.write(json.dumps({"line": ln.number, **res}, ensure_ascii=False) + "\n")
@@ -328,7 +363,11 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
             _report_bad(lines, errors_path)
             todo = [ln for ln in todo if ln.request]
             try:
-                results.update(_run_job(client, todo, timeout) if todo else {})
+                results.update(_run_job(client, todo, timeout, stack) if todo else {})
+            except _WorkerFailed as exc:
+                console.print(f"[red]error[/red]: {exc}", highlight=False)
+                stack["interrupted"] = True
+                raise typer.Exit(2) from None
             except _Interrupted as stop:
                 interrupted = stack["interrupted"] = True
                 results.update(stop.results)
@@ -389,23 +428,83 @@ def _report_bad(lines, errors_path: Path) -> None:
     console.print(f"{len(bad)} bad line(s) written to {errors_path}; the other lines run")
 
 
-def _run_job(client, todo, timeout) -> dict[int, dict]:
+class MovingRate:
+    """Requests per second over the last ``window_s`` seconds, stretched back (up to
+    ``max_age_s``) until it spans at least ``min_items`` finished requests, so a slow run
+    does not read 0 between two of them. The first sample is the baseline: a resumed run's
+    lines finished before it started do not count as speed."""
+
+    def __init__(self, window_s: float = 10.0, min_items: int = 3, max_age_s: float = 300.0):
+        self.window_s, self.min_items, self.max_age_s = window_s, min_items, max_age_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, done: int, now: float | None = None) -> float | None:
+        now = time.monotonic() if now is None else now
+        if self.samples and self.samples[-1][1] == done and len(self.samples) > 1 and (
+                self.samples[-2][1] == done):
+            self.samples[-1] = (now, done)  # nothing new: keep the deque short
+        else:
+            self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.max_age_s:
+            self.samples.popleft()
+        first_t, first_done = self.samples[0]
+        if now - first_t < 1.0:
+            return None  # not enough to say yet
+        start_t, start_done = first_t, first_done
+        for t, d in reversed(self.samples):
+            if now - t >= self.window_s and done - d >= self.min_items:
+                start_t, start_done = t, d
+                break
+        return (done - start_done) / (now - start_t)
+
+    def fields(self, done: int, total: int, now: float | None = None) -> dict[str, str]:
+        """``rate`` and ``eta`` for the progress bar."""
+        rate = self.add(done, now)
+        if rate is None:
+            return {"rate": "-", "eta": "-"}
+        shown = f"{rate:.1f}/s" if rate >= 1 else f"{rate * 60:.1f}/min"
+        left = total - done
+        if left <= 0:
+            return {"rate": shown, "eta": "0:00:00"}
+        if rate <= 0:
+            return {"rate": shown, "eta": "-"}
+        seconds = int(left / rate)
+        return {"rate": shown, "eta": f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"}
+
+
+def _progress_columns() -> list:
+    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}")]
+
+
+class _WorkerFailed(Exception):
+    """The embedded worker exited before it was ready; ``str()`` says why and what to do."""
+
+
+def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
+    from worker.stack import Startup
+
+    stack = stack or {}
     with _errors():
         job_id = client.submit_many([ln.request for ln in todo])
-    console.print(f"job {job_id}: {len(todo)} requests")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]}/s"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    started = time.monotonic()
+    console.print(f"job {job_id}: {len(todo)} requests", highlight=False)
+    startup = Startup(client.store.redis, expect_worker=stack.get("proc") is not None)
+    rate = MovingRate()
     try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("generating", total=len(todo), failed=0, rate="0.0")
+        with Progress(*_progress_columns(), console=console) as progress:
+            task = progress.add_task("generating", total=len(todo), failed=0, rate="-", eta="-")
 
             def update(info):
+                for line in startup.poll():
+                    progress.console.print(line, highlight=False)
+                _check_worker(stack, startup)
                 c = info["counts"]
                 finished = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
-                rate = finished / max(time.monotonic() - started, 1e-6)
-                progress.update(task, completed=finished, failed=c["failed"], rate=f"{rate:.1f}")
+                waiting = startup.waiting() if finished < len(todo) else None
+                progress.update(task, completed=finished, failed=c["failed"],
+                                description=waiting or "generating",
+                                **rate.fields(finished, len(todo)))
 
             client.wait_job(job_id, timeout=timeout, on_progress=update)
     except KeyboardInterrupt:
@@ -416,26 +515,51 @@ def _run_job(client, todo, timeout) -> dict[int, dict]:
             for ln, res in zip(todo, client.job_results(job_id), strict=True)}
 
 
+def _check_worker(stack: dict, startup) -> None:
+    """Raise ``_WorkerFailed`` when the worker ``genq run`` started has exited."""
+    proc = stack.get("proc")
+    if proc is None or proc.poll() is None:
+        return
+    startup.poll(every_s=0)
+    failure = next(iter(startup.failures.values()), None)
+    if failure:
+        raise _WorkerFailed("\n".join(failure))
+    raise _WorkerFailed(f"the worker exited (code {proc.returncode}); its log says why: "
+                        f"{stack.get('log')}")
+
+
 @contextmanager
 def _stack_for_run():
     """Use GENQ_BROKER_URL if it answers; else bring up Redis and a worker for the run. Set
     ``["interrupted"]`` on what it yields to stop the worker without waiting for its rows (they
     stay queued in the embedded Redis for ``--resume``)."""
-    from worker.stack import broker_answers, data_dir, embedded_broker, spawn_worker, stop_process
+    from worker.ops.logging import mask_secrets
+    from worker.stack import (
+        broker_problem,
+        broker_refusal,
+        data_dir,
+        embedded_broker,
+        spawn_worker,
+        stop_process,
+    )
 
     state = {"interrupted": False}
     configured = os.environ.get("GENQ_BROKER_URL")
     if configured:
-        if not broker_answers(configured):
-            console.print("[red]GENQ_BROKER_URL does not answer[/red]")
+        problem = broker_problem(configured)
+        if problem is not None:
+            console.print(f"[red]error[/red]: {broker_refusal(configured, problem)}",
+                          highlight=False)
             raise typer.Exit(2)
+        console.print(f"broker: {mask_secrets(configured)} (GENQ_BROKER_URL)", highlight=False)
         yield state
         return
     with embedded_broker() as server:
         log_file = data_dir() / "worker.log"
         console.print(f"embedded Redis on 127.0.0.1:{server.port} (data in {data_dir()}); "
-                      f"worker log: {log_file}")
+                      f"worker log: {log_file}", highlight=False)
         proc = spawn_worker({"GENQ_BROKER_URL": server.url}, log_file=log_file)
+        state.update(proc=proc, log=log_file)
         try:
             yield state
         finally:  # interrupted: the waiting requests are handed back at once, running rows

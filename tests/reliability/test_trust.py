@@ -102,7 +102,7 @@ def test_limits_hold_for_chunked_deep_and_non_json_bodies(gateway):
     # no Content-Length: httpx sends a generator chunked
     r = http.post("/v1/generations", content=chunks(7 * 2**20),
                   headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert r.status_code == 413 and "larger than" in r.json()["detail"][0]["msg"]
     as_list = http.post("/v1/jobs", content=(b"[" + b'{"prompt": "x"},' * n + b'{"prompt": "y"}]'
                                                 for n in [2_200_000]),
                         headers={"content-type": "application/json"})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -86,6 +87,7 @@ def router(client, settings, files) -> APIRouter:
     async def complete(request: Request, url: str):
         owner = request.state.client
         body = await json_body(request)
+        names = request.state.openai_names = openai_names(body, url)
         stream, include_usage = stream_options(body)
         asked = body.pop("model", None)
         if asked is not None and not isinstance(asked, str):
@@ -107,7 +109,7 @@ def router(client, settings, files) -> APIRouter:
         if result is None:
             return timeout_error(rid, settings.sync_timeout_s)
         if result["status"] in ("failed", "expired"):
-            return failed_error(result)
+            return failed_error(result, names)
         shape = shapes.chat_completion if chat else shapes.text_completion
         return JSONResponse(shape({**result, "text": result.get("text") or ""},
                                   model or result.get("model") or ""),
@@ -129,6 +131,26 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
+
+
+def openai_names(body: dict[str, Any], url: str) -> dict[str, str]:
+    """genqueue's field names -> the OpenAI names this body used, for its error messages."""
+    names = {"max_new_tokens": "max_completion_tokens" if body.get("max_completion_tokens")
+             is not None and body.get("max_tokens") is None and url == CHAT_URL else "max_tokens"}
+    if url == COMPLETIONS_URL:
+        names["top_logprobs"] = "logprobs"
+    return names
+
+
+def openai_message(message: str, names: dict[str, str]) -> tuple[str, str | None]:
+    """(``message`` in OpenAI's field names, the ``param`` it is about): genqueue's
+    ``max_new_tokens: 5000 is above the limit 2048`` is ``max_tokens: 5000 ...``, param
+    ``max_tokens``."""
+    for ours, theirs in names.items():
+        message = re.sub(rf"\b{ours}\b", theirs, message)
+    head = message.split(":", 1)[0] if ":" in message else ""
+    param = head if re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head) else None
+    return message, param
 
 
 def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -285,17 +307,21 @@ def timeout_error(rid: str, timeout_s: float) -> JSONResponse:
                   "timeout", rid, headers={"x-should-retry": "false"})
 
 
-def failed_error(result: dict[str, Any]) -> JSONResponse:
+def failed_error(result: dict[str, Any], names: dict[str, str] | None = None) -> JSONResponse:
     """A failed (or expired) result as OpenAI's error: the caller's fault 400, else 500."""
     error = result.get("error") or {}
     code = error.get("code") or ("expired" if result["status"] == "expired" else "internal")
     message = error.get("message") or f"request {result['id']} {result['status']}"
-    return _error(400 if code in CLIENT_ERRORS else 500, message, code, result["id"])
+    param = None
+    if names and code in CLIENT_ERRORS:
+        message, param = openai_message(message, names)
+    return _error(400 if code in CLIENT_ERRORS else 500, message, code, result["id"],
+                  param=param)
 
 
 def _error(status: int, message: str, code: str, rid: str,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return shapes.openai_error(status, message, code,
+           headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return shapes.openai_error(status, message, code, param=param,
                                headers={"x-genq-request-id": rid, **(headers or {})})
 
 

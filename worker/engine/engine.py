@@ -83,11 +83,12 @@ class Engine:
     # -- public API -------------------------------------------------------------------
 
     def generate(self, requests: list[dict[str, Any]], *, is_cancelled=None,
-                 scheduler: str | None = None) -> list[dict[str, Any]]:
+                 scheduler: str | None = None, on_finished=None) -> list[dict[str, Any]]:
         """Run every request; return results in the same order (``succeeded`` or ``failed``).
 
         ``is_cancelled`` (request ids -> flags) is polled every few steps; a cancelled row
-        stops with ``finish_reason: cancelled`` and the text so far.
+        stops with ``finish_reason: cancelled`` and the text so far. ``on_finished(n)`` is
+        called with how many requests have finished so far, after each step that ends some.
         """
         results: list[dict[str, Any] | None] = [None] * len(requests)
         loop = self.scheduler(scheduler)
@@ -112,6 +113,8 @@ class Engine:
                 finished += loop.stop([s.id for s, flag in zip(rows, flags, strict=True) if flag])
             for seq in finished:
                 results[index[seq.handle]] = self.result(seq)
+            if finished and on_finished is not None:
+                on_finished(sum(r is not None for r in results))
         return results  # type: ignore[return-value]
 
     def scheduler(self, mode: str | None = None):
@@ -248,6 +251,9 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
 
     worker_name = settings.pop("worker_name", None)
     config = Settings(model=model, backend=backend, dtype=dtype, adapters=adapters or {}, **settings)
+    from worker.engine.loading import check_model
+
+    check_model(config.model, config.cache_dir)  # two lines, once, before any backend tries
     if config.backend in ("auto", "vllm"):
         from worker.engine.vllm_engine import load_vllm_engine, vllm_unusable
 

@@ -7,6 +7,7 @@ try it first. On a machine without an accelerator Unsloth runs through its own C
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,71 @@ def resolve_model(model: str, cache_dir: Path) -> tuple[str, str]:
     if model == DEMO_NAME:
         return str(demo_model_dir(cache_dir)), DEMO_ID
     return model, model
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded here, for a reason the user fixes (an unreachable hub, a
+    gated or unknown id, a missing folder): ``lines`` says what happened, then what to do."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}\n{fix}")
+        self.lines = [what, fix]
+
+
+def check_model(model: str, cache_dir: Path) -> None:
+    """Fail early and once, in two lines, when ``model`` cannot be had: a folder that is not
+    there, a Hugging Face id that is unknown, gated without ``HF_TOKEN``, or not cached while
+    the hub cannot be reached. Reads only the model's ``config.json`` (a downloaded or cached
+    model is then loaded by the backend as usual)."""
+    if model == DEMO_NAME:
+        return
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ModelUnavailable(
+                f"GENQ_MODEL={model}: the folder has no config.json (nor adapter_config.json)",
+                "give a Hugging Face model folder (save_pretrained), a LoRA adapter folder, "
+                "or a Hugging Face id like HuggingFaceTB/SmolLM2-135M-Instruct")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    try:
+        hf_hub_download(model, "config.json")
+    except GatedRepoError:
+        raise ModelUnavailable(
+            f"{model} is a gated model: this machine has no token with access to it",
+            f"accept its terms at https://huggingface.co/{model}, then set HF_TOKEN to a "
+            "read token of that account (https://huggingface.co/settings/tokens)") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        if looks_local:
+            raise ModelUnavailable(f"GENQ_MODEL={model}: no such folder",
+                                   "give the path of a model folder, or a Hugging Face id like "
+                                   "HuggingFaceTB/SmolLM2-135M-Instruct") from None
+        raise ModelUnavailable(
+            f"{model} is not a model on the Hugging Face hub (or it is private)",
+            "check the id (org/name), give a local folder, or set HF_TOKEN for a private "
+            "model") from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline and isinstance(exc, LocalEntryNotFoundError):
+            raise ModelUnavailable(
+                f"cannot load {model}: HF_HUB_OFFLINE is set and it is not in the local cache",
+                "unset HF_HUB_OFFLINE to download it once, or copy a downloaded "
+                "~/.cache/huggingface here, or give GENQ_MODEL a local folder") from None
+        if isinstance(exc, LocalEntryNotFoundError) or "connect" in str(exc).lower():
+            raise ModelUnavailable(
+                f"cannot download {model}: huggingface.co cannot be reached from here and the "
+                "model is not in the local cache",
+                f"download it where the network works (`hf download {model}`, then copy "
+                "~/.cache/huggingface over) or give GENQ_MODEL a local folder") from None
+        raise
 
 
 def adapter_base(path: str) -> str | None:

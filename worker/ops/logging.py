@@ -1,4 +1,7 @@
-"""structlog JSON logging: one JSON object per line, with request/job/batch ids as keys."""
+"""structlog logging: on a terminal, one readable line per event (structlog's console
+renderer); elsewhere (a log file, a pipe, a container) or with ``GENQ_LOG_FORMAT=json``, one
+JSON object per line, with request/job/batch ids as keys. Neither carries banners or progress
+bars."""
 
 from __future__ import annotations
 
@@ -13,7 +16,11 @@ import structlog
 # libraries that print banners, deprecation notes and load warnings nobody can act on; their
 # records go to the log only at DEBUG (GENQ_LOG_LEVEL=DEBUG shows them)
 NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggingface_hub",
-         "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "celery.redirected")
+         "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes",
+         "celery.redirected")
+# their warnings are for operators (a worker's log at INFO keeps them); a command run at the
+# CLI's WARNING level shows only their errors
+CHATTY = ("vllm",)
 
 
 # the password in a URL's user info (up to its last ``@``), a URL (``;`` separates the nodes
@@ -74,16 +81,56 @@ def _stderr():
     return sys.__stderr__ or sys.stderr
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Route structlog and the standard library (Celery, transformers) to stderr as JSON lines."""
+LOG_FORMATS = ("auto", "json", "console")
+# a progress bar redrawn in place (tqdm: ``\r`` and ``12%|###  | 3/25``)
+PROGRESS_BAR = re.compile(r"\r|\d+%\|")
+
+
+def log_format(requested: str | None = None) -> str:
+    """``json`` or ``console``: ``GENQ_LOG_FORMAT`` (``auto`` by default: console on a
+    terminal, JSON when stderr is a file or a pipe)."""
+    fmt = (requested or os.environ.get("GENQ_LOG_FORMAT") or "auto").strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"GENQ_LOG_FORMAT takes {', '.join(LOG_FORMATS)}; not {fmt!r}")
+    if fmt == "auto":
+        stream = _stderr()
+        fmt = "console" if hasattr(stream, "isatty") and stream.isatty() else "json"
+    return fmt
+
+
+class DropProgressBars(logging.Filter):
+    """Progress bars and banners that reach logging through Celery's redirected stdout and
+    stderr (tqdm bars are redrawn with ``\r``: as log lines they are noise) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "celery.redirected":
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format: keep it as it is
+            return True
+        return not PROGRESS_BAR.search(message) and bool(message.strip())
+
+
+def configure_logging(level: str = "INFO", fmt: str | None = None) -> None:
+    """Route structlog and the standard library (Celery, transformers) to stderr: readable
+    lines on a terminal, JSON lines elsewhere (``fmt`` or ``GENQ_LOG_FORMAT``)."""
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    console = log_format(fmt) == "console"
+    if console:  # it renders exceptions itself
+        stream = _stderr()
+        colors = hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
+        tail = [mask_processor, structlog.dev.ConsoleRenderer(colors=colors)]
+        shared[-1] = structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False)
+    else:
+        tail = [structlog.processors.format_exc_info, mask_processor,
+                structlog.processors.JSONRenderer()]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, mask_processor,
-                    structlog.processors.JSONRenderer()],
+        processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *_: structlog.PrintLogger(_stderr()),
         cache_logger_on_first_use=False,
@@ -91,15 +138,11 @@ def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(_stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                mask_processor,
-                structlog.processors.JSONRenderer(),
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
+    handler.addFilter(DropProgressBars())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -111,11 +154,15 @@ def quiet_libraries(level: str) -> None:
     torch, transformers and Unsloth load (they read these at import)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import (vLLM's loading bars)
     logging.captureWarnings(True)
     debug = level.upper() == "DEBUG"
     for name in NOISY:
         if name != "celery.redirected":  # Celery's stdout/stderr: tracebacks come that way too
             logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if logging.getLevelName(level.upper()) in (logging.WARNING, logging.ERROR, logging.CRITICAL):
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class StdoutToLog:

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://", "unix://")
+
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "genqueue"
@@ -68,7 +70,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     sync_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
     self_check: Literal["strict", "warn", "off"] = "strict"
+
+    @field_validator("broker_url", "result_url", mode="before")
+    @classmethod
+    def _check_url(cls, value: object) -> object:
+        """A Redis URL with its scheme: ``localhost:6379`` alone is refused in one line."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and not raw.startswith(REDIS_SCHEMES):
+            from worker.ops.logging import mask_secrets
+
+            shown = mask_secrets(raw) if "://" in raw else "<the value given>"
+            if "@" not in raw and "://" not in raw:
+                shown = raw
+            raise ValueError(f"{shown!r} is not a Redis URL: write redis://HOST:PORT/DB "
+                             "(rediss:// with TLS, sentinel://HOST:PORT;sentinel://HOST:PORT/DB, "
+                             "unix:///path), e.g. redis://127.0.0.1:6379/0")
+        return value
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -8,10 +8,12 @@ shutdown (running rows finish, waiting requests go back to their queues).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
 
 import structlog
@@ -21,6 +23,68 @@ from worker.ops.logging import configure_logging
 from worker.ops.settings import get_settings
 
 log = structlog.get_logger(__name__)
+LOADING_KEY = "genq:loading:{}"  # a loading worker's progress (JSON), for `genq run` and `genq up`
+LOADING_TTL_S = 20  # renewed every few seconds while it loads: a killed worker's entry expires
+EX_MODEL_UNAVAILABLE = 3  # the model cannot load here (unreachable, gated, no such folder):
+# restarting the worker will not help, so `genq up` does not
+
+
+class LoadingNote:
+    """What a loading worker tells the CLI through Redis (``genq:loading:<name>``): the model,
+    since when, whether the demo model is converted first; on failure, the reason in two lines.
+    Best effort: a broker that does not answer leaves the note unwritten, never the load."""
+
+    def __init__(self, settings, name: str):
+        self.settings, self.name = settings, name
+        self.info = {"name": name, "model": settings.model, "pid": os.getpid(),
+                     "since": time.time(), "stage": "loading", **_first_run(settings)}
+        self._stop = threading.Event()
+        self._redis = None
+
+    def _write(self, ttl_s: int = LOADING_TTL_S) -> None:
+        try:
+            if self._redis is None:
+                from worker.ops.redisconn import connect
+
+                self._redis = connect(self.settings.broker_url.get_secret_value(), self.settings,
+                                      socket_connect_timeout=2, socket_timeout=2)
+            self._redis.set(LOADING_KEY.format(self.name), json.dumps(self.info), ex=ttl_s)
+        except Exception as exc:  # noqa: BLE001 - the load matters, the note does not
+            log.debug("loading_note_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def __enter__(self) -> LoadingNote:
+        self._write()
+
+        def renew() -> None:
+            while not self._stop.wait(5.0):
+                self._write()
+
+        threading.Thread(target=renew, name="genq-loading-note", daemon=True).start()
+        return self
+
+    def failed(self, lines: list[str]) -> None:
+        self._stop.set()
+        self.info.update(stage="failed", error=lines)
+        self._write(ttl_s=300)
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._stop.set()
+        if exc_type is None:
+            try:
+                if self._redis is not None:
+                    self._redis.delete(LOADING_KEY.format(self.name))
+            except Exception:  # noqa: BLE001, S110 - it expires by itself
+                pass
+
+
+def _first_run(settings) -> dict:
+    """``{"converts": True}`` when the demo model is converted before it loads (first run)."""
+    if settings.model != "demo":
+        return {}
+    from worker.engine.demo import CONVERSION, DEMO_ID
+
+    folder = settings.cache_dir / "models" / f"{DEMO_ID}.{CONVERSION}"
+    return {"display": DEMO_ID, "converts": not (folder / "config.json").is_file()}
 
 
 def pin_device(gpu: str | None) -> str:
@@ -70,8 +134,16 @@ class GenerationStep(bootsteps.StartStopStep):
         settings = get_settings()
         log.info("engine_loading", worker=worker.hostname, model=settings.model,
                  backend=settings.backend)
-        with _interruptible():
-            self._load(worker, settings)
+        from worker.engine.loading import ModelUnavailable
+
+        with _interruptible(), LoadingNote(settings, worker.hostname) as note:
+            try:
+                self._load(worker, settings)
+            except ModelUnavailable as exc:  # two lines that say what to do, no traceback
+                log.error("model_unavailable", worker=worker.hostname, model=settings.model,
+                          error=exc.lines[0], fix=exc.lines[1])
+                note.failed(exc.lines)
+                raise SystemExit(EX_MODEL_UNAVAILABLE) from None
         self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-steps")
         self.thread.start()
 
@@ -134,6 +206,7 @@ def run_worker(gpu: str | None = None, name: str | None = None, threads: int | N
     app.steps["worker"].add(GenerationStep)
     hostname = name or f"{prefix}@{socket.gethostname()}"
     worker = app.Worker(hostname=hostname, pool="solo", concurrency=1, queues=[CONTROL_QUEUE],
-                        loglevel=settings.log_level, without_mingle=True, without_gossip=True)
+                        loglevel=settings.log_level, without_mingle=True, without_gossip=True,
+                        quiet=True)  # no banner: the log says what it runs
     worker.start()
     return worker.exitcode or 0
