@@ -34,4 +34,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server;
   else sudo apt-get update -q && sudo apt-get install -y -q redis-server; fi
 fi
+# The status page's test drives a real headless Chromium (Debian packages chromium and
+# chromium-driver; nothing is downloaded by the test itself). CHROMIUM=0 skips this step.
+if [ "${CHROMIUM:-1}" != 0 ] && { ! command -v chromedriver >/dev/null 2>&1 || \
+    ! { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; }; then
+  echo "chromium / chromedriver not found: installing them (Debian packages chromium, chromium-driver)" >&2
+  if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+  if ! { $apt_get update -q && $apt_get install -y -q chromium chromium-driver; }; then
+    echo "error: could not install chromium and chromium-driver, which tests/test_status_page.py" \
+         "needs; install them (or CHROMIUM=0 to skip this step and that test's requirement)" >&2
+    exit 1
+  fi
+fi
 echo "genqueue is set up in $VENV"

@@ -94,8 +94,8 @@ def test_genq_run_embedded_stack_equals_the_engine(tmp_path, demo_engine, cache_
 def test_help_names_every_command_in_one_line():
     out = genq("--help", env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    for command in ("worker", "api", "up", "submit", "status", "result", "cancel", "job", "config",
-                    "run", "generate", "bench"):
+    for command in ("worker", "api", "up", "submit", "status", "result", "cancel", "job", "jobs",
+                    "config", "run", "generate", "bench"):
         line = next((x for x in out.stdout.splitlines() if f" {command} " in x), "")
         assert len(line.split(command, 1)[1].strip(" │")) > 10, (command, out.stdout)
 
@@ -143,7 +143,7 @@ def test_expected_failures_are_one_or_two_lines_not_tracebacks(tmp_path, redis_u
              (("run", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
              (("generate", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
              (("worker", "--gpu", "7"), {}, "--gpu 7"),
-             (("status",), {}, "Missing argument")]
+             (("job",), {}, "Missing argument")]
     for args, env, says in cases:
         out = genq(*args, env=env, timeout=120)
         lines = [x for x in out.stderr.splitlines() if x.strip()]

@@ -120,9 +120,9 @@ function drawWorkers(workers) {
 
 function drawQueues(q) {
   fill("queues", ["interactive", "bulk"].map((p) => el("tr", { "data-priority": p },
-    el("td", {}, p), el("td", { class: "num" }, q[p].queued),
-    el("td", { class: "num" }, q[p].held), el("td", { class: "num" }, q[p].running),
-    el("td", {}, q[p].oldest_wait_s === null ? "–" : ago(q[p].oldest_wait_s)))), "", 5);
+    el("td", {}, p), el("td", { class: "num" }, q[p].queued ?? "–"),
+    el("td", { class: "num" }, q[p].held ?? "–"), el("td", { class: "num" }, q[p].running ?? "–"),
+    el("td", {}, q[p].oldest_wait_s == null ? "–" : ago(q[p].oldest_wait_s)))), "", 5);
   fill("owners", (q.owners || []).map((o) => el("tr", {},
     el("td", {}, o.owner), el("td", { class: "num" }, o.pending),
     el("td", { class: "num" }, o.bulk_queued))), "no owner (no API keys)", 3);
@@ -208,6 +208,8 @@ async function refresh() {
   try {
     const r = await fetch("/v1/overview", { headers: headers(), cache: "no-store" });
     if (r.status === 401) {
+      draw({ workers: [], jobs: [], batches: [], failures: [], at: 0, scope: {},
+             queues: { interactive: {}, bulk: {}, owners: [] } });
       state.textContent = "an API key is needed";
       showError(apiKey() ? "this API key is not valid" : "enter an API key to see the queue");
       document.getElementById("key").focus();
