@@ -127,6 +127,29 @@ def test_jobs_and_overview_over_http_with_keys(gateway):
     assert http.get(f"/v1/jobs/{ids[0]}", headers=a).json()["id"] == ids[0]  # still the job
     view = http.get("/v1/overview", headers=b).json()
     assert view["scope"] == {"owner": "bob", "admin": False} and len(view["jobs"]) == 1
+
+    lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST",
+                                "url": "/v1/chat/completions", "body": {
+                                    "messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 4}}) + "\n" for i in range(3))
+    upload = http.post("/v1/files", headers=b, data={"purpose": "batch"},
+                       files={"file": ("in.jsonl", lines)})
+    assert upload.status_code == 200, upload.text
+    batch = http.post("/v1/batches", headers=b, json={
+        "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json()
+
+    def listed(headers):
+        return {x["id"]: x for x in http.get("/v1/overview", headers=headers).json()["batches"]}
+
+    deadline = time.monotonic() + 30
+    while listed(b)[batch["id"]]["status"] == "validating":  # queued in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    shown = listed(b)[batch["id"]]
+    assert shown["status"] == "in_progress" and shown["request_counts"]["total"] == 3
+    assert shown["progress"] == 0 and "owner" not in shown
+    assert batch["id"] not in listed(a) and listed(r)[batch["id"]]["owner"] == "bob"
     page = http.get("/ui")  # the page itself is open (it holds no data), and offline
     assert page.status_code == 200 and "/ui/static/status.js" in page.text
     assert "http://" not in page.text and "https://" not in page.text

@@ -98,7 +98,7 @@ def slow_job(http, n: int = 40, headers: dict | None = None) -> str:
 
 
 def test_status_page_shows_a_worker_and_a_job_moving_without_and_with_keys(
-        gateway, start_worker, browser, tiny_model_dir):
+        gateway, start_worker, browser, tiny_model_dir, client):
     # one row at a time, so a job of 40 x 96 tokens takes tens of seconds on the tiny model
     start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_BATCH_SIZE="1")
     open_http = gateway()
@@ -119,6 +119,14 @@ def test_status_page_shows_a_worker_and_a_job_moving_without_and_with_keys(
     wait_for(lambda: browser.execute_script(
         f"return document.querySelector('#jobs tr[data-id=\"{job}\"] td:nth-child(2)')"
         ".innerText;") in ("completed", "cancelled"), what="the job ended by its cancel")
+
+    # -- a message the worker refuses shows in the recent failures, with its error code ---
+    client.app.send_task("not.genq.generate", args=[{}], task_id="poison-1",
+                         queue="genq.interactive")
+    code = wait_for(lambda: browser.execute_script(
+        "const r = document.querySelector('#failures tr[data-id=\"poison-1\"]');"
+        "return r && r.children[1].innerText;"), what="the failure")
+    assert code == "invalid_request"
 
     # -- a phone's width: the page itself never scrolls sideways (tables scroll inside) ---
     browser.set_window_size(390, 844)

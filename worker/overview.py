@@ -25,7 +25,8 @@ from typing import Any
 JOBS_ALL_KEY = "genq:jobs:all"
 FAILURES_KEY = "genq:failures"
 FAILURES_KEPT = 1000
-JOB_FINAL = ("completed", "cancelled", "failed")
+JOB_FINAL = ("completed", "cancelled", "failed")  # a job's statuses once every request ended
+BATCH_FINAL = ("failed", "completed", "expired", "cancelled")  # an OpenAI batch's final ones
 MAX_LIMIT = 100
 
 
@@ -140,13 +141,13 @@ def list_batches(view, limit: int = 20) -> list[dict[str, Any]]:
         if raw is None:
             continue
         record = json.loads(raw)
-        if record["status"] not in ("validating", *compat.TERMINAL):
+        if record["status"] not in ("validating", *BATCH_FINAL):
             record = reader.refresh(record, finalize=False)
         batch = compat.public(record)
         counts = batch.get("request_counts") or {}
         total, finished = counts.get("total") or 0, (counts.get("completed") or 0) + (
             counts.get("failed") or 0)
-        open_ = batch["status"] not in compat.TERMINAL
+        open_ = batch["status"] not in BATCH_FINAL
         started = batch.get("in_progress_at") or batch.get("created_at") or now
         rate = finished / max(now - started, 1e-3) if open_ and finished else None
         batch.update(progress=finished / total if total else (0.0 if open_ else 1.0), rate=rate,
