@@ -406,7 +406,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _final(client, request_id: str) -> dict | None:
-    from worker.queue.results import FINAL
+    from worker.lifecycle import FINAL
 
     result = client.get(request_id)
     return result if result["status"] in FINAL else None

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from worker.batchfile import Line, from_openai, is_batch_line
 from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped, NotFound, QueueFull
+from worker.lifecycle import FINAL
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 from worker.overview import index_job
@@ -34,7 +35,7 @@ from worker.queue.app import (
     queue_for,
 )
 from worker.queue.messages import headers_for
-from worker.queue.results import FINAL, ResultStore
+from worker.queue.results import ResultStore
 from worker.schema import GenerationRequest, validate_request
 from worker.tokencount import CounterCache
 

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from worker.errors import InvalidRequest
+from worker.lifecycle import STATUSES
 from worker.structured import check_format
 
 MAX_PROMPT_CHARS = 1_000_000
@@ -278,7 +279,7 @@ class Result(BaseModel):
     the engine, the workers, the result store and the gateway."""
 
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+    status: Literal[STATUSES]
     custom_id: str | None = None
     text: str | None = None
     finish_reason: str | None = None

@@ -56,9 +56,9 @@ from worker.compat.batchsubmit import Submitter
 from worker.compat.lease import Lease
 from worker.compat.shapes import chat_completion, error_object, text_completion
 from worker.errors import IdempotencyConflict, InvalidRequest, NotFound
+from worker.lifecycle import BATCH_FINAL, JOB_ENDED, batch_status
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-TERMINAL = ("failed", "completed", "expired", "cancelled")
 MAX_WINDOW_S = 30 * 24 * 3600
 LOCK_S = 30  # the finalization lease (kept alive while the files are written and uploaded)
 SPOOL_BYTES = 8 * 1024 * 1024
@@ -231,7 +231,7 @@ class Batches:
         files written once every request is final (unless ``finalize`` is False: then it
         reads ``finalizing``). A batch still ``validating`` whose submitter stopped (its
         lease lapsed) is taken up here."""
-        if record["status"] in TERMINAL:
+        if record["status"] in BATCH_FINAL:
             return record
         if record["status"] == "validating":
             self.submitter.start(record)
@@ -244,15 +244,15 @@ class Batches:
         if not done and record.get("ending") is None and time.time() >= record["expires_at"]:
             record = self.update(record["id"], lambda cur: None if cur.get("ending") else {
                 **cur, "ending": "expired"})
-            if record["ending"] == "expired" and record["status"] not in TERMINAL:
+            if record["ending"] == "expired" and record["status"] not in BATCH_FINAL:
                 self.client.cancel_job(record["job_id"])
                 job = self.client.store.job(record["job_id"])
                 done = self._done(job)
-        if done and record["status"] not in TERMINAL:
+        if done and record["status"] not in BATCH_FINAL:
             if finalize:
                 return self.finalize(record)
             return {**record, "status": "finalizing", "request_counts": _counts(job["counts"])}
-        if record["status"] in TERMINAL:
+        if record["status"] in BATCH_FINAL:
             return record
         status = {"cancelled": "cancelling", "expired": "finalizing"}.get(
             record.get("ending") or "", "validating" if job["status"] == "validating"
@@ -263,9 +263,7 @@ class Batches:
 
     @staticmethod
     def _done(job: dict[str, Any]) -> bool:
-        counts = job["counts"]
-        return job["status"] == "failed" or (
-            job["status"] != "validating" and counts["queued"] == 0 and counts["running"] == 0)
+        return job["status"] in JOB_ENDED
 
     def cancel(self, view, batch_id: str) -> dict[str, Any]:
         """Cancel the batch: its unfinished requests (while ``validating``: its submitter
@@ -278,12 +276,12 @@ class Batches:
             return self.refresh(record)  # every request is final (or expired): nothing to cancel
 
         def mark(cur: dict) -> dict | None:
-            if cur["status"] in (*TERMINAL, "finalizing") or cur.get("ending"):
+            if cur["status"] in (*BATCH_FINAL, "finalizing") or cur.get("ending"):
                 return None
             return {**cur, "ending": "cancelled", "cancelling_at": int(time.time())}
 
         record = self.update(batch_id, mark)
-        if record.get("ending") == "cancelled" and record["status"] not in TERMINAL:
+        if record.get("ending") == "cancelled" and record["status"] not in BATCH_FINAL:
             if record["status"] != "validating":
                 self.client.cancel_job(record["job_id"])
             return {**self.refresh(record, finalize=False), "status": "cancelling"}
@@ -325,12 +323,12 @@ class Batches:
         lease = Lease(self.redis, f"{batch_key(batch_id)}:lock", LOCK_S)
         if not lease.acquire():
             current = self.load_any(batch_id)
-            return current if current["status"] in TERMINAL else {**current, "status": "finalizing"}
+            return current if current["status"] in BATCH_FINAL else {**current, "status": "finalizing"}
         try:
-            record = self.update(batch_id, lambda cur: None if cur["status"] in TERMINAL else {
+            record = self.update(batch_id, lambda cur: None if cur["status"] in BATCH_FINAL else {
                 **cur, "status": "finalizing", "finalizing_at": cur.get("finalizing_at")
                 or int(time.time())})
-            if record["status"] in TERMINAL:
+            if record["status"] in BATCH_FINAL:
                 return record
             written = self._write_files(record)
             job = self.client.store.job(record["job_id"])
@@ -338,12 +336,10 @@ class Batches:
                 return {**self.load_any(batch_id), "status": "finalizing"}
 
             def end(cur: dict) -> dict | None:
-                if cur["status"] in TERMINAL:
+                if cur["status"] in BATCH_FINAL:
                     return None
                 now = int(time.time())
-                status = {"cancelled": "cancelled", "expired": "expired"}.get(
-                    cur.get("ending") or "", "failed" if job["status"] == "failed"
-                    else "expired" if written["expired"] else "completed")
+                status = batch_status(cur.get("ending"), job["status"], job["counts"]["expired"])
                 errors = cur.get("errors")
                 if job["status"] == "failed" and not errors:
                     errors = {"object": "list", "data": [fault(
@@ -371,7 +367,7 @@ class Batches:
         outputs = [tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) for _ in range(2)]
         counts = {"total": 0, "completed": 0, "failed": 0}
         usage = {"input_tokens": 0, "output_tokens": 0}
-        model, expired = None, 0
+        model = None
         now = int(time.time())
         try:
             for res in self.client.job_results(record["job_id"]):
@@ -400,7 +396,6 @@ class Batches:
                         code = ("batch_expired" if res["status"] == "expired" or expiring
                                 else "batch_cancelled" if res["status"] == "cancelled"
                                 else "batch_failed")
-                        expired += code == "batch_expired"
                         message = MESSAGES[code]
                     line.update(response=None, error={"code": code, "message": message})
                     counts["failed"] += 1
@@ -419,7 +414,7 @@ class Batches:
             for out in outputs:
                 out.close()
         return {"output_file_id": ids[0], "error_file_id": ids[1], "request_counts": counts,
-                "expired": expired, "model": model,
+                "model": model,
                 "usage": {"input_tokens": usage["input_tokens"],
                           "input_tokens_details": {"cached_tokens": 0},
                           "output_tokens": usage["output_tokens"],

@@ -40,7 +40,7 @@ from worker.batchfile import (
 )
 from worker.compat import shapes
 from worker.errors import InvalidRequest, ModelNotFound, PromptTooLong
-from worker.queue.results import FINAL
+from worker.lifecycle import FINAL
 
 log = structlog.get_logger(__name__)
 

@@ -30,6 +30,7 @@ import redis
 import structlog
 from celery.worker import state as celery_state
 
+from worker.lifecycle import is_final
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
 from worker.overview import note_failures
@@ -366,7 +367,7 @@ class Link:
             states = [(None, 0, 0)] * len(envelopes)
         arrivals, done, lost = [], [], []
         for envelope, (status, attempts, deaths_alone) in zip(envelopes, states, strict=True):
-            if status in ("succeeded", "failed", "cancelled", "expired"):
+            if is_final(status):
                 done.append(envelope.delivery)  # finished before: a redelivered duplicate
             elif deaths_alone >= self.max_attempts:
                 lost.append(envelope)

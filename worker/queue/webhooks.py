@@ -38,6 +38,7 @@ import structlog
 from standardwebhooks.webhooks import Webhook
 
 from worker.errors import NotFound
+from worker.lifecycle import BATCH_FINAL, batch_status, job_event, request_event
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 
@@ -49,8 +50,6 @@ GLOBAL_KEY = "genq:webhooks:global"  # present while GENQ_WEBHOOK_URL is configu
 WEBHOOK_QUEUE = "genq.webhooks"
 TASK = "genq.webhook"
 MAX_BACKOFF_S = 30  # under the broker's visibility timeout: a held retry is never redelivered
-JOB_EVENTS = {"completed": "batch.completed", "failed": "batch.failed",  # by ended status
-              "cancelled": "batch.cancelled", "expired": "batch.expired"}
 
 
 class UnsafeURL(ValueError):
@@ -112,7 +111,7 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
         record = store.get_many([note["id"]])[0]
         if record is None:
             return None
-        kind = "generation.completed" if record["status"] == "succeeded" else "generation.failed"
+        kind = request_event(record["status"])
         data = {k: v for k, v in record.items() if k not in ("job_id", "expires_at")}
         return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, \
             note.get("url") or None
@@ -123,24 +122,22 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
     hook, batch = store.redis.hmget(f"genq:job:{note['id']}", ["webhook", "batch"])
     data = {"id": job["id"], "object": "job", "status": job["status"], "counts": job["counts"]}
     if batch:  # an OpenAI batch: its id and status, as OpenAI's batch events carry them
-        data = {"id": batch, "object": "batch", "status": batch_status(store.redis, batch, job),
+        data = {"id": batch, "object": "batch", "status": ended_batch_status(store.redis, batch, job),
                 "job_id": job["id"], "counts": job["counts"]}
-    kind = JOB_EVENTS.get(data["status"], "batch.completed")
+    kind = job_event(data["status"])
     return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, hook
 
 
-def batch_status(redis, batch_id: str, job: dict[str, Any]) -> str:
-    """The status an OpenAI batch whose job ended reads (``compat.batches`` ends it so on its
-    next read): its own once final, else the ending asked for (cancel, expiry), else failed,
-    expired (a request expired) or completed."""
-    from worker.compat.batches import TERMINAL, batch_key
+def ended_batch_status(redis, batch_id: str, job: dict[str, Any]) -> str:
+    """The status an OpenAI batch whose job ended reads: its own once final, else the one
+    ``compat.batches`` ends it with on its next read (``lifecycle.batch_status``)."""
+    from worker.compat.batches import batch_key
 
     raw = redis.get(batch_key(batch_id))
     record = json.loads(raw) if raw else {}
-    if record.get("status") in TERMINAL:
+    if record.get("status") in BATCH_FINAL:
         return record["status"]
-    return record.get("ending") or ("failed" if job["status"] == "failed" else
-                                    "expired" if job["counts"]["expired"] else "completed")
+    return batch_status(record.get("ending"), job["status"], job["counts"]["expired"])
 
 
 def register(app, settings: Settings) -> None:
