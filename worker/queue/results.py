@@ -1,9 +1,10 @@
 """The result store on Redis: one JSON record per request, jobs, cancel flags, heartbeats.
 
 Every state change that must not happen twice (a redelivered request finishing again, a
-cancel racing the worker) is one Lua script, so the first final state wins and job counters
-are bumped exactly once. Final results are mirrored to Celery's ``celery-task-meta-<id>`` key
-so ``AsyncResult(id)`` and Flower see them too.
+cancel racing the worker) is one Lua script (``lua/*.lua``, loaded by ``worker.queue.scripts``),
+so the first final state wins and job counters are bumped exactly once. Final results are
+mirrored to Celery's ``celery-task-meta-<id>`` key so ``AsyncResult(id)`` and Flower see them
+too.
 
 Keys (all expire after ``GENQ_RESULT_TTL_S``):
 ``genq:r:<id>`` result JSON · ``genq:cancel:<id>`` cancel flag · ``genq:job:<jid>`` counts
@@ -27,134 +28,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.errors import NotFound
+from worker.lifecycle import FINAL, is_final, job_counts, job_status
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
+from worker.queue.scripts import register
 from worker.schema import result_record
 
-FINAL = ("succeeded", "failed", "cancelled", "expired")
-JOB_COUNTS = ("total", "queued", "running", "succeeded", "failed", "cancelled", "expired")
 CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED",
                 "expired": "REVOKED"}
-
-_IS_FINAL = """
-local function is_final(raw)
-  if not raw then return false end
-  local ok, doc = pcall(cjson.decode, raw)
-  if not ok then return false end
-  local s = doc['status']
-  return s == 'succeeded' or s == 'failed' or s == 'cancelled' or s == 'expired'
-end
-"""
-# KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id, meta json.
-# Every job the request belongs to is counted (its own and any linked by idempotency keys);
-# an expired job is never resurrected by a late finish.
-FINISH = _IS_FINAL + """
-if is_final(redis.call('GET', KEYS[1])) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
-local owner = redis.call('GET', 'genq:owner:' .. ARGV[5])
-if owner then
-  if redis.call('DECR', 'genq:pending:' .. owner) < 0 then
-    redis.call('SET', 'genq:pending:' .. owner, 0)
-  end
-end
-local notify = redis.call('EXISTS', 'genq:webhooks:global') == 1
-local hook = redis.call('GET', 'genq:hook:' .. ARGV[5])
-if hook or (notify and ARGV[4] == '') then
-  redis.call('LPUSH', 'genq:events',
-             cjson.encode({type = 'generation', id = ARGV[5], url = hook or ''}))
-end
-local jobs = redis.call('SMEMBERS', 'genq:rjobs:' .. ARGV[5])
-if ARGV[4] ~= '' then table.insert(jobs, ARGV[4]) end
-for _, jid in ipairs(jobs) do
-  local job = 'genq:job:' .. jid
-  if redis.call('EXISTS', job) == 1 then
-    redis.call('SREM', job .. ':running', ARGV[5])
-    if redis.call('SADD', job .. ':done', ARGV[5]) == 1 then
-      redis.call('HINCRBY', job, ARGV[2], 1)
-      local f = redis.call('HMGET', job, 'total', 'succeeded', 'failed', 'cancelled', 'expired',
-                           'webhook', 'state')
-      local ended = 0
-      for i = 2, 5 do ended = ended + (tonumber(f[i]) or 0) end
-      if ended >= (tonumber(f[1]) or 0) and f[7] ~= 'validating' and (f[6] or notify)
-         and redis.call('HSETNX', job, 'notified', 1) == 1 then
-        redis.call('LPUSH', 'genq:events', cjson.encode({type = 'job', id = jid}))
-      end
-    end
-  end
-end
-return 1
-"""
-# KEYS: result. ARGV: job id, request id, ttl. Adds a request submitted earlier (same
-# idempotency key) to another job: counted at once if final, else when it finishes.
-LINK = _IS_FINAL + """
-local raw = redis.call('GET', KEYS[1])
-local job = 'genq:job:' .. ARGV[1]
-if is_final(raw) then
-  if redis.call('SADD', job .. ':done', ARGV[2]) == 1 then
-    redis.call('HINCRBY', job, cjson.decode(raw)['status'], 1)
-  end
-  redis.call('EXPIRE', job .. ':done', ARGV[3])
-else
-  redis.call('SADD', 'genq:rjobs:' .. ARGV[2], ARGV[1])
-  redis.call('EXPIRE', 'genq:rjobs:' .. ARGV[2], ARGV[3])
-end
-return 1
-"""
-# KEYS: result, attempts, starts. ARGV: running json, ttl, job id or '', request id, start
-# token, 1 if it runs alone else 0. Returns the attempt number (1 for the first start), or 0 if
-# the request is already final. Idempotent: a start is counted once per token, so a retried
-# write counts nothing twice.
-START = _IS_FINAL + """
-if is_final(redis.call('GET', KEYS[1])) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if ARGV[3] ~= '' then redis.call('SADD', 'genq:job:' .. ARGV[3] .. ':running', ARGV[4]) end
-if redis.call('HSETNX', KEYS[3], ARGV[5], ARGV[6]) == 1 then redis.call('INCR', KEYS[2]) end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[3], ARGV[2])
-return tonumber(redis.call('GET', KEYS[2]))
-"""
-# KEYS: attempts, starts. ARGV: start token. A start handed back unfinished by a worker that
-# stops on purpose (warm shutdown): it never counts. Idempotent.
-UNSTART = """
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
-  if redis.call('DECR', KEYS[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
-end
-return 1
-"""
-# KEYS: result. ARGV: running json with the text so far, ttl. Never overwrites a final state.
-PROGRESS = _IS_FINAL + """
-if is_final(redis.call('GET', KEYS[1])) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
-"""
-# KEYS: job, the open-jobs index. ARGV: job id. The job leaves ``validating``; a job whose
-# requests all ended already (twins of finished requests, fast workers) is notified here. A
-# job no longer validating (reaped: its submitter was too slow) is left as it is.
-SUBMITTED = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'validating' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued')
-redis.call('ZREM', KEYS[2], ARGV[1])
-local f = redis.call('HMGET', KEYS[1], 'total', 'succeeded', 'failed', 'cancelled', 'expired',
-                     'webhook')
-local ended = 0
-for i = 2, 5 do ended = ended + (tonumber(f[i]) or 0) end
-if ended >= (tonumber(f[1]) or 0) and (f[6] or redis.call('EXISTS', 'genq:webhooks:global') == 1)
-   and redis.call('HSETNX', KEYS[1], 'notified', 1) == 1 then
-  redis.call('LPUSH', 'genq:events', cjson.encode({type = 'job', id = ARGV[1]}))
-end
-return 1
-"""
-# KEYS: the owner's pending counter. ARGV: how many, the limit (0: none), ttl.
-# Counts them in only if all fit: returns the new count, or -1 - the current count.
-RESERVE = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local n, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-if limit > 0 and cur + n > limit then return -1 - cur end
-redis.call('INCRBY', KEYS[1], n)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return cur + n
-"""
 WORKERS_KEY = "genq:workers"  # hash: worker name -> its latest heartbeat (JSON)
 OPEN_JOBS_KEY = "genq:jobs:open"  # zset: job id -> when its submitter last showed life
 
@@ -193,13 +74,13 @@ class ResultStore:
     def __init__(self, url: str, ttl_s: int, settings: Settings | None = None):
         self.redis = connect(url, settings, decode_responses=True, retry_on_timeout=True)
         self.ttl = ttl_s
-        self._finish = self.redis.register_script(FINISH)
-        self._start = self.redis.register_script(START)
-        self._unstart = self.redis.register_script(UNSTART)
-        self._progress = self.redis.register_script(PROGRESS)
-        self._link = self.redis.register_script(LINK)
-        self._reserve = self.redis.register_script(RESERVE)
-        self._submitted = self.redis.register_script(SUBMITTED)
+        self._finish = register(self.redis, "finish")
+        self._start = register(self.redis, "start")
+        self._unstart = register(self.redis, "unstart")
+        self._progress = register(self.redis, "progress")
+        self._link = register(self.redis, "link")
+        self._reserve = register(self.redis, "reserve")
+        self._submitted = register(self.redis, "submitted")
 
     # -- producers --------------------------------------------------------------------
 
@@ -244,9 +125,8 @@ class ResultStore:
         with ``add_job_ids``. A job whose submitter dies before that is reaped (``reap``)."""
         key = job_key(job_id)
         now = time.time()
-        pipe.hset(key, mapping={"total": total, "created": now, "succeeded": 0, "failed": 0,
-                                "cancelled": 0, "expired": 0, "state": "validating",
-                                "owner": owner or ""})
+        pipe.hset(key, mapping={"total": total, "created": now, **dict.fromkeys(FINAL, 0),
+                                "state": "validating", "owner": owner or ""})
         if webhook_url:
             pipe.hset(key, "webhook", webhook_url)
         pipe.expire(key, self.ttl)
@@ -423,7 +303,7 @@ class ResultStore:
                 to_finish.append({**rec, "status": "cancelled", "finish_reason": "cancelled",
                                   "text": ""})
         self.finish(to_finish)
-        return [bool(rec and rec["status"] in ("queued", "running")) for rec in records]
+        return [bool(rec and not is_final(rec["status"])) for rec in records]
 
     def job(self, job_id: str) -> dict[str, Any]:
         """Job status and counts in one round trip; ``NotFound`` if unknown."""
@@ -433,17 +313,8 @@ class ResultStore:
         fields, running = pipe.execute()
         if not fields:
             raise NotFound(f"no job {job_id!r} (unknown or expired)")
-        counts = {k: int(fields.get(k, 0)) for k in JOB_COUNTS if k not in ("queued", "running")}
-        finished = sum(counts[k] for k in FINAL)
-        counts["running"] = max(0, min(running, counts["total"] - finished))
-        counts["queued"] = max(0, counts["total"] - finished - counts["running"])
-        status = "completed" if finished == counts["total"] else (
-            "running" if finished or counts["running"] else "queued")
-        if status == "completed" and counts["cancelled"] and not counts["succeeded"]:
-            status = "cancelled"
-        if fields.get("state") in ("validating", "failed"):
-            status = fields["state"]
-        return {"id": job_id, "status": status, "counts": {k: counts[k] for k in JOB_COUNTS},
+        counts = job_counts(fields, running)
+        return {"id": job_id, "status": job_status(counts, fields.get("state")), "counts": counts,
                 "created": float(fields.get("created", 0)), "owner": fields.get("owner") or None,
                 "error": fields.get("error")}
 
