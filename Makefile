@@ -1,8 +1,10 @@
-# The two commands of the README: `make demo` and `make test` (each sets up first).
+# The two commands of the README: `make demo` and `make test` (each sets up first; CI runs
+# `make test`, everything). `make check`: lint and the tests that start no process and load no
+# real model, in under 2 minutes, for contributors.
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test check lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh constraints/cpu.txt
@@ -14,6 +16,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+check: setup
+	$(BIN)/ruff check worker tests
+	$(BIN)/python -m pytest -q -m "not process and not model"
 
 lint: setup
 	$(BIN)/ruff check worker tests

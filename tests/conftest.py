@@ -1,22 +1,127 @@
 """Shared fixtures: the real demo model (loaded once per session, per backend), a tiny
-random-weight model for plumbing tests, and a private redis-server per test session."""
+random-weight model for plumbing tests, and a private redis-server per test session.
+
+Test tiers (markers registered in pyproject.toml): ``process`` (the test starts a process:
+redis-server, ``genq worker``, a gateway, the CLI, sentinels...), ``model`` (it loads the real
+demo model, vLLM or Unsloth), ``slow`` (minutes). Tests using the fixtures below that imply
+one get the marker here; a test that starts a process without the ``process`` marker fails.
+``make check`` runs ``-m "not process and not model"``; ``make test`` runs everything."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-# Unsloth must be imported before transformers to patch it; import it first when present.
-try:
-    import unsloth  # noqa: F401
-except Exception:  # pragma: no cover - absent or broken install: the unsloth tests will fail
-    pass
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+
+# A test using one of these fixtures (directly or through another fixture) starts a process.
+PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "gateway",
+                    "start_up", "browser"}
+# ... or loads the real demo model, vLLM or Unsloth.
+MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "short_unsloth", "vllm_engine",
+                  "adapter_engine"}
+# The tests that load Unsloth in this process (test_queue_unsloth's worker imports its own).
+UNSLOTH_TESTS = ROOT / "tests" / "test_engine_unsloth.py"
+
+
+def pytest_configure(config):
+    """Unsloth must be imported before transformers to patch it (test collection imports
+    transformers), and its import takes 10-15 s: import it first only when this run may
+    select the tests that load it in this process."""
+    if _may_select(config, UNSLOTH_TESTS, {"model", "slow"}):
+        try:
+            import unsloth  # noqa: F401
+        except Exception:  # pragma: no cover - absent or broken install: its tests will fail
+            pass
+
+
+def _may_select(config, module: Path, markers: set[str]) -> bool:
+    """Whether the run's paths and ``-m`` expression may select tests of ``module`` carrying
+    ``markers`` (True when unsure)."""
+    markexpr = config.option.markexpr
+    if markexpr:
+        try:
+            from _pytest.mark.expression import Expression
+
+            if not Expression.compile(markexpr).evaluate(lambda name, **_: name in markers):
+                return False
+        except Exception:
+            return True
+    for arg in config.args:
+        path = Path(str(arg).split("::")[0]).resolve()
+        if path == module or path in module.parents:
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by the fixtures it uses (before ``-m`` deselects)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & PROCESS_FIXTURES and not item.get_closest_marker("process"):
+            item.add_marker(pytest.mark.process)
+        if names & MODEL_FIXTURES and not item.get_closest_marker("model"):
+            item.add_marker(pytest.mark.model)
+
+
+class UnmarkedProcess(BaseException):
+    """Raised (past ``except Exception``) where a test not marked ``process`` starts one."""
+
+
+@contextmanager
+def _refuse_processes(item):
+    """While ``item`` (not marked ``process``) sets up or runs, starting a process fails it."""
+    import _posixsubprocess
+    import subprocess
+
+    started: list[str] = []
+    targets = [(os, name) for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system",
+                                       "execv", "execve", "execvp", "execvpe")
+               if hasattr(os, name)]
+    targets += [(subprocess, "_fork_exec"),  # subprocess binds its own name for it
+                (_posixsubprocess, "fork_exec")]  # multiprocessing's spawn and forkserver
+    saved = [(module, name, getattr(module, name)) for module, name in targets]
+
+    def refuse(name):
+        def spawn(*args, **kwargs):
+            started.append(name)
+            raise UnmarkedProcess(f"{item.nodeid} starts a process ({name}) but is not marked "
+                                  "'process': add @pytest.mark.process (or use a fixture that "
+                                  "implies it)")
+        return spawn
+
+    for module, name, _ in saved:
+        setattr(module, name, refuse(f"{module.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+    if started:
+        pytest.fail(f"{item.nodeid} started a process ({', '.join(started)}) but is not marked "
+                    "'process'", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("process"):
+        return (yield)
+    with _refuse_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker("process"):
+        return (yield)
+    with _refuse_processes(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ def test_padding_plan_beats_arrival_order_on_the_shipped_prompts(cache_dir):
     assert rows[1]["genqueue_pad"] < rows[0]["genqueue_pad"]  # a larger pending pool pads less
 
 
+@pytest.mark.process
 def test_bench_cli_writes_results_and_plots(tmp_path, cache_dir):
     from typer.testing import CliRunner
 

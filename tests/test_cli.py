@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import EXAMPLES, ROOT, example_requests
 from tests.test_secrets import FORMS, PW
 
+pytestmark = pytest.mark.process  # every test runs genq as a subprocess
+
 
 def genq(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,

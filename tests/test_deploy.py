@@ -219,11 +219,13 @@ def check_redis_container(proc: subprocess.Popen, client: redis.Redis, password:
 # -- docker compose ---------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_compose_matches_the_compose_specification():
     result = check_compose(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 def test_compose_schema_check_rejects_a_broken_file(tmp_path):
     data = load_compose()
     data["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0][
@@ -291,6 +293,7 @@ def test_compose_cpu_worker_is_a_profile_without_gpu():
     assert svc["environment"]["GENQ_MODEL"] == "demo"
 
 
+@pytest.mark.process
 def test_compose_redis_is_persistent_non_evicting_and_password_protected(tmp_path):
     data = load_compose()
     redis_svc = interpolated(data, SECRETS)["services"]["redis"]
@@ -682,6 +685,7 @@ def test_secret_references_point_at_keys_of_the_example_secret():
     assert secret["stringData"]["redis-password"] in secret["stringData"]["broker-url"]
 
 
+@pytest.mark.process
 def test_kubernetes_redis_is_persistent_and_non_evicting(tmp_path):
     sts = k8s_one("StatefulSet", "genqueue-redis")
     ctr = container(sts)
@@ -1015,6 +1019,7 @@ def wait_for(check, timeout: float, what: str):
 
 
 @pytest.mark.parametrize("source", ["compose", "kubernetes"])
+@pytest.mark.process
 def test_ha_start_scripts_fail_over_and_rejoin_on_real_processes(source, tmp_path):
     """The data node and sentinel start scripts of the compose file or the manifest, run here
     (ports and paths local): TLS only, password off every command line, sentinels monitor the

@@ -156,6 +156,7 @@ def user_dir(tmp_path, tiny_model_dir, cache_dir):
     return work, env
 
 
+@pytest.mark.process
 def test_two_commands_block(tmp_path):
     """`make demo` and `make test` are the targets CI and the README name (CI runs `make test`
     itself; the quick-start test below runs the `genq run` that `make demo` runs)."""
@@ -169,6 +170,7 @@ def test_two_commands_block(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_quick_start_block_runs(user_dir):
     work, env = user_dir
     rc, out, err = _run_shell(block("bash", "genq run examples/prompts.jsonl").text, work, env,
@@ -182,6 +184,7 @@ def test_quick_start_block_runs(user_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_gateway_block_runs(user_dir):
     work, env = user_dir
     rc, out, err = _run_shell(block("bash", "genq up --gpus all").text, work, env, timeout=600)
@@ -225,6 +228,8 @@ def test_client_block_runs(redis_url, start_worker, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.model  # the block loads the demo model
 def test_engine_block_runs(tmp_path, cache_dir):
     script = tmp_path / "engine_block.py"
     script.write_text(block("python", 'load_engine("demo")').text)

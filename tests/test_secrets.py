@@ -68,6 +68,7 @@ except ConnectionError:
 """
 
 
+@pytest.mark.process
 def test_log_lines_mask_passwords_in_urls_and_password_values():
     """Through structlog and through the standard library (Celery, kombu), exceptions too."""
     out = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT], capture_output=True, text=True,
@@ -84,6 +85,7 @@ def test_log_lines_mask_passwords_in_urls_and_password_values():
     assert PW not in out.stderr
 
 
+@pytest.mark.process
 def test_embedded_redis_takes_its_password_from_a_private_config_file(tmp_path):
     server = EmbeddedRedis(tmp_path / "redis").start()
     try:
@@ -109,6 +111,7 @@ def test_embedded_redis_takes_its_password_from_a_private_config_file(tmp_path):
         again.stop()
 
 
+@pytest.mark.process
 def test_embedded_redis_in_a_directory_with_spaces_and_quotes(tmp_path):
     """The config file quotes its values: paths are not split or cut short."""
     server = EmbeddedRedis(tmp_path / 'my "data" dir' / "redis").start()

@@ -207,6 +207,7 @@ def test_sentinel_failover_mid_job(tmp_path, start_worker, tiny_model_dir):
                 proc.wait()
 
 
+@pytest.mark.process
 def test_a_primary_refusing_writes_is_a_503(tmp_path):
     """A primary without an in-sync replica (``min-replicas-to-write``) answers NOREPLICAS:
     the gateway says 503 and retry, not 500."""
