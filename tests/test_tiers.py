@@ -1,0 +1,62 @@
+"""The test tiers stay honest: markers follow the fixtures, a test not marked ``process`` cannot
+start one, and ``make check`` runs only the fast tier (``make test``, what CI runs, all)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, UnmarkedProcess, _refuse_processes, pytest_collection_modifyitems
+
+
+class FakeItem:
+    nodeid = "tests/test_fake.py::test_fake"
+
+    def __init__(self, *fixtures: str):
+        self.fixturenames = list(fixtures)
+        self.marks: list[pytest.Mark] = []
+
+    def get_closest_marker(self, name: str):
+        return next((m for m in self.marks if m.name == name), None)
+
+    def add_marker(self, marker) -> None:
+        self.marks.append(marker.mark)
+
+
+def test_fixtures_imply_their_markers():
+    items = [FakeItem("tmp_path"), FakeItem("redis_url", "tmp_path"), FakeItem("gateway"),
+             FakeItem("demo_engine"), FakeItem("client", "start_worker", "demo_engine")]
+    pytest_collection_modifyitems(None, items)
+    assert [sorted(m.name for m in item.marks) for item in items] == [
+        [], ["process"], ["process"], ["model"], ["model", "process"]]
+
+
+@pytest.mark.parametrize("spawn", [
+    lambda: subprocess.run(["true"]),
+    lambda: subprocess.Popen(["true"]).wait(),
+    lambda: os.system("true"),
+    lambda: os.fork() == 0 and os._exit(0),  # a child (if the guard let it) leaves at once
+], ids=["run", "popen", "system", "fork"])
+def test_an_unmarked_test_that_starts_a_process_fails(spawn):
+    with pytest.raises(pytest.fail.Exception, match="not marked 'process'"):
+        with _refuse_processes(FakeItem()):
+            with pytest.raises(UnmarkedProcess):  # past ``except Exception`` too
+                try:
+                    spawn()
+                except Exception:
+                    pytest.fail("swallowed")
+
+
+@pytest.mark.process
+def test_make_check_runs_lint_and_the_fast_tier_and_ci_runs_make_test():
+    dry = subprocess.run(["make", "-n", "check", "test", "VENV=.venv"], cwd=ROOT,
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "MAKEFLAGS": ""}).stdout
+    assert ".venv/bin/ruff check worker tests" in dry
+    assert '.venv/bin/python -m pytest -q -m "not process and not model"' in dry
+    assert ".venv/bin/python -m pytest\n" in dry  # make test: everything
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "`make check`" in readme and "`make test`" in readme
