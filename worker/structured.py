@@ -13,7 +13,8 @@ genqueue's:
 - ``{"type": "regex", "pattern": "..."}``: text matching the pattern (whole output).
 
 JSON is written compactly (no free whitespace between tokens): a small model cannot then
-spend its tokens on blank lines.
+spend its tokens on blank lines. A row that runs out of ``max_new_tokens`` still ends valid
+(``worker.engine.closing``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def constraint(response_format: dict[str, Any] | None) -> tuple[str, Any] | None
     if kind == "text":
         return None
     if kind == "json_object":
-        return "json", {"type": "object"}
+        return "json", _compact({"type": "object"})
     if kind == "json_schema":
         spec = response_format["json_schema"]
-        return "json", _closed(spec["schema"]) if spec.get("strict") else spec["schema"]
+        return "json", _compact(_closed(spec["schema"]) if spec.get("strict") else spec["schema"])
     if kind == "regex":
         return "regex", response_format["pattern"]
     raise ValueError(f"unknown response_format type {kind!r}")
@@ -52,8 +53,15 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         return None
     kind, value = demand
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=JSON_DEFAULTS)
+        return llguidance.LLMatcher.grammar_from_json_schema(value)
     return llguidance.LLMatcher.grammar_from_regex(value)
+
+
+def _compact(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` carrying llguidance's JSON options (``x-guidance``, those it gives itself
+    first), so every grammar built from it writes compact JSON: ours, and vLLM's (its guidance
+    backend ignores a request's ``disable_any_whitespace``)."""
+    return {**schema, "x-guidance": {**JSON_DEFAULTS, **schema.get("x-guidance", {})}}
 
 
 def _closed(schema: Any) -> Any:

@@ -138,12 +138,14 @@ class Engine:
         self._check_length(len(ids), request.max_new_tokens)
         if request.logprobs:
             self.grammars  # noqa: B018 - token bytes are needed for the result: fail now if not
+        state = self.row_state(request)
+        spec = request.grammar_spec
         return Sequence(
             id=request_id or _request_id(raw), request=request, prompt_ids=ids,
             body=raw if isinstance(raw, dict) else {},
             submitted_at=time.time() if submitted_at is None else submitted_at,
             expires_at=expires_at, suspect=suspect, logprobs=[] if request.logprobs else None,
-            **self.row_state(request))
+            closer=self.grammars.closer(spec, request.max_new_tokens) if spec else None, **state)
 
     def row_state(self, request: GenerationRequest, sample: int = 0) -> dict[str, Any]:
         """The backend's own per-row fields of a new ``Sequence`` (sampler, stops, grammar)."""
@@ -177,7 +179,10 @@ class Engine:
         return self.sequence(request).prompt_tokens
 
     def result(self, seq: Sequence) -> dict[str, Any]:
-        """The contract's result for a finished sequence."""
+        """The contract's result for a finished sequence (a constrained row the budget cut
+        is closed first: ``Sequence.close_cut``)."""
+        for row in seq.samples or [seq]:
+            row.close_cut()
         token_bytes = self.grammars.token_bytes if seq.logprobs is not None else None
         return seq.result(self.tokenizer, worker=self.worker_name, model=self.model_name,
                           token_bytes=token_bytes)

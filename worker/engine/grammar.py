@@ -7,7 +7,8 @@ rows of a step are computed together on llguidance's thread pool.
 
 Compiled grammars are cached per worker by the hash of their ``response_format`` (least
 recently used first out, ``GENQ_GRAMMAR_CACHE_SIZE``); a row gets a copy of the cached matcher,
-so a schema used by 10,000 requests is compiled once.
+so a schema used by 10,000 requests is compiled once. Each cached grammar comes with its
+``Closer`` (``worker.engine.closing``): what ends a row the budget cut as valid text.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import llguidance
 import llguidance.torch
 import torch
 
+from worker.engine.closing import Closer
 from worker.errors import InvalidRequest
-from worker.structured import format_key, grammar_for
+from worker.structured import constraint, format_key, grammar_for
 
 
 class Grammars:
@@ -32,7 +34,7 @@ class Grammars:
         self.tokenizer = llguidance.LLTokenizer(_tokenizer_json(tokenizer), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_ids))
         self.cache_size = cache_size
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._compiled: OrderedDict[str, Closer] = OrderedDict()  # each grammar with its closer
         self.hits = 0
         self.misses = 0
 
@@ -45,19 +47,32 @@ class Grammars:
         """The cached compiled grammar of a format (never consume tokens with it: copy it);
         ``InvalidRequest`` if it cannot be compiled for this tokenizer."""
         key = format_key(spec)
-        template = self._compiled.get(key)
-        if template is None:
+        entry = self._compiled.get(key)
+        if entry is None:
             self.misses += 1
-            template = llguidance.LLMatcher(self.tokenizer, grammar_for(spec))
-            if template.is_error():
-                raise InvalidRequest(f"response_format: {template.get_error()}")
-            self._compiled[key] = template
+            entry = self._compiled[key] = self._compile(spec)
             while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
         else:
             self.hits += 1
             self._compiled.move_to_end(key)
-        return template
+        return entry.template
+
+    def closer(self, spec: dict[str, Any], budget: int) -> Closer:
+        """The closer of a format (its grammar as ``compiled`` cached it; not counted as a hit);
+        ``InvalidRequest`` if ``budget`` tokens cannot hold the shortest valid document."""
+        entry = self._compiled.get(format_key(spec)) or self._compile(spec)
+        if entry.shortest is not None and budget < entry.shortest:
+            raise InvalidRequest(
+                f"max_new_tokens: {budget} tokens cannot hold a document valid for "
+                f"response_format (the shortest takes {entry.shortest})")
+        return entry
+
+    def _compile(self, spec: dict[str, Any]) -> Closer:
+        template = llguidance.LLMatcher(self.tokenizer, grammar_for(spec))
+        if template.is_error():
+            raise InvalidRequest(f"response_format: {template.get_error()}")
+        return Closer(self.tokenizer, template, json=constraint(spec)[0] == "json")
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a special token's text for special tokens)."""

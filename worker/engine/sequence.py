@@ -48,6 +48,7 @@ class Sequence:
     sampler: Any = field(default=None, repr=False)  # engine.sampling.RowSampler or None
     stops: StopStrings | None = field(default=None, repr=False)
     grammar: Any = field(default=None, repr=False)  # llguidance.LLMatcher of a constrained row
+    closer: Any = field(default=None, repr=False)  # engine.closing.Closer of a constrained row
     logprobs: list[Logprob] | None = field(default=None, repr=False)  # when asked for
     sample: int = 0  # which of the request's n samples this row is
     primary: Sequence | None = field(default=None, repr=False)  # sample 0, for the others
@@ -110,6 +111,26 @@ class Sequence:
             self.finish_reason = "length"
         return self.finish_reason is not None
 
+    def close_cut(self) -> None:
+        """End a constrained row that ran out of budget as valid text (``Closer.fit``): its
+        tokens are cut back to the longest prefix that can be closed within
+        ``max_new_tokens`` and the closing is appended (counted as generated tokens; each
+        listed with log-probability 0, its only candidate). A no-op for other rows, and
+        once done."""
+        if self.closer is None or self.finish_reason != "length":
+            return
+        fit = self.closer.fit(self.tokens, self.request.max_new_tokens)
+        self.closer = None
+        if fit is None:  # the closer cannot complete this format in time: left as generated
+            return
+        keep, closing = fit
+        cut = len(self.tokens) - keep
+        self.tokens[keep:] = closing
+        if self.logprobs is not None:
+            del self.logprobs[max(len(self.logprobs) - cut, 0):]
+            top = bool(self.request.top_logprobs)
+            self.logprobs.extend((t, 0.0, [(t, 0.0)] if top else []) for t in closing)
+
     def stop_early(self, status: str) -> None:
         """End the row now (``cancelled`` or ``expired``), keeping what it generated."""
         self.status = status
@@ -130,8 +151,13 @@ class Sequence:
             self.logprobs.clear()
 
     def text(self, tokenizer) -> str:
-        """The generated text so far: never the prompt, never a special token."""
-        return tokenizer.decode(self.tokens, skip_special_tokens=True,
+        """The generated text so far: never the prompt, never a special token. A running
+        constrained row shows only what its end keeps (``close_cut`` may cut the rest)."""
+        tokens = self.tokens
+        if self.closer is not None and not self.done:
+            fit = self.closer.fit(tokens, self.request.max_new_tokens)
+            tokens = tokens[:fit[0]] if fit else tokens
+        return tokenizer.decode(tokens, skip_special_tokens=True,
                                 clean_up_tokenization_spaces=False)
 
     # -- results ----------------------------------------------------------------------
