@@ -36,14 +36,14 @@ def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url
     assert [d.queue for d in held] == ["genq.interactive"] * 3 + ["genq.bulk", "genq.bulk.team-a"]
     body, headers = held[0].decode()
     assert headers["id"] == ids[0] and body[0][0]["prompt"] == "p0"
-    assert broker.llen("genq.interactive") == 0 and broker.hlen("unacked") == 5
+    assert broker.llen("genq.interactive") == 0 and broker.hlen("genq:unacked") == 5
     inbox.ack(held[:1])
-    assert broker.hlen("unacked") == 4 and broker.zcard("unacked_index") == 4
+    assert broker.hlen("genq:unacked") == 4 and broker.zcard("genq:unacked_index") == 4
     time.sleep(2.5)  # the holder "died": kombu's visibility-timeout restore takes over
     with Connection(redis_url, transport_options=options) as conn:
         channel = conn.default_channel
         channel.qos.restore_visible(num=None, interval=1)
-    assert broker.hlen("unacked") == 0
+    assert broker.hlen("genq:unacked") == 0
     assert broker.llen("genq.bulk.team-a") == 1  # back on its owner's list
     again, _ = inbox.fetch(dict.fromkeys(REQUEST_QUEUES, 10))
     assert sorted(d.decode()[1]["id"] for d in again) == sorted([*ids[1:], bulk, owned])
@@ -76,8 +76,8 @@ def test_the_unacked_record_is_the_one_kombu_writes(redis_url):
                              declare=[kombu_queue("genq.bulk")], serializer="json")
         theirs = conn.default_channel.basic_get("genq.bulk", no_ack=False)  # kombu records it
         [ours], _ = Inbox(broker, options).fetch({"genq.bulk": 1})
-        assert broker.zcard(options.get("unacked_index_key", "unacked_index")) == 2
-        records = {k.decode(): json.loads(v) for k, v in broker.hgetall("unacked").items()}
+        assert broker.zcard(options["unacked_index_key"]) == 2
+        records = {k.decode(): json.loads(v) for k, v in broker.hgetall(options["unacked_key"]).items()}
         kombu_record, our_record = records[theirs.delivery_tag], records[ours.tag]
     same = (len(kombu_record) == len(KOMBU_UNACKED)
             and [type(x) for x in our_record] == [type(x) for x in kombu_record]

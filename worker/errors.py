@@ -74,3 +74,20 @@ class IdempotencyConflict(GenqError):
     """The idempotency key was used before with a different request body."""
 
     code: ErrorCode = "invalid_request"
+
+
+class GenerationFailed(Exception):
+    """A request that ended ``failed``, as Celery raises it from ``AsyncResult(id).get()``.
+
+    Its one argument is ``"<code>: <message>"`` (the result's ``error``). Celery rebuilds it
+    from the stored meta (``exc_module`` ``worker.errors``, ``exc_type`` ``GenerationFailed``):
+    as this class where ``worker.errors`` is imported, else as an exception class of that name
+    that Celery makes on the spot; ``str(exc)`` and ``exc.args[0]`` read the same either way."""
+
+    @property
+    def code(self) -> str:
+        return str(self.args[0]).partition(": ")[0] if self.args else "internal"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]).partition(": ")[2] if self.args else ""

@@ -62,7 +62,7 @@ def test_redis_stopped_mid_batch_on_a_quiet_system(client, start_worker, tiny_mo
     r = redis.Redis.from_url(redis_url)
     ids = [res["id"] for res in client.job_results(job)]
     assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6  # each ran once
-    assert r.hlen("unacked") == 0 and r.llen("genq.interactive") == 0
+    assert r.hlen("genq:unacked") == 0 and r.llen("genq.interactive") == 0
     log = (start_worker.log_dir / "quiet@test.log").read_text()
     assert "broker_unavailable" in log and "broker_back" in log
     assert settled_s < 10, settled_s
@@ -121,7 +121,7 @@ def test_three_sigkills_at_random_moments_fail_nobody(client, start_worker, tiny
     r = redis.Redis.from_url(redis_url)
     results = list(client.job_results(job))
     assert len({res["id"] for res in results}) == 100
-    assert r.scard(f"genq:job:{job}:done") == 100 and r.hlen("unacked") == 0
+    assert r.scard(f"genq:job:{job}:done") == 100 and r.hlen("genq:unacked") == 0
     restarted = sum(int(r.get(f"genq:attempts:{res['id']}")) > 1 for res in results)
     print(json.dumps({"scenario": "3 random SIGKILLs, 100 requests, GENQ_MAX_ATTEMPTS=2",
                       "counts_at_kills": kills, "lost": 0, "failed": 0,
@@ -221,7 +221,7 @@ def test_a_frozen_redis_freezes_no_worker(client, start_worker, tiny_model_dir, 
     r = redis.Redis.from_url(redis_server.url)
     ids = [res["id"] for res in client.job_results(job)]
     assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6
-    assert r.hlen("unacked") == 0
+    assert r.hlen("genq:unacked") == 0
     print(json.dumps({"scenario": "redis frozen (SIGSTOP) 14 s mid-batch", "lost": 0,
                       "ran_twice": 0, "all_stored_s_after_redis_back": round(settled_s, 1)}))
 
@@ -323,7 +323,7 @@ def test_malformed_envelopes_never_take_a_worker_down(client, start_worker, tiny
     wait_until(lambda: r.llen("genq.bulk") + r.llen("genq.interactive") == 0, 60, "not drained")
     last = client.submit(prompt="after the fuzz", max_new_tokens=3)
     assert client.wait(last, timeout=60)["worker"] == "envelopes@test"
-    assert worker.poll() is None and r.hlen("unacked") == 0
+    assert worker.poll() is None and r.hlen("genq:unacked") == 0
     log = (start_worker.log_dir / "envelopes@test.log").read_text()
     assert log.count("message_rejected") >= 40
 

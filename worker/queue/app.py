@@ -26,6 +26,13 @@ PARKED_KEY = "genq:parked"
 BULK_BELL = "genq:bell:bulk"  # rung after publishing to an owner's bulk list
 # kombu's Redis transport puts a message sent with Celery's priority=N on ``<queue>\x06\x16<step>``
 PRIORITY_STEPS = ("\x06\x163", "\x06\x166", "\x06\x169")
+# kombu's unacked hash, its index and its restore lock, under names of genqueue's own: kombu's
+# visibility-timeout restore in a genqueue process (60 s) then scans only genqueue's messages,
+# never those of a host Celery app sharing the Redis database (its default names are
+# ``unacked``, ``unacked_index``, ``unacked_mutex``), and the host's restore never ours
+UNACKED_KEY = "genq:unacked"
+UNACKED_INDEX_KEY = "genq:unacked_index"
+UNACKED_MUTEX_KEY = "genq:unacked_mutex"
 
 
 def queue_for(priority: str | None, owner: str | None = None) -> str:
@@ -89,6 +96,9 @@ def transport_options(settings: Settings, batch_publish: bool = False) -> dict:
     return {
         **sentinel,
         "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_key": UNACKED_KEY,
+        "unacked_index_key": UNACKED_INDEX_KEY,
+        "unacked_mutex_key": UNACKED_MUTEX_KEY,
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
         # kombu holds this lock while it restores expired messages; its default (300 s) means a
@@ -134,3 +144,18 @@ def make_app(settings: Settings | None = None, batch_publish: bool = False) -> C
         **extra,  # TLS
     )
     return app
+
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A worker.queue.app inspect ping`` (and ``status``, ``events``, Flower): the
+    module's ``app`` / ``celery`` is an app configured from the ``GENQ_`` settings, made on
+    first use (importing this module connects to nothing)."""
+    if name in ("app", "celery"):
+        global _APP
+        if _APP is None:
+            _APP = make_app()
+        return _APP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_APP: Celery | None = None

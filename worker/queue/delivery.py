@@ -37,6 +37,8 @@ from worker.queue.app import (
     INTERACTIVE_QUEUE,
     OWNER_LISTS_KEY,
     PARKED_KEY,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
     logical_queue,
     pins_key,
     request_lists,
@@ -49,6 +51,8 @@ BULK_TURN_KEY = "genq:bulk:turn"  # whose turn it is among the bulk lists
 # Redis transport (``kombu.transport.redis.QoS.append``) holds a message it delivered as the hash
 # ``unacked``: delivery tag -> the JSON array ``[message as published, exchange, routing key]``
 # and the sorted set ``unacked_index``: tag -> when it was taken; its restore reads them back.
+# genqueue gives kombu names of its own for both (``app.UNACKED_KEY``, ``UNACKED_INDEX_KEY``,
+# transport options), so a host Celery app on the same Redis keeps its own.
 # The fetch script (``lua/fetch.lua``) writes exactly that. Checked against these kombu
 # versions (major.minor) by ``tests/test_delivery.py``, which fails on any other version or a
 # different record.
@@ -109,8 +113,8 @@ class Inbox:
     def __init__(self, client: redis.Redis, transport: dict[str, Any],
                  workers_key: str = "genq:workers", adapters: list[str] | None = None):
         self.redis = client
-        self.unacked = transport.get("unacked_key", "unacked")
-        self.index = transport.get("unacked_index_key", "unacked_index")
+        self.unacked = transport.get("unacked_key", UNACKED_KEY)
+        self.index = transport.get("unacked_index_key", UNACKED_INDEX_KEY)
         self.workers_key = workers_key
         self.adapters = json.dumps(sorted(adapters or []))
         self._fetch = register(client, "fetch")

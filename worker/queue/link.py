@@ -40,8 +40,10 @@ from worker.queue.app import (
     INTERACTIVE_QUEUE,
     PRIORITY_STEPS,
     REQUEST_QUEUES,
+    TASK_NAME,
     transport_options,
 )
+from worker.queue.canvas import Follower
 from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, parse
 from worker.queue.results import ResultStore
@@ -110,6 +112,12 @@ class Link:
         self._running: set[str] = set()
         self._tokens: dict[str, str] = {}  # request id -> token of this worker's start
         self._cancelled: set[str] = set()
+        self._canvas: dict[str, dict[str, Any]] = {}  # request id -> its Celery canvas
+        self._follow: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # to publish
+        self._since: dict[str, tuple[float, float]] = {}  # id -> (time.time(), monotonic) held
+        self._started_at: dict[str, float] = {}  # id -> when its start was stored (wall)
+        self.follower = Follower(settings)
+        self._events = None  # Celery's event dispatcher (task events for Flower), on first use
         self._want = dict.fromkeys(REQUEST_QUEUES, 0)
         self._empty = dict.fromkeys(REQUEST_QUEUES, False)
         self._checking = dict.fromkeys(REQUEST_QUEUES, 0)  # fetched, not handed over yet
@@ -201,6 +209,9 @@ class Link:
         started here and went back to waiting (evicted) is not charged for that start."""
         with self._lock:
             starts = [(i, self._tokens[i], False) for i in ids if i in self._tokens]
+        for i in ids:  # it comes back with its message
+            self._canvas.pop(i, None)
+            self._started_at.pop(i, None)
         self._push(_Op("requeue", [], self._release(ids), starts=starts))
 
     def step_started(self) -> None:
@@ -239,6 +250,8 @@ class Link:
     def _release(self, ids: list[str]) -> list[Delivery]:
         with self._lock:
             out = [self._held.pop(i)[0] for i in ids if i in self._held]
+            for i in ids:
+                self._since.pop(i, None)
             self._running.difference_update(ids)
             for i in ids:
                 self._tokens.pop(i, None)
@@ -289,12 +302,14 @@ class Link:
         records = self.store.redis.pipeline(transaction=False)
         acks = self.broker.pipeline(transaction=False)
         starts: list[tuple[_Op, int]] = []
+        finishes: list[tuple[_Op, int]] = []
         for op in ops:
             if op.kind == "start":
                 starts.append((op, len(records.command_stack)))
                 self.store.start(op.records, [t for _, t, _ in op.starts],
                                  [a for _, _, a in op.starts], pipe=records)
             elif op.kind == "finish":
+                finishes.append((op, len(records.command_stack)))
                 self.store.finish(op.records, pipe=records)
                 note_failures(records, op.records, self.store.ttl)
                 self.inbox.ack(op.deliveries, pipe=acks)
@@ -304,6 +319,11 @@ class Link:
         self.store.progress(progress, pipe=records)
         try:
             replies = records.execute() if records.command_stack else []
+            for op, at in finishes:  # stored now (not by an earlier try): what follows them
+                for record, stored in zip(op.records, replies[at:at + len(op.records)],
+                                          strict=True):
+                    self._finished_one(record, bool(stored))
+            self._publish_follow()  # before the acks: a callback is never lost to a retry
             if acks.command_stack:
                 acks.execute()
         except Exception:
@@ -316,6 +336,10 @@ class Link:
                 self._ops.popleft()
         for op, at in starts:
             op.result = [int(x) for x in replies[at:at + len(op.records)]]
+            for record, n in zip(op.records, op.result, strict=True):
+                if n and record["id"] not in self._started_at:
+                    self._started_at[record["id"]] = time.time()
+                    self._event("task-started", uuid=record["id"])
         for op in ops:
             op.done.set()
 
@@ -366,6 +390,16 @@ class Link:
         except redis.RedisError:  # they are taken: run them (a finish is idempotent)
             states = [(None, 0, 0)] * len(envelopes)
         arrivals, done, lost = [], [], []
+        unknown = [(e.id, e.request) for e, (status, _, _) in zip(envelopes, states, strict=True)
+                   if status is None and e.foreign]
+        if unknown:  # a Celery producer's request: readable (GET, genq status) from now on
+            try:
+                self.store.record_queued(unknown)
+            except redis.RedisError:
+                pass
+        for envelope, (status, _, _) in zip(envelopes, states, strict=True):
+            if envelope.canvas and not is_final(status):
+                self._canvas[envelope.id] = envelope.canvas
         for envelope, (status, attempts, deaths_alone) in zip(envelopes, states, strict=True):
             if is_final(status):
                 done.append(envelope.delivery)  # finished before: a redelivered duplicate
@@ -382,6 +416,13 @@ class Link:
                       job_id=envelope.job_id, attempts=self.max_attempts)
             self._fail(envelope, "worker_lost",
                        f"{self.max_attempts} workers stopped while running this request alone")
+        now = (time.time(), time.monotonic())
+        for a in arrivals:
+            self._since.setdefault(a.envelope.id, now)
+            self._event("task-received", uuid=a.envelope.id, name=TASK_NAME,
+                        args=_short([a.envelope.request]), kwargs="{}",
+                        root_id=(a.envelope.canvas or {}).get("root_id", a.envelope.id),
+                        expires=a.envelope.expires_at, retries=0, eta=None)
         with self._lock:
             for a in arrivals:
                 self._held[a.envelope.id] = (a.envelope.delivery, a.envelope.priority)
@@ -395,7 +436,7 @@ class Link:
         names a request id, and acked (never redelivered)."""
         try:
             body, headers = delivery.decode()
-            return parse(body, headers, delivery)
+            envelope = parse(body, headers, delivery)
         except (Undecodable, MalformedMessage) as exc:
             request_id = getattr(exc, "request_id", None)
             log.error("message_rejected", worker=self.name, reason=str(exc)[:300],
@@ -403,17 +444,27 @@ class Link:
             if request_id:
                 failed = [result_record(request_id, "failed", worker=self.name,
                                         error={"code": "invalid_request", "message": str(exc)})]
-                self.store.finish(failed)
+                if getattr(exc, "canvas", None):
+                    self._canvas[request_id] = exc.canvas
+                self._event("task-received", uuid=request_id, name=TASK_NAME)
+                for record, stored in zip(failed, self.store.finish(failed), strict=True):
+                    self._finished_one(record, stored)
                 self._note_failures(failed)
+                self._publish_follow()
             self.inbox.ack([delivery])
             return None
+        if "priority" not in envelope.request and delivery.priority_queue == BULK_QUEUE:
+            envelope.request["priority"] = "bulk"  # sent to genq.bulk by a Celery producer
+        return envelope
 
     def _fail(self, envelope: Envelope, code: str, message: str) -> None:
         record = result_record(envelope.id, "failed", envelope.request, job_id=envelope.job_id,
                                worker=self.name, model=self.info.get("model"),
                                error={"code": code, "message": message})
-        self.store.finish([record])
+        for stored in self.store.finish([record]):
+            self._finished_one(record, stored)
         self._note_failures([record])
+        self._publish_follow()
         self.inbox.ack([envelope.delivery])
         if self.metrics is not None:
             self.metrics.requests.labels(worker=self.name, status="failed").inc()
@@ -422,6 +473,73 @@ class Link:
         pipe = self.store.redis.pipeline(transaction=False)
         note_failures(pipe, records, self.store.ttl)
         pipe.execute()
+
+    def _finished_one(self, record: dict[str, Any], stored: bool) -> None:
+        """A final result was written (``stored``: by this call, not before): queue what
+        follows it (its Celery canvas) and send its task event."""
+        request_id = record["id"]
+        canvas = self._canvas.pop(request_id, None)
+        self._since.pop(request_id, None)
+        started = self._started_at.pop(request_id, None)
+        if not stored:
+            return
+        if canvas:
+            self._follow.append((record, canvas))
+        status = record["status"]
+        if status == "succeeded":
+            self._event("task-succeeded", uuid=request_id, result=_short(record.get("text")),
+                        runtime=round(time.time() - started, 4) if started else 0.0)
+        elif status == "failed":
+            err = record.get("error") or {}
+            self._event("task-failed", uuid=request_id, traceback=None,
+                        exception=f"GenerationFailed('{err.get('code')}: {err.get('message')}')")
+        else:
+            self._event("task-revoked", uuid=request_id, terminated=started is not None,
+                        signum=None, expired=status == "expired")
+
+    def _publish_follow(self) -> None:
+        """Publish the callbacks, errbacks and chain steps of stored results (in order; one
+        that fails stays first in line and the link retries it)."""
+        while self._follow:
+            record, canvas = self._follow[0]
+            try:
+                self.follower.follow(record, canvas, self.store.redis)
+            except (redis.RedisError, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad signature must not stop the link
+                log.error("callback_failed", worker=self.name, request_id=record["id"],
+                          error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            self._follow.popleft()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Send a Celery task event (``celery events``, Flower); best effort, never raises."""
+        try:
+            if self._events is None:
+                app = self.follower.app
+                self._events = app.events.Dispatcher(app.connection_for_write(),
+                                                     hostname=self.name, enabled=True,
+                                                     buffer_while_offline=False)
+            self._events.send(kind, **fields)
+        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
+            log.debug("event_failed", worker=self.name, kind=kind, error=repr(exc)[:200])
+
+    def requests(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(running, waiting) requests held here, as ``celery inspect active`` / ``reserved``
+        describe a request."""
+        with self._lock:
+            held = {i: (d.queue, p, i in self._running) for i, (d, p) in self._held.items()}
+            since = dict(self._since)
+            started = dict(self._started_at)
+        running, waiting = [], []
+        for request_id, (queue, priority, is_running) in held.items():
+            info = {"id": request_id, "name": TASK_NAME, "type": TASK_NAME,
+                    "args": [], "kwargs": {}, "hostname": self.name, "worker_pid": os.getpid(),
+                    "time_start": started.get(request_id) or since.get(request_id, (None,))[0],
+                    "acknowledged": False, "priority": priority,
+                    "delivery_info": {"exchange": "", "routing_key": queue, "priority": None,
+                                      "redelivered": None}}
+            (running if is_running else waiting).append(info)
+        return running, waiting
 
     def _poll_cancels(self) -> None:
         with self._lock:
@@ -501,3 +619,9 @@ class Link:
                 armed.clear()
                 self._empty[queue] = False
                 self._wake.set()
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A value as Celery events show it (its repr, cut)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -3,8 +3,9 @@
 Every state change that must not happen twice (a redelivered request finishing again, a
 cancel racing the worker) is one Lua script (``lua/*.lua``, loaded by ``worker.queue.scripts``),
 so the first final state wins and job counters are bumped exactly once. Final results are
-mirrored to Celery's ``celery-task-meta-<id>`` key so ``AsyncResult(id)`` and Flower see them
-too.
+mirrored to Celery's ``celery-task-meta-<id>`` key and published on its channel, as Celery's
+Redis result backend does, so ``AsyncResult(id).get()`` returns as soon as a result is stored
+and ``.state`` reads PENDING (no meta), STARTED, then SUCCESS, FAILURE or REVOKED.
 
 Keys (all expire after ``GENQ_RESULT_TTL_S``):
 ``genq:r:<id>`` result JSON · ``genq:cancel:<id>`` cancel flag · ``genq:job:<jid>`` counts
@@ -38,6 +39,33 @@ CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOK
                 "expired": "REVOKED"}
 WORKERS_KEY = "genq:workers"  # hash: worker name -> its latest heartbeat (JSON)
 OPEN_JOBS_KEY = "genq:jobs:open"  # zset: job id -> when its submitter last showed life
+
+
+def meta_key(request_id: str) -> str:
+    """Celery's result key (``RedisBackend.get_key_for_task``), also its pub/sub channel."""
+    return f"celery-task-meta-{request_id}"
+
+
+def celery_meta(record: dict[str, Any], worker: str | None = None) -> dict[str, Any]:
+    """Celery's result meta for a record: STARTED while running (``result``: the worker, as
+    Celery stores it), SUCCESS with the result dict, FAILURE with ``GenerationFailed("<code>:
+    <message>")``, REVOKED (``TaskRevokedError``) when cancelled or expired."""
+    status = record["status"]
+    if status == "running":
+        return {"status": "STARTED", "result": {"hostname": worker or record.get("worker"),
+                                                "pid": None},
+                "traceback": None, "children": [], "date_done": None, "task_id": record["id"]}
+    if status == "failed":
+        err = record.get("error") or {}
+        payload: Any = {"exc_type": "GenerationFailed", "exc_module": "worker.errors",
+                        "exc_message": [f"{err.get('code')}: {err.get('message')}"]}
+    elif status in ("cancelled", "expired"):
+        payload = {"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions",
+                   "exc_message": [status]}
+    else:
+        payload = record
+    return {"status": CELERY_STATE[status], "result": payload, "traceback": None,
+            "children": [], "date_done": datetime.now(UTC).isoformat(), "task_id": record["id"]}
 
 
 def result_key(request_id: str) -> str:
@@ -194,9 +222,9 @@ class ResultStore:
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         for rec, token, solo in zip(records, tokens, alone, strict=True):
             self._start(keys=[result_key(rec["id"]), attempts_key(rec["id"]),
-                              starts_key(rec["id"])],
+                              starts_key(rec["id"]), meta_key(rec["id"])],
                         args=[_dumps(rec), self.ttl, rec.get("job_id") or "", rec["id"], token,
-                              int(solo)], client=pipe)
+                              int(solo), _dumps(celery_meta(rec))], client=pipe)
         for job_id in {rec["job_id"] for rec in records if rec.get("job_id")}:
             pipe.expire(f"{job_key(job_id)}:running", self.ttl)
         return [int(x) for x in pipe.execute()[:len(records)]] if own else None
@@ -205,8 +233,8 @@ class ResultStore:
         """Queue on ``pipe``: these (request id, start token) starts never count (the worker
         hands the requests back on purpose)."""
         for request_id, token in starts:
-            self._unstart(keys=[attempts_key(request_id), starts_key(request_id)], args=[token],
-                          client=pipe)
+            self._unstart(keys=[attempts_key(request_id), starts_key(request_id),
+                                meta_key(request_id)], args=[token], client=pipe)
 
     def progress(self, records: list[dict[str, Any]], pipe) -> None:
         """Queue on ``pipe`` running records with the text so far (never over a final one)."""
@@ -239,23 +267,10 @@ class ResultStore:
         With ``pipe``: queued on it."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        now = datetime.now(UTC).isoformat()
         for res in results:
-            status = res["status"]
-            if status == "failed":
-                err = res.get("error") or {}
-                payload: Any = {"exc_type": "RuntimeError", "exc_module": "builtins",
-                                "exc_message": [f"{err.get('code')}: {err.get('message')}"]}
-            elif status in ("cancelled", "expired"):
-                payload = {"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions",
-                           "exc_message": [status]}
-            else:
-                payload = res
-            meta = {"status": CELERY_STATE[status], "result": payload, "traceback": None,
-                    "children": [], "date_done": now, "task_id": res["id"]}
-            self._finish(keys=[result_key(res["id"]), f"celery-task-meta-{res['id']}"],
-                         args=[_dumps(res), status, self.ttl, res.get("job_id") or "",
-                               res["id"], _dumps(meta)], client=pipe)
+            self._finish(keys=[result_key(res["id"]), meta_key(res["id"])],
+                         args=[_dumps(res), res["status"], self.ttl, res.get("job_id") or "",
+                               res["id"], _dumps(celery_meta(res))], client=pipe)
         for job_id in {r["job_id"] for r in results if r.get("job_id")}:
             pipe.expire(f"{job_key(job_id)}:done", self.ttl)
         return [bool(x) for x in pipe.execute()[:len(results)]] if own else None

@@ -4,6 +4,12 @@ The Celery worker keeps what operators expect (``celery inspect ping``, heartbea
 control, events; solo pool, consuming only ``genq.control``); the ``GenerationStep`` loads the
 engine and runs the ``Consumer`` step loop in a thread, stopping it gracefully on warm
 shutdown (running rows finish, waiting requests go back to their queues).
+
+Remote control speaks for the step loop (``install_control``): ``inspect active`` lists the
+requests running here and ``inspect reserved`` those held waiting; ``revoke`` also writes the
+request's cancel flag in Redis (``genq:cancel:<id>``, kept for the result TTL), so it is
+honoured wherever the request is: queued, held, running, or fetched later by a worker started
+after the revoke.
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class GenerationStep(bootsteps.StartStopStep):
                           error=exc.lines[0], fix=exc.lines[1])
                 note.failed(exc.lines)
                 raise SystemExit(EX_MODEL_UNAVAILABLE) from None
+        worker.genq_consumer = self.consumer  # for remote control (install_control)
         self.thread = threading.Thread(target=self._run, args=(worker,), name="genq-steps")
         self.thread.start()
 
@@ -191,6 +198,47 @@ class GenerationStep(bootsteps.StartStopStep):
             self.thread.join()
 
 
+def _genq_consumer(state):
+    """The ``Consumer`` of the worker a remote-control command reached (None while loading)."""
+    return getattr(getattr(state.consumer, "controller", None), "genq_consumer", None)
+
+
+def install_control() -> None:
+    """Make Celery's remote control commands ``active``, ``reserved`` and ``revoke`` speak for
+    the step loop (Celery's own see only requests its pool runs, and genqueue's pool runs
+    none). Process-wide: call once, in a ``genq worker`` process."""
+    from celery.utils.functional import maybe_list
+    from celery.worker.control import Panel
+
+    if getattr(Panel.data.get("revoke"), "genq", False):
+        return
+    celery_revoke = Panel.data["revoke"]
+
+    def revoke(state, task_id, terminate=False, signal=None, **kwargs):
+        ids = [str(i) for i in maybe_list(task_id) or []]
+        consumer = _genq_consumer(state)
+        if consumer is not None and ids:
+            try:  # the flag outlives this worker: later workers honour it too
+                consumer.store.cancel(ids)
+            except Exception as exc:  # noqa: BLE001 - Celery's own revoke still runs
+                log.warning("revoke_not_persisted", request_ids=ids, error=repr(exc)[:200])
+        return celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+
+    def active(state, safe=False, **kwargs):
+        consumer = _genq_consumer(state)
+        return consumer.link.requests()[0] if consumer is not None else []
+
+    def reserved(state, **kwargs):
+        consumer = _genq_consumer(state)
+        return consumer.link.requests()[1] if consumer is not None else []
+
+    revoke.genq = True
+    for name, fun in (("revoke", revoke), ("active", active), ("dump_active", active),
+                      ("reserved", reserved), ("dump_reserved", reserved)):
+        fun.__doc__ = Panel.data[name].__doc__
+        Panel.data[name] = fun
+
+
 def run_worker(gpu: str | None = None, name: str | None = None, threads: int | None = None) -> int:
     """Start one worker in the foreground (CUDA pinned first); return its exit code."""
     prefix = pin_device(gpu)
@@ -204,6 +252,7 @@ def run_worker(gpu: str | None = None, name: str | None = None, threads: int | N
 
     app = make_app(settings)
     app.steps["worker"].add(GenerationStep)
+    install_control()
     hostname = name or f"{prefix}@{socket.gethostname()}"
     worker = app.Worker(hostname=hostname, pool="solo", concurrency=1, queues=[CONTROL_QUEUE],
                         loglevel=settings.log_level, without_mingle=True, without_gossip=True,

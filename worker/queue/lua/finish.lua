@@ -1,12 +1,14 @@
 --! lifecycle
 -- Store a final result; the first final state wins (returns 1 if stored, 0 if already final).
 -- KEYS: result, celery meta. ARGV: result json, status, ttl, job id or '', request id,
--- meta json. Gives the owner's pending place back, pushes the request's webhook event, and
+-- meta json. The meta is also PUBLISHed on its key's channel, as Celery's Redis result backend
+-- does, so an AsyncResult.get() already waiting returns at once. Gives the owner's pending place back, pushes the request's webhook event, and
 -- counts it once in every job it belongs to (its own and any linked by idempotency keys); an
 -- expired job is never resurrected by a late finish.
 if is_final(redis.call('GET', KEYS[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[6])
 local owner = redis.call('GET', 'genq:owner:' .. ARGV[5])
 if owner then
   if redis.call('DECR', 'genq:pending:' .. owner) < 0 then
