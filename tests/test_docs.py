@@ -64,7 +64,8 @@ def block(lang: str, contains: str) -> Block:
 # each rule: (language, a string that picks the block out)
 EXECUTED = [("bash", "make demo"), ("bash", "genq run examples/prompts.jsonl"),
             ("bash", "genq up --gpus all"), ("python", "GenerationClient()"),
-            ("python", "load_engine(\"demo\")"), ("redis", "ACL SETUSER")]
+            ("python", "load_engine(\"demo\")"), ("python", "app.send_task(\"genq.generate\""),
+            ("redis", "ACL SETUSER")]
 CHECKED_OFFLINE = [("bash", "docker build"), ("bash", "docker compose up"),
                    ("bash", "kubectl apply")]
 
@@ -225,6 +226,20 @@ def test_client_block_runs(redis_url, start_worker, tiny_model_dir, tmp_path):
     assert "\np0 " in run.stdout and "\np1 " in run.stdout
     counts = ast.literal_eval(run.stdout.strip().splitlines()[-1])  # the dict print() shows
     assert counts["total"] == 64 and counts["succeeded"] == 64
+
+
+def test_celery_block_runs(redis_url, start_worker, tiny_model_dir, tmp_path):
+    """The Celery block as a plain Celery app's script (run outside the repository)."""
+    start_worker(GENQ_MODEL=str(tiny_model_dir))
+    script = tmp_path / "celery_block.py"
+    script.write_text(block("python", 'app.send_task("genq.generate"').text)
+    env = {**os.environ, "GENQ_BROKER_URL": redis_url}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] in ("PENDING", "STARTED", "SUCCESS") and lines[2] == "succeeded"
+    assert lines[-1].startswith("FAILURE invalid_request: ")
 
 
 @pytest.mark.slow
