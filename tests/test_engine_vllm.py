@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import example_requests
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]  # vLLM starts helper processes
 
 # prompts unlike the examples: raw text, system prompts, long and one-word turns, code, lists
 OTHER_PROMPTS = [

@@ -9,6 +9,10 @@ ErrorCode = Literal[
 ]
 
 
+EX_MODEL_UNAVAILABLE = 3  # a worker's exit code when its model cannot load here (unreachable,
+# gated, no such folder): restarting it will not help, so `genq up` does not
+
+
 class GenqError(Exception):
     """Base class of genqueue's errors; ``code`` is the result schema's error code."""
 

@@ -243,10 +243,10 @@ def run_stack(gpus: str, host: str, port: int, console, per_device: int = 1,
 
     import uvicorn
 
+    from worker.errors import EX_MODEL_UNAVAILABLE
     from worker.ops.logging import mask_secrets
     from worker.ops.redisconn import connect
     from worker.ops.settings import get_settings
-    from worker.queue.worker import EX_MODEL_UNAVAILABLE
 
     slots = [(dev, k) for dev in select_gpus(gpus) for k in range(per_device)]
     metrics_base = get_settings().metrics_port

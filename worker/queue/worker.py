@@ -25,14 +25,13 @@ from contextlib import contextmanager
 import structlog
 from celery import bootsteps
 
+from worker.errors import EX_MODEL_UNAVAILABLE
 from worker.ops.logging import configure_logging
 from worker.ops.settings import get_settings
 
 log = structlog.get_logger(__name__)
 LOADING_KEY = "genq:loading:{}"  # a loading worker's progress (JSON), for `genq run` and `genq up`
 LOADING_TTL_S = 20  # renewed every few seconds while it loads: a killed worker's entry expires
-EX_MODEL_UNAVAILABLE = 3  # the model cannot load here (unreachable, gated, no such folder):
-# restarting the worker will not help, so `genq up` does not
 
 
 class LoadingNote:
