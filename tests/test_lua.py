@@ -164,3 +164,28 @@ def test_link_counts_a_final_request_at_once_and_an_open_one_when_it_ends(store)
     counts = store.job("j2")["counts"]
     assert (counts["succeeded"], counts["expired"]) == (1, 1)
     assert job_status(counts) == store.job("j2")["status"] == "completed"
+
+
+def test_reserve_release_and_append_ids_count_a_replayed_call_once(store):
+    """A call replayed with the same token (what redis-py's retry does after a lost reply)
+    changes nothing twice: a reservation, a release, a chunk of job ids."""
+    counter = pending_key("replay")
+    args = [3, 10, 60]
+    assert store._reserve(keys=[counter, "genq:resv:a"], args=args) == 3
+    assert store._reserve(keys=[counter, "genq:resv:a"], args=args) == 3  # replay: the same answer
+    assert int(store.redis.get(counter)) == 3
+    store._release(keys=[counter, "genq:resv:b"], args=[2, 60])
+    store._release(keys=[counter, "genq:resv:b"], args=[2, 60])
+    assert int(store.redis.get(counter)) == 1
+    store._release(keys=[counter, "genq:resv:c"], args=[5, 60])
+    assert int(store.redis.get(counter)) == 0  # never below zero
+    keys = [f"{job_key('j')}:ids", f"{job_key('j')}:chunks"]
+    ids = [f"id{i}" for i in range(2500)]
+    for _ in range(2):
+        store._append_ids(keys=keys, args=[60, "chunk-1", *ids])
+    store._append_ids(keys=keys, args=[60, "chunk-2", "last"])
+    assert store.redis.lrange(keys[0], 0, -1) == [*ids, "last"]
+    pipe = store.redis.pipeline(transaction=False)  # the public call, through a pipeline
+    store.add_job_ids("k", ["a", "b"], pipe)
+    pipe.execute()
+    assert store.redis.lrange(f"{job_key('k')}:ids", 0, -1) == ["a", "b"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -108,6 +109,8 @@ class ResultStore:
         self._progress = register(self.redis, "progress")
         self._link = register(self.redis, "link")
         self._reserve = register(self.redis, "reserve")
+        self._release = register(self.redis, "release")
+        self._append_ids = register(self.redis, "append_ids")
         self._submitted = register(self.redis, "submitted")
 
     # -- producers --------------------------------------------------------------------
@@ -135,13 +138,15 @@ class ResultStore:
     def reserve(self, owner: str, n: int, limit: int | None) -> int | None:
         """Count ``n`` more pending requests for ``owner`` if they all fit under ``limit``;
         None if they do not (nothing counted), else the new count."""
-        got = int(self._reserve(keys=[pending_key(owner)], args=[n, limit or 0, self.ttl]))
+        token = f"genq:resv:{uuid.uuid4().hex}"  # a replay of this call counts nothing twice
+        got = int(self._reserve(keys=[pending_key(owner), token], args=[n, limit or 0, self.ttl]))
         return None if got < 0 else got
 
     def unreserve(self, owner: str, n: int) -> None:
-        """Give back ``n`` reserved places that were never queued."""
+        """Give back ``n`` reserved places that were never queued (once, replays included)."""
         if n > 0:
-            self.redis.decrby(pending_key(owner), n)
+            self._release(keys=[pending_key(owner), f"genq:resv:{uuid.uuid4().hex}"],
+                          args=[n, self.ttl])
 
     def pending(self, owner: str) -> int:
         """How many of ``owner``'s requests are not final."""
@@ -194,11 +199,12 @@ class ResultStore:
         return reaped
 
     def add_job_ids(self, job_id: str, ids: list[str], pipe) -> None:
-        """Append request ids to the job, in submission order, to ``pipe``."""
-        key = f"{job_key(job_id)}:ids"
+        """Append request ids to the job, in submission order, to ``pipe`` (once per call: the
+        pipeline replayed after a lost reply appends nothing twice)."""
+        keys = [f"{job_key(job_id)}:ids", f"{job_key(job_id)}:chunks"]
         for start in range(0, len(ids), 10_000):
-            pipe.rpush(key, *ids[start:start + 10_000])
-        pipe.expire(key, self.ttl)
+            self._append_ids(keys=keys, args=[self.ttl, uuid.uuid4().hex,
+                                              *ids[start:start + 10_000]], client=pipe)
 
     def link(self, ids: list[str], job_id: str) -> None:
         """Make requests submitted earlier (same idempotency key) members of ``job_id``."""
