@@ -184,6 +184,7 @@ def test_a_failing_pipeline_in_the_middle_of_steps_counts_nothing_twice(
             return False
 
     job = owner.submit_many([{"prompt": f"cut {i}", "max_new_tokens": 60} for i in range(80)])
+    connected = killer.info("stats")["total_connections_received"]
     cutter = threading.Thread(target=cut, daemon=True)
     cutter.start()
     try:
@@ -196,8 +197,8 @@ def test_a_failing_pipeline_in_the_middle_of_steps_counts_nothing_twice(
     ids = [res["id"] for res in owner.job_results(job)]
     assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 80
     assert int(r.get("genq:pending:key-a") or 0) == 0
-    log = (start_worker.log_dir / "cut@test.log").read_text()
-    assert "broker_unavailable" in log  # the cuts did hit the worker's writes
+    reconnects = killer.info("stats")["total_connections_received"] - connected
+    assert reconnects >= 20, reconnects  # the cuts did hit: every client had to reconnect
 
 
 def test_a_frozen_redis_freezes_no_worker(client, start_worker, tiny_model_dir, redis_server):
