@@ -139,9 +139,9 @@ class GenerationStep(bootsteps.StartStopStep):
         settings = get_settings()
         log.info("engine_loading", worker=worker.hostname, model=settings.model,
                  backend=settings.backend)
-        from worker.engine.loading import ModelUnavailable
-
         with _interruptible(), LoadingNote(settings, worker.hostname) as note:
+            from worker.engine.loading import ModelUnavailable  # torch: seconds, interruptible
+
             try:
                 self._load(worker, settings)
             except ModelUnavailable as exc:  # two lines that say what to do, no traceback
