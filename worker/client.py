@@ -238,7 +238,9 @@ class GenerationClient:
         self._check_capacity(total)
         self._reserve(total)
         job_id = f"job-{uuid.uuid4()}"
-        pipe = self.store.redis.pipeline(transaction=False)
+        # each chunk is one MULTI/EXEC: a submitter killed in the middle of sending one leaves
+        # none of it (never ids without records, which nobody could end)
+        pipe = self.store.redis.pipeline(transaction=True)
         self.store.create_job(job_id, total, pipe, owner=self.owner, webhook_url=webhook_url)
         index_job(pipe, job_id, self.owner, time.time(), self.settings.result_ttl_s)  # genq jobs
         for requests in chunks:
