@@ -142,11 +142,11 @@ for name, r in (("bad", bad), ("malformed", malformed), ("eta", eta)):
     r.get(timeout=120, propagate=False)
     out(kind=name, state=r.state, error=str(r.result), type=type(r.result).__name__,
         info=str(r.info))
-out(kind="errback", value=app.AsyncResult(errback.id).get(timeout=60))
+out(kind="errback", value=app.AsyncResult(errback.id).get(timeout=180))
 failed_chain = (signature("genq.generate", args=[{"prompt": 7}], queue="genq.interactive",
                           app=app) | app.signature("host.postprocess")).apply_async()
 try:
-    failed_chain.get(timeout=60)
+    failed_chain.get(timeout=180)
     out(kind="failed_chain", raised=False)
 except Exception as exc:
     out(kind="failed_chain", raised=True, error=str(exc), state=failed_chain.state)
