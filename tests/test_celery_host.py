@@ -148,7 +148,11 @@ failed_chain = (signature("genq.generate", args=[{"prompt": 7}], queue="genq.int
 try:
     failed_chain.get(timeout=180)
     out(kind="failed_chain", raised=False)
-except Exception as exc:
+except Exception as exc:  # Celery raises the parent's failure; the next step is marked after
+    import time
+    deadline = time.monotonic() + 60
+    while failed_chain.state != "FAILURE" and time.monotonic() < deadline:
+        time.sleep(0.1)
     out(kind="failed_chain", raised=True, error=str(exc), state=failed_chain.state)
 clean()
 ''')
