@@ -108,20 +108,40 @@ def _refuse_processes(item):
                     "'process'", pytrace=False)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def _guarded(item):
+    """A hook wrapper's body: a test not marked ``process`` may not start one."""
     if item.get_closest_marker("process"):
         return (yield)
     with _refuse_processes(item):
         return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded(item))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    if item.get_closest_marker("process"):
-        return (yield)
-    with _refuse_processes(item):
-        return (yield)
+    return (yield from _guarded(item))
+
+
+def wait_answering(http, proc=None, path: str = "/healthz", timeout: float = 60) -> None:
+    """Poll ``path`` on a gateway until it answers 200 (``proc``, if given, must stay alive)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http.get(path).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc is None or proc.poll() is None, "the gateway process exited"
+        assert time.monotonic() < deadline, f"{path} never answered 200"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import openai
 import pytest
 import redis
 
-from tests.conftest import example_requests
+from tests.conftest import example_requests, wait_answering
 from worker.compat.storage import FileStore
 
 CHAT = "/v1/chat/completions"
@@ -503,20 +503,13 @@ def test_a_gateway_killed_mid_submission_leaves_a_batch_another_finishes(
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if http.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_answering(http, proc)
         first = Surface(http, tmp_path / "files")
         lines = [chat_line(f"r{i}", f"count {i}", max_tokens=1, model=None) for i in range(n)]
         batch = first.oai.batches.create(input_file_id=first.upload(lines), endpoint=CHAT,
                                          completion_window="24h")
         r = redis.Redis.from_url(redis_url, decode_responses=True)
+        deadline = time.monotonic() + 60
         while not int(r.hget(progress_key(batch.id), "queued") or 0):
             assert time.monotonic() < deadline
         os.kill(proc.pid, signal.SIGSTOP)  # freeze it where it is, look, then kill it

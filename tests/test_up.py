@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_answering
 from worker.stack import free_port, write_private
 
 pytestmark = pytest.mark.slow
@@ -156,15 +156,7 @@ def test_genq_up_keeps_the_password_off_command_lines_and_the_gateway_local(tmp_
     redis_port = int(re.search(r"embedded Redis on 127\.0\.0\.1:(\d+)", shown).group(1))
     workers = [int(pid) for pid in re.findall(r"worker \S+: pid (\d+)", shown)]
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if http.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the gateway never answered"
-        time.sleep(0.2)
+    wait_answering(http)
     started = descendants(proc.pid)
     assert set(workers) <= set(started) and len(started) > len(workers)  # + redis-server
     for pid in [proc.pid, *started]:
