@@ -44,11 +44,12 @@ def index_job(pipe, job_id: str, owner: str | None, created: float, ttl_s: int) 
 
 def note_failures(pipe, results: list[dict[str, Any]], ttl_s: int) -> None:
     """Queue on ``pipe``: remember the failed ones among ``results`` (by id) for the overview's
-    recent failures; keeps the newest ``FAILURES_KEPT``."""
+    recent failures; keeps the newest ``FAILURES_KEPT``. A replayed write keeps each entry's
+    first time (``NX``)."""
     failed = {r["id"]: time.time() for r in results if r.get("status") == "failed"}
     if not failed:
         return
-    pipe.zadd(FAILURES_KEY, failed)
+    pipe.zadd(FAILURES_KEY, failed, nx=True)
     pipe.zremrangebyrank(FAILURES_KEY, 0, -FAILURES_KEPT - 1)
     pipe.expire(FAILURES_KEY, ttl_s)
 

@@ -120,6 +120,7 @@ def test_three_sigkills_at_random_moments_fail_nobody(client, start_worker, tiny
                               "failed": 0, "cancelled": 0, "expired": 0}
     r = redis.Redis.from_url(redis_url)
     results = list(client.job_results(job))
+    assert any(k["running"] for k in kills)  # a kill hit running rows
     assert len({res["id"] for res in results}) == 100
     assert r.scard(f"genq:job:{job}:done") == 100 and r.hlen("genq:unacked") == 0
     restarted = sum(int(r.get(f"genq:attempts:{res['id']}")) > 1 for res in results)
