@@ -109,12 +109,11 @@ class Link:
         self._ops: deque[_Op] = deque()
         self._progress: dict[str, dict[str, Any]] = {}
         self._held: dict[str, tuple[Delivery, str]] = {}  # request id -> (message, priority)
-        self._running: set[str] = set()
-        self._tokens: dict[str, str] = {}  # request id -> token of this worker's start
+        self._tokens: dict[str, str] = {}  # running here: request id -> token of its start
         self._cancelled: set[str] = set()
         self._canvas: dict[str, dict[str, Any]] = {}  # request id -> its Celery canvas
         self._follow: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # to publish
-        self._since: dict[str, tuple[float, float]] = {}  # id -> (time.time(), monotonic) held
+        self._since: dict[str, float] = {}  # id -> when it arrived here (time.time())
         self._started_at: dict[str, float] = {}  # id -> when its start was stored (wall)
         self.follower = Follower(settings)
         self._events = None  # Celery's event dispatcher (task events for Flower), on first use
@@ -183,7 +182,6 @@ class Link:
             for r in records:
                 self._tokens.setdefault(r["id"], f"{self.name}:{uuid.uuid4().hex[:12]}")
             starts = [(r["id"], self._tokens[r["id"]], r["id"] in alone) for r in records]
-            self._running.update(r["id"] for r in records)
         op = _Op("start", records, starts=starts)
         self._push(op)
         if self.healthy and op.done.wait(START_WAIT_S) and op.result is not None:
@@ -252,8 +250,6 @@ class Link:
             out = [self._held.pop(i)[0] for i in ids if i in self._held]
             for i in ids:
                 self._since.pop(i, None)
-            self._running.difference_update(ids)
-            for i in ids:
                 self._tokens.pop(i, None)
         return out
 
@@ -295,7 +291,7 @@ class Link:
         idempotent, so a batch cut short by a failure is written again whole)."""
         with self._lock:
             ops = list(self._ops)
-            progress = [p for i, p in self._progress.items() if i in self._running]
+            progress = [p for i, p in self._progress.items() if i in self._tokens]
             self._progress.clear()
         if not ops and not progress:
             return
@@ -416,7 +412,7 @@ class Link:
                       job_id=envelope.job_id, attempts=self.max_attempts)
             self._fail(envelope, "worker_lost",
                        f"{self.max_attempts} workers stopped while running this request alone")
-        now = (time.time(), time.monotonic())
+        now = time.time()
         for a in arrivals:
             self._since.setdefault(a.envelope.id, now)
             self._event("task-received", uuid=a.envelope.id, name=TASK_NAME,
@@ -527,14 +523,14 @@ class Link:
         """(running, waiting) requests held here, as ``celery inspect active`` / ``reserved``
         describe a request."""
         with self._lock:
-            held = {i: (d.queue, p, i in self._running) for i, (d, p) in self._held.items()}
+            held = {i: (d.queue, p, i in self._tokens) for i, (d, p) in self._held.items()}
             since = dict(self._since)
             started = dict(self._started_at)
         running, waiting = [], []
         for request_id, (queue, priority, is_running) in held.items():
             info = {"id": request_id, "name": TASK_NAME, "type": TASK_NAME,
                     "args": [], "kwargs": {}, "hostname": self.name, "worker_pid": os.getpid(),
-                    "time_start": started.get(request_id) or since.get(request_id, (None,))[0],
+                    "time_start": started.get(request_id) or since.get(request_id),
                     "acknowledged": False, "priority": priority,
                     "delivery_info": {"exchange": "", "routing_key": queue, "priority": None,
                                       "redelivered": None}}
@@ -559,7 +555,7 @@ class Link:
             held = [d for d, _ in self._held.values()]
             counts = {"waiting": {"interactive": 0, "bulk": 0}, "running": {"interactive": 0, "bulk": 0}}
             for request_id, (_, priority) in self._held.items():
-                counts["running" if request_id in self._running else "waiting"][priority] += 1
+                counts["running" if request_id in self._tokens else "waiting"][priority] += 1
         pipe = self.broker.pipeline(transaction=False)
         if held and not self._stalled(now):
             self.inbox.renew(held, pipe=pipe)
@@ -598,7 +594,7 @@ class Link:
     def _watchdog(self, now: float) -> None:
         if self._stalled(now):
             with self._lock:
-                running = sorted(self._running)
+                running = sorted(self._tokens)
             log.error("worker_stalled", worker=self.name, seconds=round(now - self.progress_at, 1),
                       stall_timeout_s=self.stall_timeout_s, request_ids=running,
                       action="exit so that the requests are redelivered")
