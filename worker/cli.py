@@ -644,6 +644,8 @@ def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
                                 **rate.fields(finished, len(todo)))
 
             client.wait_job(job_id, timeout=timeout, on_progress=update)
+            for line in startup.poll(every_s=0):  # a short job can end between two polls
+                progress.console.print(line, highlight=False)
     except KeyboardInterrupt:
         partial = {ln.number: {"line": ln.number, **res}
                    for ln, res in zip(todo, client.job_results(job_id), strict=True)}
