@@ -288,7 +288,7 @@ def test_worker_failures_go_to_the_error_file_and_finalize_once(surface, start_w
 
 def serves_completions() -> bool:
     """Whether ``from_openai`` translates ``/v1/completions`` lines yet."""
-    from worker.batchfile import from_openai
+    from worker.compat.translate import from_openai
     from worker.errors import InvalidRequest
 
     try:
@@ -492,7 +492,7 @@ def test_a_gateway_killed_mid_submission_leaves_a_batch_another_finishes(
     """SIGKILL the gateway while it queues a batch: the batch stays ``validating`` until its
     submission lease lapses, then the next read (another gateway) resumes it. Every line is
     queued under one id and answered exactly once, and no request runs twice."""
-    from worker.compat.batchsubmit import CHUNK, SEND, progress_key, request_id
+    from worker.compat.batch_queueing import CHUNK, SEND, progress_key, request_id
     from worker.queue.app import BULK_QUEUE, pending_by_queue
     from worker.stack import free_port
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from tests.conftest import ROOT
-from worker.batchfile import from_openai
 from worker.compat.chat import DEMO_ID, resolve_model, visible_text
+from worker.compat.translate import from_openai
 from worker.errors import InvalidRequest, ModelNotFound
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -386,30 +386,39 @@ def test_absent_max_tokens_writes_up_to_the_workers_limit(gateway, start_worker,
 
 
 def test_absent_max_tokens_is_the_context_left_capped_by_the_limit():
+    """OpenAI's absent ``max_tokens``: chat writes what fits the context, capped by the
+    workers' (else this gateway's) limit; legacy completions 16 if they fit."""
     from types import SimpleNamespace
 
-    from worker.compat.chat import max_tokens_default
     from worker.errors import PromptTooLong
     from worker.ops.settings import Settings
+    from worker.submission.checker import Checker, OpenAIRoute
+    from worker.tokencount import PromptCounter
 
-    class Counter:
-        context_length = 100
+    class Counter(PromptCounter):  # one token a character
+        context_length, max_prompt_tokens = 100, None
+
+        def __init__(self):
+            pass
 
         def count(self, request):
-            return len(request["messages"][0]["content"])
+            return len(request.get("prompt") or request["messages"][0]["content"])
 
-    def owner(limit=None):
+    def fit(n, limit=None, url="/v1/chat/completions"):
         workers = [{"max_new_tokens_limit": limit}] if limit else []
-        return SimpleNamespace(store=SimpleNamespace(workers=lambda: workers),
-                               counter=SimpleNamespace(get=lambda: Counter()))
+        owner = SimpleNamespace(settings=Settings(max_new_tokens_limit=50), raw_tokens=False,
+                                _fleet_info=lambda: workers,
+                                counter=SimpleNamespace(get=lambda: Counter()))
+        body = ({"messages": [{"role": "user", "content": "x" * n}]} if "chat" in url
+                else {"prompt": "x" * n})
+        return Checker(owner, OpenAIRoute(url=url)).check(body)["max_new_tokens"]
 
-    settings = Settings(max_new_tokens_limit=50)
-    short, long = {"messages": [{"content": "x" * 10}]}, {"messages": [{"content": "x" * 80}]}
-    assert max_tokens_default(owner(), settings, short) == 50
-    assert max_tokens_default(owner(30), settings, short) == 30  # the workers' limit
-    assert max_tokens_default(owner(), settings, long) == 20  # the context left
+    assert fit(10) == 50
+    assert fit(10, limit=30) == 30  # the workers' limit
+    assert fit(80) == 20  # the context left
+    assert fit(10, url="/v1/completions") == 16 and fit(90, url="/v1/completions") == 10
     with pytest.raises(PromptTooLong):
-        max_tokens_default(owner(), settings, {"messages": [{"content": "x" * 100}]})
+        fit(100)
 
 
 @pytest.mark.slow

@@ -278,7 +278,7 @@ def test_enqueue_time_token_count_equals_the_workers(client, start_worker, redis
                 {"prompt": "short", "max_new_tokens": 4}]
     ids = [client.submit(**r) for r in requests]
     for request, rid in zip(requests, ids, strict=True):
-        expected = counter.count(client._validated(request))
+        expected = counter.count(client.validate(request))
         assert client.wait(rid, timeout=120)["usage"]["prompt_tokens"] == expected
     before = redis.Redis.from_url(redis_url).llen("genq.interactive")
     with pytest.raises(PromptTooLong, match="context 8192"):

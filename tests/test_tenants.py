@@ -73,7 +73,7 @@ def test_quota_per_key_is_all_or_nothing(redis_url):
 
 
 def test_duplicate_idempotency_keys_in_one_upload_are_refused_by_line(client):
-    from worker.batchfile import read_lines
+    from worker.submission.lines import read_lines
 
     lines = [json.dumps({"prompt": f"p{i}", "idempotency_key": "same" if i in (1, 4) else f"k{i}"})
              for i in range(6)]
@@ -163,7 +163,7 @@ def test_strict_requests(redis_url, body, message):
 
 
 def test_strict_json_lines():
-    from worker.batchfile import read_lines
+    from worker.submission.lines import read_lines
 
     lines = list(read_lines(['{"prompt": "x", "temperature": NaN}', '{"prompt": "y"}',
                              '{"prompt": "z", "metadata": {"v": Infinity}}']))
@@ -220,21 +220,22 @@ def test_unknown_adapters_and_limits_come_from_the_workers(client):
         client.validate({"prompt": "x", "max_new_tokens": 65})
 
 
-def test_a_slow_submitter_whose_job_was_reaped_stops_and_the_job_ends(client):
+def test_a_slow_submitter_whose_job_was_reaped_stops_and_the_job_ends(client, monkeypatch):
     """The reaper fails a job whose submitter looked dead, but the submitter was only slow:
     its next chunk finds the job reaped, cancels what it just wrote and raises; the job
     stays ``failed`` (never back to ``queued``), no count goes negative, ``wait_job`` returns
     and the owner's quota is whole again."""
     a = client.as_owner("team-slow")
-    passes = []
+    publish, published = type(a)._publish, []
 
-    def source():
-        passes.append(1)
-        for i in range(6):
-            if len(passes) == 2 and i == 2:  # enqueueing, between chunks 1 and 2
-                a.store.reap(stale_s=0)
-            yield {"prompt": f"slow {i}", "max_new_tokens": 2}
+    def slow(self, items, job_id):  # the reaper runs between chunks 1 and 2
+        publish(self, items, job_id)
+        published.append(len(items))
+        if len(published) == 1:
+            self.store.reap(stale_s=0)
 
+    monkeypatch.setattr(type(a), "_publish", slow)
+    source = lambda: ({"prompt": f"slow {i}", "max_new_tokens": 2} for i in range(6))  # noqa: E731
     with pytest.raises(JobReaped, match="GENQ_JOB_SUBMIT_TIMEOUT_S") as caught:
         a.submit_stream(source, chunk=2)
     info = a.wait_job(caught.value.job_id, timeout=5)

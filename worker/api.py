@@ -10,7 +10,6 @@ Bearer <key>``; each key owns what it submits, and another key's requests and jo
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import overview
-from worker.batchfile import Line, read_lines, strict_json, to_request
 from worker.client import GenerationClient
 from worker.compat import batches as compat_batches
 from worker.compat import chat as compat_chat
@@ -44,6 +42,7 @@ from worker.ops.keys import KeyRing
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, pending_by_queue
 from worker.schema import GenerationRequest, Result
+from worker.submission.lines import Line, json_list, read_items, read_lines
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # one generation request (and any other body)
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one JSONL batch upload, streamed to a spool file
@@ -311,9 +310,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async for chunk in request.stream():
             spool.write(chunk)  # LimitBody counts the bytes
         content_type = request.headers.get("content-type", "")
-        await run_in_threadpool(_count_lines, spool, content_type)
         job_id = await run_in_threadpool(lambda: owner.submit_stream(
-            lambda: _batch_lines(spool, content_type), webhook_url=webhook_url))
+            lambda: _upload_lines(spool, content_type), webhook_url=webhook_url))
         return await run_in_threadpool(owner.job, job_id)
 
     @app.get("/v1/jobs")
@@ -486,50 +484,28 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
-def _batch_lines(spool, content_type: str) -> Iterator[Line]:
-    """The upload's items as file ``Line``s (numbered from 1), each parsed and checked against
-    the schema or carrying its error: a JSON list's items, or JSONL's non-blank lines."""
+def _upload_lines(spool, content_type: str) -> Iterator[Line]:
+    """The upload's items as ``Line``s, each parsed once: a JSON list's items (named by index),
+    or JSONL's non-blank lines (by line number); ``InvalidRequest`` when it holds none or more
+    than ``MAX_UPLOAD_LINES``."""
     spool.seek(0)
     if _is_json_list(content_type):
-        for number, item in enumerate(_batch_items(spool), start=1):
-            try:
-                yield Line(number, request=to_request(item))
-            except InvalidRequest as exc:
-                yield Line(number, error=exc.message)
-        return
-    yield from read_lines(spool)
-
-
-def _batch_items(spool) -> list[Any]:
-    """The items of a JSON-list upload (read from the start of ``spool``)."""
-    spool.seek(0)
-    try:
-        items = json.load(spool, parse_constant=strict_json)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequest(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("body is JSON nested too deeply") from None
-    if not isinstance(items, list):
-        raise InvalidRequest("body must be a JSON list of requests (or JSONL)")
-    return items
+        items = json_list(spool)
+        if len(items) > MAX_UPLOAD_LINES:
+            raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
+        lines = read_items(items)
+    else:
+        lines = read_lines(spool, limit=MAX_UPLOAD_LINES)
+    empty = True
+    for line in lines:
+        empty = False
+        yield line
+    if empty:
+        raise InvalidRequest("the batch is empty")
 
 
 def _is_json_list(content_type: str) -> bool:
     return "json" in content_type and "jsonl" not in content_type and "ndjson" not in content_type
-
-
-def _count_lines(spool, content_type: str) -> None:
-    """Refuse an empty upload or one over ``MAX_UPLOAD_LINES`` before validating it."""
-    if _is_json_list(content_type):  # parsed here only to count; validated by the client
-        count = len(_batch_items(spool))
-    else:
-        spool.seek(0)
-        count = sum(1 for _ in itertools.islice((r for r in spool if r.strip()),
-                                                MAX_UPLOAD_LINES + 1))
-    if count > MAX_UPLOAD_LINES:
-        raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
-    if not count:
-        raise InvalidRequest("the batch is empty")
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

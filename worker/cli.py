@@ -415,12 +415,14 @@ def config(as_json: JsonOpt = False) -> None:
 def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.")],
              output: Annotated[Path | None, typer.Option("-o", "--output")] = None) -> None:
     """Run a JSONL file through the engine in this process (no queue)."""
-    from worker.batchfile import read_lines
     from worker.engine import load_engine
     from worker.ops.settings import Settings
+    from worker.submission.checker import Checker, check_lines
+    from worker.submission.lines import read_lines
 
     settings = Settings()
-    lines = list(read_lines(input_path.open(encoding="utf-8", errors="surrogateescape")))
+    lines = list(check_lines(read_lines(input_path.open("rb")),
+                             Checker(settings=settings).schema))
     for bad in (ln for ln in lines if ln.error):
         console.print(f"[red]line {bad.number}[/red]: {escape(bad.error)}", highlight=False)
     from worker.queue.worker import _first_run
@@ -462,12 +464,12 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
         ) -> None:
     """Run a JSONL file as one bulk job with a progress bar; results in input order.
     Ctrl-C writes what has finished so far and says how to resume."""
-    from worker.batchfile import read_lines
     from worker.errors import InvalidRequest
-    from worker.ops.settings import Settings
+    from worker.submission.checker import Checker, check_lines
+    from worker.submission.lines import read_lines
 
     with _errors():  # the limits need no broker: a line over one never starts a stack
-        lines = list(read_lines(input_path.open("rb"), Settings().max_new_tokens_limit))
+        lines = list(check_lines(read_lines(input_path.open("rb")), Checker().schema))
     errors_path = output.with_name(output.name + ".errors")
     done: dict[int, dict] = {}
     if resume and output.exists():
@@ -491,10 +493,11 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     if todo:
         with _stack_for_run() as stack:
             client = _client()
-            with _errors():
-                for ln in todo:  # limits and prompt length, as the queue checks them
+            with _errors():  # what the fleet allows, and the prompt's tokens, as the queue counts them
+                admit = Checker(client).admit
+                for ln in todo:
                     try:
-                        client.validate(ln.request)
+                        ln.request = admit(ln.request)
                     except InvalidRequest as exc:
                         ln.request, ln.error = None, exc.message
             _report_bad(lines, errors_path)
@@ -623,8 +626,10 @@ def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
     from worker.stack import Startup
 
     stack = stack or {}
-    with _errors():
-        job_id = client.submit_many([ln.request for ln in todo])
+    from worker.submission.jobs import enqueue_job
+
+    with _errors():  # checked already: queued as they are
+        job_id = enqueue_job(client, [[ln.request for ln in todo]], len(todo), "bulk")
     console.print(f"job {job_id}: {len(todo)} requests", highlight=False)
     startup = Startup(client.store.redis, expect_worker=stack.get("proc") is not None)
     rate = MovingRate()

@@ -9,37 +9,29 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import itertools
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pydantic import SecretStr
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from worker.batchfile import Line, from_openai, is_batch_line
-from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped, NotFound, QueueFull
+from worker.errors import InvalidRequest, NotFound, QueueFull
 from worker.lifecycle import FINAL
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
-from worker.overview import index_job
-from worker.queue.app import (
-    BULK_BELL,
-    OWNER_LISTS_KEY,
-    TASK_NAME,
-    make_app,
-    pending_by_queue,
-    pins_key,
-    queue_for,
-)
-from worker.queue.messages import headers_for
+from worker.queue.app import make_app, pending_by_queue
+from worker.queue.publishing import publish
 from worker.queue.results import ResultStore
-from worker.schema import GenerationRequest, validate_request
+from worker.schema import GenerationRequest
+from worker.submission import idempotency
+from worker.submission.checker import Checker, check_webhook
+from worker.submission.jobs import check_job, enqueue_job
+from worker.submission.lines import Line, read_items
+from worker.submission.spool import Spool
 from worker.tokencount import CounterCache
-
-PUBLISH_BATCH = 250  # messages per pipelined publish: bounds memory (a message holds its prompt)
 
 
 class GenerationClient:
@@ -65,6 +57,9 @@ class GenerationClient:
         self.app = make_app(settings, batch_publish=True)
         self.store = ResultStore(settings.result_backend_url, settings.result_ttl_s, settings)
         self.broker = connect(settings.broker_url.get_secret_value(), settings)
+        # publishing is never replayed: a publish that timed out fails visibly, never twice
+        self.publisher = connect(settings.broker_url.get_secret_value(), settings,
+                                 retry=Retry(NoBackoff(), 0))
         self.counter = CounterCache(self.store.redis)
         self._fleet: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self.owner, self.admin, self.weight = owner or None, admin, weight
@@ -90,12 +85,16 @@ class GenerationClient:
         """
         body = request or {k: v for k, v in {"prompt": prompt, "messages": messages,
                                              **params}.items() if v is not None}
-        data = self._validated(body)
+        return self.submit_checked(Checker(self).check(body))
+
+    def submit_checked(self, data: dict[str, Any]) -> str:
+        """Enqueue one request a ``Checker`` of this client gave; its id."""
         self._check_capacity(1)
         self._reserve(1)
         request_id = str(uuid.uuid4())
         try:
-            earlier = self._claim([(request_id, data)])[0]
+            earlier = idempotency.claim(self.store.redis, self.owner, [(request_id, data)],
+                                        self.settings.result_ttl_s)[0]
             if earlier is not None:
                 self._unreserve(1)
                 return earlier
@@ -103,49 +102,12 @@ class GenerationClient:
                 self.store.record_queued([(request_id, data)], owner=self.owner)
                 self._publish([(request_id, data)], job_id=None)
             except BaseException:
-                self._release([data])
+                idempotency.release(self.store.redis, self.owner, [data])
                 raise
         except BaseException:
             self._unreserve(1)
             raise
         return request_id
-
-    def _idem_key(self, request: dict) -> str:
-        scope_hash = hashlib.sha256((self.owner or "").encode()).hexdigest()[:16]
-        return f"genq:idem:{scope_hash}:{request['idempotency_key']}"
-
-    def _claim(self, items: list[tuple[str, dict]]) -> list[str | None]:
-        """Claim each request's idempotency key (one ``SET NX`` each, pipelined): per item the
-        id of an earlier twin, or None where this id now owns the key (or there is no key)."""
-        keyed = [(i, rid, req) for i, (rid, req) in enumerate(items) if req.get("idempotency_key")]
-        earlier: list[str | None] = [None] * len(items)
-        if not keyed:
-            return earlier
-        claims = []
-        pipe = self.store.redis.pipeline(transaction=False)
-        for _, rid, req in keyed:
-            fingerprint = _fingerprint(req)
-            claims.append(fingerprint)
-            pipe.set(self._idem_key(req), json.dumps({"id": rid, "fp": fingerprint}),
-                     nx=True, ex=self.settings.result_ttl_s)
-        won = pipe.execute()
-        lost = [(k, fp) for k, fp, ok in zip(keyed, claims, won, strict=True) if not ok]
-        if lost:
-            values = self.store.redis.mget([self._idem_key(req) for (_, _, req), _ in lost])
-            for ((i, _, req), fp), raw in zip(lost, values, strict=True):
-                twin = json.loads(raw) if raw else None
-                if twin is None:  # expired between SET and GET: treat as new
-                    continue
-                if twin["fp"] != fp:
-                    raise IdempotencyConflict(f"idempotency_key {req['idempotency_key']!r} "
-                                              "was used with another request")
-                earlier[i] = twin["id"]
-        return earlier
-
-    def _release(self, requests: list[dict]) -> None:
-        keys = [self._idem_key(r) for r in requests if r.get("idempotency_key")]
-        if keys:
-            self.store.redis.delete(*keys)
 
     def submit_many(self, requests: Iterable[dict[str, Any]], *, priority: str = "bulk",
                     webhook_url: str | None = None) -> str:
@@ -160,154 +122,31 @@ class GenerationClient:
         seen before joins the job with its earlier id and is not generated again. With
         ``webhook_url``, ``genq notifier`` posts the job's ``batch.*`` event there when it ends.
         """
-        checked = self._check_all(requests)
-        return self._enqueue_job([checked], len(checked), priority, self._hook(webhook_url))
+        hook = self._hook(webhook_url)
+        checked: list[Line] = []
+        check_job(self, read_items(requests), checked.append)
+        return enqueue_job(self, [[ln.request for ln in checked]], len(checked), priority, hook)
 
     def submit_stream(self, source: Callable[[], Iterable[dict[str, Any] | Line]], *,
                       priority: str = "bulk", chunk: int = 1000,
                       webhook_url: str | None = None) -> str:
-        """``submit_many`` for inputs too big to hold: ``source()`` is read twice, once to
-        validate every request and count its prompt tokens (keeping none), once to enqueue
-        them ``chunk`` at a time. ``source()`` yields request dicts (errors name their index)
-        or the ``Line``s of a file from ``worker.batchfile.read_lines`` (errors name the line)."""
-        total = sum(1 for _ in self._check_all(source(), keep=False))
-
-        def chunks() -> Iterator[list[dict[str, Any]]]:
-            bodies = (_body(item)[1] for item in source())
-            while part := [self._validated(b, count_tokens=False)
-                           for b in itertools.islice(bodies, chunk)]:
-                yield part
-
-        return self._enqueue_job(chunks(), total, priority, self._hook(webhook_url))
+        """``submit_many`` for inputs too big to hold: ``source()`` is read once, each item
+        checked once into a spool (memory, then a temporary file), then queued ``chunk`` at
+        a time. ``source()`` yields request dicts (errors name their index) or the ``Line``s
+        of a file from ``worker.submission.lines.read_lines`` (errors name the line)."""
+        hook = self._hook(webhook_url)
+        with Spool() as spool:
+            total = check_job(self, read_items(source()), spool.add)
+            chunks = ([ln.request for ln in part] for part in spool.chunks(chunk))
+            return enqueue_job(self, chunks, total, priority, hook)
 
     def validate(self, body: Any) -> dict[str, Any]:
         """The request as ``submit`` would queue it (schema, limits and prompt length, as the
         workers count it), or ``InvalidRequest`` / ``PromptTooLong``; queues nothing."""
-        return self._validated(body)
-
-    def _check_all(self, items: Iterable[Any], keep: bool = True) -> list[dict[str, Any]]:
-        """Validate every item in one pass; ``InvalidRequest`` lists all the bad ones (two
-        sharing an ``idempotency_key`` included), ``IdempotencyConflict`` every key used before
-        with another body. Nothing is queued either way."""
-        checked: list[dict[str, Any]] = []
-        errors: list[str] = []
-        seen: dict[str, str] = {}  # idempotency key -> where it first appeared
-        keyed: list[tuple[str, dict[str, Any]]] = []  # (where, request) to check for conflicts
-        conflicts: list[str] = []
-        for index, item in enumerate(items):
-            where, body, error = _body(item, index)
-            if error is None:
-                try:
-                    data = self._validated(body)
-                except InvalidRequest as exc:
-                    error = exc.message
-                else:
-                    key = data.get("idempotency_key")
-                    if key is not None and key in seen:
-                        error = f"idempotency_key {key!r} is also on {seen[key]}"
-                    else:
-                        if key is not None:
-                            seen[key] = where
-                            keyed.append((where, data))
-                        checked.append(data if keep else {})
-            if error is not None:
-                errors.append(f"{where}: {error}")
-            if len(keyed) >= 1000:
-                conflicts += self._conflicts(keyed)
-                keyed = []
-        conflicts += self._conflicts(keyed)
-        if errors:
-            raise InvalidRequest(_listed(errors, "bad request(s)"))
-        if conflicts:
-            raise IdempotencyConflict(_listed(conflicts, "idempotency conflict(s)"))
-        return checked
-
-    def _conflicts(self, keyed: list[tuple[str, dict[str, Any]]]) -> list[str]:
-        """Where a request's ``idempotency_key`` was used before with another body."""
-        if not keyed:
-            return []
-        values = self.store.redis.mget([self._idem_key(req) for _, req in keyed])
-        return [f"{where}: idempotency_key {req['idempotency_key']!r} was used with another "
-                "request" for (where, req), raw in zip(keyed, values, strict=True)
-                if raw and json.loads(raw)["fp"] != _fingerprint(req)]
-
-    def _enqueue_job(self, chunks: Iterable[list[dict[str, Any]]], total: int,
-                     priority: str, webhook_url: str | None = None) -> str:
-        if not total:
-            raise InvalidRequest("submit_many needs at least one request")
-        self._check_capacity(total)
-        self._reserve(total)
-        job_id = f"job-{uuid.uuid4()}"
-        # each chunk is one MULTI/EXEC: a submitter killed in the middle of sending one leaves
-        # none of it (never ids without records, which nobody could end)
-        pipe = self.store.redis.pipeline(transaction=True)
-        self.store.create_job(job_id, total, pipe, owner=self.owner, webhook_url=webhook_url)
-        index_job(pipe, job_id, self.owner, time.time(), self.settings.result_ttl_s)  # genq jobs
-        for requests in chunks:
-            checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
-                       for r in requests]
-            earlier = self._claim(checked)
-            self.store.add_job_ids(job_id, [twin or rid for (rid, _), twin
-                                            in zip(checked, earlier, strict=True)], pipe)
-            fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
-            self.store.record_queued(fresh, job_id=job_id, pipe=pipe, owner=self.owner)
-            self.store.touch_job(job_id, pipe)
-            if pipe.execute()[-1] is None:  # reaped meanwhile: this submitter was too slow
-                self.store.cancel([rid for rid, _ in fresh])
-                self._unreserve(len(checked) - len(fresh))
-                raise JobReaped(f"job {job_id} failed: its submitter queued nothing for "
-                                f"GENQ_JOB_SUBMIT_TIMEOUT_S={self.settings.job_submit_timeout_s}",
-                                job_id)
-            # requests submitted before with the same key join this job instead of running again
-            self.store.link([twin for twin in earlier if twin is not None], job_id)
-            self._unreserve(len(checked) - len(fresh))
-            if fresh:
-                self._publish(fresh, job_id=job_id)
-        self.store.job_submitted(job_id)
-        return job_id
-
-    def _validated(self, body: Any, count_tokens: bool = True) -> dict[str, Any]:
-        """Validate the schema, then count prompt tokens exactly as the workers will (when a
-        worker has published its tokenizer) and raise ``PromptTooLong`` before queueing."""
-        if is_batch_line(body):
-            body = from_openai(body)
-        fleet = self._fleet_info()
-        limits = [int(w["max_new_tokens_limit"]) for w in fleet
-                  if isinstance(w.get("max_new_tokens_limit"), int)]
-        request = validate_request(
-            body, max_new_tokens_limit=min(limits) if limits else self.settings.max_new_tokens_limit,
-            max_prompt_chars=self.settings.max_prompt_chars)
-        if request.raw_special_tokens and not self.raw_tokens:
-            raise InvalidRequest("raw_special_tokens: this API key may not send raw special tokens")
-        # a request may wait for a worker to start, never for an adapter no one said would run
-        served = ({a for w in fleet for a in w.get("adapters") or ()} if fleet
-                  else set(self.settings.adapters))
-        if request.adapter is not None and request.adapter not in served:
-            raise InvalidRequest(f"adapter: no worker serves adapter {request.adapter!r}")
-        if request.webhook_url:
-            self._hook(request.webhook_url)
-        data = request.model_dump(exclude_none=True, by_alias=True)
-        counter = self.counter.get() if count_tokens else None
-        if counter is not None:
-            try:
-                counter.check(data)
-            except ValueError as exc:
-                if isinstance(exc, InvalidRequest):
-                    raise
-                # a template error: the worker reports it for this request alone
-        return data
+        return Checker(self).check(body)
 
     def _hook(self, url: str | None) -> str | None:
-        """A webhook URL as given, or ``InvalidRequest`` when it is not http(s) or names a
-        non-public address literally (names are resolved and checked at delivery)."""
-        if url is not None:
-            from worker.queue.webhooks import UnsafeURL, check_url
-
-            try:
-                check_url(url, self.settings.webhook_allow_private, resolve=False)
-            except UnsafeURL as exc:
-                raise InvalidRequest(f"webhook_url: {exc}") from None
-        return url
+        return check_webhook(url, self.settings)
 
     def _fleet_info(self) -> list[dict[str, Any]]:
         """The live workers' published heartbeats (adapters, limits), re-read every 5 s."""
@@ -337,35 +176,8 @@ class GenerationClient:
             self.store.unreserve(self.owner, n)
 
     def _publish(self, items: list[tuple[str, dict[str, Any]]], job_id: str | None) -> None:
-        """Publish; an owner's bulk list is registered and pinned first (no fetch script drops
-        it meanwhile: ``pins_key``), unpinned after, and the bulk bell rung."""
-        now = time.time()
-        queues = [queue_for(request.get("priority"), self.owner) for _, request in items]
-        pins = {q: pins_key(q) for q in set(queues) if pins_key(q)}
-        pin = f"publish:{uuid.uuid4()}"
-        if pins:
-            pipe = self.broker.pipeline(transaction=False)
-            for key in pins.values():
-                pipe.sadd(key, pin)
-            pipe.hset(OWNER_LISTS_KEY, mapping=dict.fromkeys(pins, self.weight))
-            pipe.execute()
-        with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-            for (request_id, request), queue in zip(items, queues, strict=True):
-                self.app.send_task(
-                    TASK_NAME, args=[request], task_id=request_id, producer=producer,
-                    queue=queue, retry=False,
-                    headers=headers_for(job_id, now, request.get("expires_in_s"), self.owner,
-                                        self.weight, request.get("adapter")),
-                    # the worker stores results itself; no prompt text in events or Flower
-                    ignore_result=True, argsrepr=f"<request {request_id}>", kwargsrepr="{}",
-                )
-        if pins:
-            pipe = self.broker.pipeline(transaction=False)
-            for key in pins.values():
-                pipe.srem(key, pin)
-            pipe.rpush(BULK_BELL, 1)
-            pipe.expire(BULK_BELL, 60)
-            pipe.execute()
+        """Publish ``(request id, request)`` pairs as this client's owner."""
+        publish(self.app, self.publisher, items, job_id, self.owner, self.weight)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -458,23 +270,5 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in INTERNAL}
 
 
-def _fingerprint(request: dict[str, Any]) -> str:
-    """What makes two requests with one ``idempotency_key`` the same request (its priority
-    only says how soon it runs)."""
-    body = {k: v for k, v in request.items() if k not in ("idempotency_key", "priority")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _listed(errors: list[str], what: str) -> str:
-    more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
-    return f"{len(errors)} {what}: " + "; ".join(errors[:20]) + more
-
-
 __all__ = ["GenerationClient", "InvalidRequest", "NotFound", "QueueFull"]
 
-
-def _body(item: Any, index: int = 0) -> tuple[str, Any, str | None]:
-    """(where, request body, parse error) of a request dict or a file ``Line``."""
-    if isinstance(item, Line):
-        return f"line {item.number}", item.request, item.error
-    return f"request {index}", item, None

@@ -147,16 +147,19 @@ class PromptCounter:
 
     def check(self, request: dict[str, Any]) -> int:
         """The count, or ``PromptTooLong`` exactly where the worker would say so."""
+        n = self.count(request)
+        self.check_length(n, int(request.get("max_new_tokens") or 256))
+        return n
+
+    def check_length(self, prompt: int, new: int) -> None:
+        """``PromptTooLong`` where a prompt of ``prompt`` tokens and ``new`` more do not fit."""
         from worker.errors import PromptTooLong
 
-        n = self.count(request)
-        new = int(request.get("max_new_tokens") or 256)
-        if self.max_prompt_tokens and n > self.max_prompt_tokens:
-            raise PromptTooLong(f"prompt has {n} tokens; the limit is {self.max_prompt_tokens}")
-        if n + new > self.context_length:
-            raise PromptTooLong(f"prompt has {n} tokens + max_new_tokens {new} > "
+        if self.max_prompt_tokens and prompt > self.max_prompt_tokens:
+            raise PromptTooLong(f"prompt has {prompt} tokens; the limit is {self.max_prompt_tokens}")
+        if prompt + new > self.context_length:
+            raise PromptTooLong(f"prompt has {prompt} tokens + max_new_tokens {new} > "
                                 f"context {self.context_length}")
-        return n
 
 
 class CounterCache:

@@ -3,10 +3,10 @@
 ``POST /v1/batches`` checks the call (the input file is the caller's, purpose ``batch``; the
 window; the metadata), saves the batch as ``validating`` and answers at once; the file is then
 read, checked and queued in the background as one bulk job of the caller's
-(``worker.compat.batchsubmit``: resumable by any gateway, each line queued once). Lines are
+(``worker.compat.batch_queueing``: resumable by any gateway, each line queued once). Lines are
 OpenAI Batch lines (``custom_id`` unique in the file, ``method`` POST, ``url`` the batch's
 ``endpoint``), their bodies translated as the synchronous routes translate theirs
-(``worker.compat.batchlines``). A file-level fault makes a ``failed`` batch whose ``errors``
+(``worker.compat.batch_input``). A file-level fault makes a ``failed`` batch whose ``errors``
 name each line (from 1), and nothing is queued; a body genqueue cannot run answers that line
 alone, in the error file. Each request carries the completion window as its deadline
 (``expires_in_s``): ``24h``, OpenAI's only value, or a shorter ``<n>s|m|h|d`` (a genqueue
@@ -51,8 +51,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import WatchError
 
-from worker.compat.batchlines import fault
-from worker.compat.batchsubmit import Submitter
+from worker.compat.batch_input import fault
+from worker.compat.batch_queueing import Submitter
 from worker.compat.lease import Lease
 from worker.compat.shapes import chat_completion, error_object, text_completion
 from worker.errors import IdempotencyConflict, InvalidRequest, NotFound

@@ -31,16 +31,12 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from worker.batchfile import (
-    CHAT_URL,
-    COMPLETION_MAX_TOKENS,
-    COMPLETIONS_URL,
-    from_openai,
-    strict_json,
-)
 from worker.compat import shapes
-from worker.errors import InvalidRequest, ModelNotFound, PromptTooLong
+from worker.compat.translate import CHAT_URL, COMPLETIONS_URL
+from worker.errors import InvalidRequest, ModelNotFound
 from worker.lifecycle import FINAL
+from worker.submission.checker import Checker, OpenAIRoute
+from worker.submission.lines import strict_json
 
 log = structlog.get_logger(__name__)
 
@@ -89,11 +85,10 @@ def router(client, settings, files) -> APIRouter:
         body = await json_body(request)
         names = request.state.openai_names = openai_names(body, url)
         stream, include_usage = stream_options(body)
-        asked = body.pop("model", None)
-        if asked is not None and not isinstance(asked, str):
-            raise InvalidRequest("model: must be a string")
-        req = await run_in_threadpool(openai_request, owner, settings, body, url, asked)
-        rid = await run_in_threadpool(owner.submit, **req)
+        asked = body.get("model")
+        req = await run_in_threadpool(
+            Checker(owner, OpenAIRoute(url=url)).check, body)
+        rid = await run_in_threadpool(owner.submit_checked, req)
         model = asked or ""
         chat = url == CHAT_URL
         if stream:
@@ -170,53 +165,17 @@ def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     return bool(stream), bool((options or {}).get("include_usage"))
 
 
-def openai_request(owner, settings, body: dict[str, Any], url: str,
-                   model: str | None) -> dict[str, Any]:
-    """The genqueue request for an OpenAI body: OpenAI's defaults, ``model`` as the adapter,
-    interactive priority. Reads the fleet and the published tokenizer (blocking: run it in
-    a thread)."""
-    adapter = resolve_model(model, served(owner, settings))
-    limited = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
-    req = from_openai(body, url=url, openai_defaults=True)
-    if adapter is not None:
-        req["adapter"] = adapter
-    req["priority"] = "interactive"
-    if not limited:  # chat: as many as fit; legacy completions: 16 if they fit
-        fit = max_tokens_default(owner, settings, req)
-        req["max_new_tokens"] = fit if url == CHAT_URL else min(COMPLETION_MAX_TOKENS, fit)
-    return req
-
-
-def max_tokens_default(owner, settings, request: dict[str, Any]) -> int:
-    """OpenAI's absent ``max_tokens`` (write until the context is full): the model's context
-    left after the prompt, as the workers count it, capped by the workers' (else this
-    gateway's) ``GENQ_MAX_NEW_TOKENS_LIMIT``. Until a worker has published its tokenizer,
-    the cap alone (a worker then refuses a prompt that leaves less room: ``prompt_too_long``)."""
-    limits = [int(w["max_new_tokens_limit"]) for w in owner.store.workers()
-              if isinstance(w.get("max_new_tokens_limit"), int)]
-    cap = min(limits) if limits else settings.max_new_tokens_limit
-    counter = owner.counter.get()
-    if counter is None:
-        return cap
-    try:
-        prompt = counter.count({**request, "max_new_tokens": 1})
-    except InvalidRequest:
-        raise
-    except Exception:  # a template error: the worker reports it for this request alone
-        return cap
-    room = counter.context_length - prompt
-    if room < 1:
-        raise PromptTooLong(f"prompt has {prompt} tokens; it fills the context "
-                            f"{counter.context_length}")
-    return min(cap, room)
-
-
 def served(owner, settings) -> dict[str, list[str]]:
     """Base model id -> its adapters, from the live workers' heartbeats; with no worker alive,
     what this gateway's settings name (``GENQ_MODEL``, ``GENQ_ADAPTERS``): requests may be
     queued before any worker starts (scale from zero), for the model the deployment runs."""
+    return bases_of(owner.store.workers(), settings)
+
+
+def bases_of(fleet: list[dict[str, Any]], settings) -> dict[str, list[str]]:
+    """``served`` for the heartbeats ``fleet`` already read."""
     out: dict[str, set[str]] = {}
-    for w in owner.store.workers():
+    for w in fleet:
         if isinstance(w.get("model"), str):
             out.setdefault(w["model"], set()).update(
                 a for a in w.get("adapters") or () if isinstance(a, str))

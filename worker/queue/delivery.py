@@ -53,9 +53,11 @@ BULK_TURN_KEY = "genq:bulk:turn"  # whose turn it is among the bulk lists
 # and the sorted set ``unacked_index``: tag -> when it was taken; its restore reads them back.
 # genqueue gives kombu names of its own for both (``app.UNACKED_KEY``, ``UNACKED_INDEX_KEY``,
 # transport options), so a host Celery app on the same Redis keeps its own.
-# The fetch script (``lua/fetch.lua``) writes exactly that. Checked against these kombu
-# versions (major.minor) by ``tests/test_delivery.py``, which fails on any other version or a
-# different record.
+# The fetch script (``lua/fetch.lua``) writes exactly that, and ``publishing.wrap`` writes a
+# message as the transport's publish does (``{"body", "content-encoding", "content-type",
+# "headers", "properties"}``, the body base64). Checked against these kombu versions
+# (major.minor) by ``tests/test_delivery.py`` and ``tests/test_publishing.py``, which fail on
+# any other version or a different record.
 KOMBU_UNACKED = ("message", "exchange", "routing_key")
 KOMBU_CHECKED = ("5.7",)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

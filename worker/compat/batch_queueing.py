@@ -2,7 +2,7 @@
 
 ``POST /v1/batches`` saves the batch (``validating``) and answers; a thread holding the batch's
 submission lease (``genq:batch:<id>:lease``, ``worker.compat.lease``) then reads the input file
-once into a spool, each line checked and tokenized once (``worker.compat.batchlines``). A
+once into a spool, each line checked and tokenized once (``worker.compat.batch_input``). A
 file-level fault fails the batch and queues nothing. Otherwise the batch's job is made and its
 lines go in ``CHUNK`` at a time, line ``n`` under the request id ``uuid5(batch id, n)``. Each
 step is one transaction that also advances a counter of the hash ``genq:batch:<id>:submit``
@@ -22,23 +22,23 @@ cancelled. The job is kept out of the workers' reaper of abandoned jobs: the bat
 
 from __future__ import annotations
 
-import itertools
-import json
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from redis.exceptions import WatchError
 
-from worker.compat.batchlines import Translator, entries, fault
+from worker.compat.batch_input import Fault, entries, fault
 from worker.compat.lease import Lease
 from worker.errors import NotFound, QueueFull
 from worker.queue.results import OPEN_JOBS_KEY, job_key, owner_key, pending_key
 from worker.schema import result_record
+from worker.submission.checker import Checker, OpenAIRoute
+from worker.submission.lines import Line
+from worker.submission.spool import Spool
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +48,6 @@ LEASE_S = 10.0  # a dead submitter's batch resumes this long after it stopped
 MAX_STARTS = 5
 MAX_REQUESTS = 200_000  # genqueue's bulk-job limit (OpenAI's is 50,000)
 MAX_ERRORS = 1000  # file-level faults listed per failed batch
-SPOOL_BYTES = 8 * 1024 * 1024
 NAMESPACE = uuid.UUID("5f1d7c1e-3b0a-4c59-9f39-6b1f0d2a8e47")
 
 
@@ -101,9 +100,10 @@ class Submitter:
     def _submit(self, record: dict[str, Any], lease: Lease) -> None:
         batch_id, progress = record["id"], progress_key(record["id"])
         view = self.batches.client.as_owner(record["owner"], **record["principal"])
-        translate = Translator(view, self.batches.settings, record["window_s"])
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-            faults, total, runnable = self._scan(view, record, translate, spool)
+        check = Checker(view, OpenAIRoute(url=record["endpoint"], priority="bulk",
+                                          window_s=record["window_s"]))
+        with Spool() as spool:
+            faults = self._scan(view, record, check, spool)
             if faults:
                 self._end(batch_id, "failed", faults)
                 return
@@ -112,16 +112,17 @@ class Submitter:
                     self._end(batch_id, "cancelled")
                     return
                 try:
-                    self._check_room(view, runnable)
+                    self._check_room(view, spool.runnable)
                 except QueueFull as exc:
                     self._end(batch_id, "failed", [fault("queue_full", exc.message, None)])
                     return
-                self._step(progress, "job", 0, lambda pipe: self._create_job(record, total, pipe))
-            spool.seek(0)
-            for k, chunk in enumerate(_chunks(spool)):
+                self._step(progress, "job", 0,
+                           lambda pipe: self._create_job(record, spool.total, pipe))
+            for k, chunk in enumerate(spool.chunks(CHUNK)):
                 if not lease.held():
                     return  # another submitter took over
                 self._queue(record, view, k, chunk)
+            total = spool.total
         self.store.job_submitted(record["job_id"])
         now = int(time.time())
         counts = {"total": total, "completed": 0, "failed": 0}
@@ -131,34 +132,30 @@ class Submitter:
         if record.get("ending") == "cancelled":  # cancelled while validating
             self.batches.client.cancel_job(record["job_id"])
 
-    def _scan(self, view, record: dict[str, Any], translate: Translator, spool
-              ) -> tuple[list[dict], int, int]:
-        """One pass over the input file into ``spool`` (a JSON ``[line, custom_id, request,
-        error]`` per line): the file-level faults, the number of lines and of runnable ones."""
+    def _scan(self, view, record: dict[str, Any], check: Checker, spool: Spool) -> list[dict]:
+        """One pass over the input file into ``spool``: the file-level faults (after the first,
+        nothing is kept: nothing will be queued)."""
         faults: list[dict] = []
-        total = runnable = 0
+        lines = 0
         try:
             stream = self.batches.files.open(record["input_file_id"], view.owner, view.admin)
         except NotFound:
-            return [fault("file_not_found", "the input file was deleted", None,
-                          "input_file_id")], 0, 0
+            return [fault("file_not_found", "the input file was deleted", None, "input_file_id")]
         with stream:
-            for entry in entries(stream, record["endpoint"], translate):
-                total += 1
-                if entry.fault is not None:
+            for entry in entries(stream, record["endpoint"], check):
+                lines += 1
+                if isinstance(entry, Fault):
                     if len(faults) < MAX_ERRORS:
                         faults.append(entry.fault)
-                elif not faults:  # after a fault nothing is queued: keep nothing
-                    runnable += entry.request is not None
-                    spool.write((json.dumps([entry.number, entry.custom_id, entry.request,
-                                             entry.error]) + "\n").encode())
-        if not total:
+                elif not faults:
+                    spool.add(entry)
+        if not lines:
             faults.append(fault("empty_file", "the input file has no requests", None,
                                 "input_file_id"))
-        elif total > MAX_REQUESTS:
-            faults.append(fault("too_many_tasks", f"{total} requests; a batch takes at most "
+        elif lines > MAX_REQUESTS:
+            faults.append(fault("too_many_tasks", f"{lines} requests; a batch takes at most "
                                 f"{MAX_REQUESTS}", None, "input_file_id"))
-        return faults, total, runnable
+        return faults
 
     def _check_room(self, view, n: int) -> None:
         """``QueueFull`` unless ``n`` more requests fit ``GENQ_MAX_PENDING`` and the key's
@@ -175,11 +172,11 @@ class Submitter:
         pipe.hset(job_key(job_id), "batch", record["id"])  # webhook events name the batch
         pipe.zrem(OPEN_JOBS_KEY, job_id)  # the batch resumes it: no reaper
 
-    def _queue(self, record: dict[str, Any], view, k: int, chunk: list[list]) -> None:
+    def _queue(self, record: dict[str, Any], view, k: int, chunk: list[Line]) -> None:
         """Chunk ``k``: its records written once, then its requests published ``SEND`` at a
         time, ``sent`` (lines of the spool published) advanced after each part."""
         batch_id, job_id, progress = record["id"], record["job_id"], progress_key(record["id"])
-        ids = [request_id(batch_id, number) for number, *_ in chunk]
+        ids = [request_id(batch_id, line.number) for line in chunk]
         wrote = self._step(progress, "queued", k,
                            lambda pipe: self._write(job_id, record["owner"], ids, chunk, pipe))
         ending = self.batches.load_any(batch_id).get("ending")  # cancelled: queued, not sent
@@ -188,8 +185,8 @@ class Submitter:
             end = k * CHUNK + min(at + SEND, len(chunk))
             if sent >= end:
                 continue
-            todo = [(rid, request) for rid, (_, _, request, _) in
-                    zip(ids[at:at + SEND], chunk[at:at + SEND], strict=True) if request is not None]
+            todo = [(rid, line.request) for rid, line in
+                    zip(ids[at:at + SEND], chunk[at:at + SEND], strict=True) if line.request]
             if not wrote:  # an earlier start may have published part of it: not what a worker saw
                 states = self.store.admission_state([rid for rid, _ in todo])
                 todo = [item for item, (status, attempts, *_) in zip(todo, states, strict=True)
@@ -198,20 +195,19 @@ class Submitter:
                 view._publish(todo, job_id)
             self.redis.hset(progress, "sent", end)
 
-    def _write(self, job_id: str, owner: str | None, ids: list[str], chunk: list[list],
+    def _write(self, job_id: str, owner: str | None, ids: list[str], chunk: list[Line],
                pipe) -> None:
         """A chunk's ids (input order), queued records and bad bodies' failed results."""
         ttl = self.batches.ttl
         self.store.add_job_ids(job_id, ids, pipe)
-        good = [(rid, request) for rid, (_, _, request, _) in zip(ids, chunk, strict=True)
-                if request is not None]
+        good = [(rid, line.request) for rid, line in zip(ids, chunk, strict=True) if line.request]
         self.store.record_queued(good, job_id=job_id, pipe=pipe, owner=owner)
         if owner and good:  # the key's pending requests, given back as each one ends
             pipe.incrby(pending_key(owner), len(good))
             pipe.expire(pending_key(owner), ttl)
-        bad = [result_record(rid, "failed", {"custom_id": custom_id}, job_id=job_id, error=error)
-               for rid, (_, custom_id, request, error) in zip(ids, chunk, strict=True)
-               if request is None]
+        bad = [result_record(rid, "failed", {"custom_id": line.custom_id}, job_id=job_id,
+                             error=line.error) for rid, line in zip(ids, chunk, strict=True)
+               if line.request is None]
         if bad:
             self.store.finish(bad, pipe=pipe)  # before the owner key: never counted pending
             for res in bad if owner else ():
@@ -249,8 +245,3 @@ class Submitter:
             "submission_failed", f"the batch could not be queued in {MAX_STARTS} tries; "
             "none of its requests run", None)])
 
-
-def _chunks(spool) -> Iterator[list[list]]:
-    lines = (json.loads(raw) for raw in spool)
-    while chunk := list(itertools.islice(lines, CHUNK)):
-        yield chunk

@@ -1,0 +1,103 @@
+"""One submission pipeline: every way in reads its source once and checks and counts each
+line once, keeping its own rule for bad lines."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import redis
+
+from worker.errors import InvalidRequest
+from worker.submission.checker import Checker
+from worker.tokencount import PromptCounter, publish
+
+
+@pytest.fixture
+def counted(monkeypatch, redis_url, tiny_model_dir):
+    """A published tokenizer (as a worker publishes it) and a tally of the checks and token
+    counts made in this process."""
+    from transformers import AutoTokenizer
+
+    engine = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                             model_name="tiny", context_length=2048, max_prompt_tokens=None)
+    publish(redis.Redis.from_url(redis_url), engine, 600)
+    tally: Counter = Counter()
+    check, count = Checker.check, PromptCounter.count
+
+    def checking(self, body):
+        tally["check"] += 1
+        return check(self, body)
+
+    def counting(self, request):
+        tally["count"] += 1
+        return count(self, request)
+
+    monkeypatch.setattr(Checker, "check", checking)
+    monkeypatch.setattr(PromptCounter, "count", counting)
+    return tally
+
+
+def _requests(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"line {i}"}], "max_new_tokens": 4,
+             "idempotency_key": f"k{i}"} for i in range(n)]
+
+
+def test_submit_stream_reads_its_source_once_and_checks_each_line_once(client, counted):
+    calls = []
+
+    def source():
+        calls.append(1)
+        return iter(_requests(2500))
+
+    job = client.submit_stream(source, chunk=1000)
+    assert len(calls) == 1
+    assert counted == {"check": 2500, "count": 2500}
+    assert client.job(job)["counts"]["total"] == 2500
+    assert [r["id"] for r in client.job_results(job)][:3] == list(client.store.job_ids(job))[0][:3]
+
+
+def test_submit_many_checks_once_and_a_bad_request_queues_nothing(client, counted, redis_url):
+    bad = _requests(5)
+    bad[3]["max_new_tokens"] = 0
+    with pytest.raises(InvalidRequest, match="request 3: max_new_tokens"):
+        client.submit_many(bad)
+    assert not redis.Redis.from_url(redis_url).keys("genq:job:*")
+    counted.clear()
+    job = client.submit_many(_requests(5))
+    assert counted == {"check": 5, "count": 5}
+    assert client.job(job)["counts"]["queued"] == 5
+
+
+@pytest.mark.parametrize("kind", ["application/jsonl", "application/json"])
+def test_a_job_upload_is_checked_once_per_line(gateway, counted, kind):
+    http = gateway()
+    reqs = _requests(300)
+    body = json.dumps(reqs) if kind == "application/json" else \
+        "".join(json.dumps(r) + "\n" for r in reqs)
+    r = http.post("/v1/jobs", content=body, headers={"content-type": kind})
+    assert r.status_code == 202, r.text
+    assert r.json()["counts"]["total"] == 300
+    assert counted == {"check": 300, "count": 300}
+    bad = "".join(json.dumps(x) + "\n" for x in [reqs[0], {"prompt": 5}, reqs[2]]) + "{oops\n"
+    r = http.post("/v1/jobs", content=bad, headers={"content-type": "application/jsonl"})
+    assert r.status_code in (400, 422), r.text
+    text = json.dumps(r.json())
+    assert "line 2: prompt" in text and "line 4: not JSON" in text
+
+
+def test_an_openai_route_fits_the_context_with_one_count(client, counted):
+    """A chat body without ``max_tokens`` is counted once, for both the room left and the
+    length check."""
+    from worker.submission.checker import OpenAIRoute
+
+    check = Checker(client, OpenAIRoute(priority="bulk", window_s=60))
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}}
+    request = check.check(line)
+    assert counted == {"check": 1, "count": 1}
+    assert request["priority"] == "bulk" and request["expires_in_s"] == 60
+    assert request["temperature"] == 1.0 and 1 <= request["max_new_tokens"] <= 2048
+    assert request["max_new_tokens"] == min(check.cap, 2048 - check.counter.count(request))

@@ -1,0 +1,104 @@
+"""A bulk job from checked lines: every line checked once (all or nothing for the client and
+``/v1/jobs``), then written chunk by chunk, each chunk one MULTI/EXEC (ids, records,
+idempotency claims) followed by its messages."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped
+from worker.overview import index_job
+from worker.submission import idempotency
+from worker.submission.checker import Checker
+from worker.submission.lines import Line
+
+CONFLICT_BATCH = 1000  # keys looked up per round trip while checking
+
+
+def check_job(client, lines: Iterable[Line], keep: Callable[[Line], None],
+              checker: Checker | None = None) -> int:
+    """Check every line once and ``keep`` each checked one (in order); how many. Raises
+    ``InvalidRequest`` listing every bad line (a parse error, a bad request, two sharing an
+    ``idempotency_key``), or ``IdempotencyConflict`` listing every key used before with
+    another body; the caller then queues nothing."""
+    checker = checker or Checker(client)
+    errors: list[str] = []
+    seen: dict[str, str] = {}  # idempotency key -> where it first appeared
+    keyed: list[tuple[str, dict[str, Any]]] = []  # (where, request) to look up
+    conflicts: list[str] = []
+    count = 0
+    for line in lines:
+        error = line.error
+        if error is None:
+            try:
+                line.request = checker.check(line.body)
+            except InvalidRequest as exc:
+                error = exc.message
+        key = line.request.get("idempotency_key") if error is None else None
+        if key is not None and key in seen:
+            error = f"idempotency_key {key!r} is also on {seen[key]}"
+        if error is not None:
+            errors.append(f"{line.where}: {error}")
+            continue
+        if key is not None:
+            seen[key] = line.where
+            keyed.append((line.where, line.request))
+        if len(keyed) >= CONFLICT_BATCH:
+            conflicts += idempotency.conflicts(client.store.redis, client.owner, keyed)
+            keyed = []
+        line.body = None  # checked: only the request is kept
+        keep(line)
+        count += 1
+    conflicts += idempotency.conflicts(client.store.redis, client.owner, keyed)
+    if errors:
+        raise InvalidRequest(listed(errors, "bad request(s)"))
+    if conflicts:
+        raise IdempotencyConflict(listed(conflicts, "idempotency conflict(s)"))
+    return count
+
+
+def enqueue_job(client, chunks: Iterable[list[dict[str, Any]]], total: int, priority: str,
+                webhook_url: str | None = None) -> str:
+    """Queue checked requests, given ``chunks`` at a time, as one job of ``total``; its id.
+    Each chunk is one MULTI/EXEC: a submitter killed while sending one leaves none of it
+    (never ids without records, which nobody could end). A request whose idempotency key
+    was claimed before joins the job under its earlier id and is not generated again."""
+    if not total:
+        raise InvalidRequest("submit_many needs at least one request")
+    client._check_capacity(total)
+    client._reserve(total)
+    store, settings = client.store, client.settings
+    job_id = f"job-{uuid.uuid4()}"
+    pipe = store.redis.pipeline(transaction=True)
+    store.create_job(job_id, total, pipe, owner=client.owner, webhook_url=webhook_url)
+    index_job(pipe, job_id, client.owner, time.time(), settings.result_ttl_s)  # genq jobs
+    for requests in chunks:
+        checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
+                   for r in requests]
+        earlier = idempotency.claim(store.redis, client.owner, checked, settings.result_ttl_s)
+        store.add_job_ids(job_id, [twin or rid for (rid, _), twin
+                                   in zip(checked, earlier, strict=True)], pipe)
+        fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
+        store.record_queued(fresh, job_id=job_id, pipe=pipe, owner=client.owner)
+        store.touch_job(job_id, pipe)
+        if pipe.execute()[-1] is None:  # reaped meanwhile: this submitter was too slow
+            store.cancel([rid for rid, _ in fresh])
+            client._unreserve(len(checked) - len(fresh))
+            raise JobReaped(f"job {job_id} failed: its submitter queued nothing for "
+                            f"GENQ_JOB_SUBMIT_TIMEOUT_S={settings.job_submit_timeout_s}", job_id)
+        # requests submitted before with the same key join this job instead of running again
+        store.link([twin for twin in earlier if twin is not None], job_id)
+        client._unreserve(len(checked) - len(fresh))
+        if fresh:
+            client._publish(fresh, job_id=job_id)
+    store.job_submitted(job_id)
+    return job_id
+
+
+def listed(errors: list[str], what: str) -> str:
+    """``3 bad request(s): line 2: ...; line 5: ...`` (the first 20)."""
+    more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
+    return f"{len(errors)} {what}: " + "; ".join(errors[:20]) + more
