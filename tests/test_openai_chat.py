@@ -45,16 +45,16 @@ def wait_status(http, rid: str, status: str, timeout: float = 10.0, headers=None
 
 
 def test_openai_defaults_apply_only_on_the_openai_surface():
+    """The sampling default is OpenAI's there (the token-limit defaults need the prompt's
+    length: ``test_absent_max_tokens_is_the_context_left_capped_by_the_limit``)."""
     body = {"messages": MESSAGES, "model": "m", "user": "u"}
     assert from_openai({"url": "/v1/chat/completions", "body": body}) == {"messages": MESSAGES}
-    assert from_openai(body, openai_defaults=True, max_tokens_default=77) == {
-        "messages": MESSAGES, "temperature": 1.0, "max_new_tokens": 77}
+    assert from_openai(body, openai_defaults=True) == {"messages": MESSAGES, "temperature": 1.0}
     assert from_openai({**body, "temperature": 0, "max_completion_tokens": 5},
-                       openai_defaults=True, max_tokens_default=77) == {
+                       openai_defaults=True) == {
         "messages": MESSAGES, "temperature": 0, "max_new_tokens": 5}
-    # legacy completions: OpenAI's 16 tokens
     assert from_openai({"prompt": "Hi"}, url="/v1/completions", openai_defaults=True) == {
-        "prompt": "Hi", "temperature": 1.0, "max_new_tokens": 16}
+        "prompt": "Hi", "temperature": 1.0}
     assert from_openai({"prompt": ["Hi"], "max_tokens": 3, "echo": False, "logprobs": None},
                        url="/v1/completions") == {"prompt": "Hi", "max_new_tokens": 3}
 

@@ -192,44 +192,7 @@ def router(client, settings, files: FileStore) -> APIRouter:
     async def create_file(request: Request) -> Any:
         """Upload a file (multipart ``file`` and ``purpose=batch``), streamed to storage; its
         OpenAI ``file`` object. Over ``GENQ_MAX_UPLOAD_BYTES``: 413, and nothing is kept."""
-        view = request.state.client
-        kind, options = parse_options_header(request.headers.get("content-type", ""))
-        if kind != b"multipart/form-data" or not options.get(b"boundary"):
-            return _error(400, "upload the file as multipart/form-data with the fields `file` "
-                          "and `purpose`", "invalid_request", "file")
-        form = MultipartStream(request.stream(), options[b"boundary"])
-        fields: dict[str, str] = {}
-        try:
-            while (part := await form.next_part()) is not None:
-                name, filename = part
-                if name == "file":
-                    break
-                fields[name] = await form.field(name)
-                if len(fields) > MAX_FIELDS:
-                    raise BadUpload(f"more than {MAX_FIELDS} form fields", None)
-            else:
-                raise BadUpload("`file` is required", "file")
-            if "purpose" in fields:  # refuse before storing anything
-                _check_purpose(fields["purpose"])
-        except BadUpload as exc:
-            await form.drain()
-            return _error(400, exc.message, "invalid_request", exc.param)
-
-        def chunks() -> Iterator[bytes]:  # in a worker thread: storage writes block
-            while piece := from_thread.run(form.read):
-                yield piece
-            from_thread.run(form.rest, fields)  # ``purpose`` may come after the file
-            _check_purpose(fields.get("purpose"))  # raising here: nothing is kept
-
-        try:
-            return await run_in_threadpool(files.create, chunks(), _clean_filename(filename),
-                                           "batch", view.owner)
-        except FileTooLarge as exc:
-            await form.drain()
-            return _error(413, exc.message, "file_too_large", "file")
-        except BadUpload as exc:
-            await form.drain()
-            return _error(400, exc.message, "invalid_request", exc.param)
+        return await upload(request, files)
 
     @api.get("/v1/files")
     def list_files(request: Request, purpose: str | None = None,
@@ -241,16 +204,7 @@ def router(client, settings, files: FileStore) -> APIRouter:
         items = files.list(view.owner, view.admin, purpose)
         if order == "asc":
             items.reverse()
-        if after is not None:
-            ids = [i["id"] for i in items]
-            if after not in ids:
-                return _error(400, f"no file {after[:100]!r} to list after", "invalid_request",
-                              "after")
-            items = items[ids.index(after) + 1:]
-        page = items[:limit]
-        return {"object": "list", "data": page, "has_more": len(items) > limit,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None}
+        return page_of(items, limit, after)
 
     @api.get("/v1/files/{file_id}")
     def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
@@ -282,3 +236,61 @@ def router(client, settings, files: FileStore) -> APIRouter:
         return {"id": file_id, "object": "file", "deleted": True}
 
     return api
+
+
+async def upload(request: Request, files: FileStore) -> Any:
+    """``POST /v1/files``: the form's fields before ``file`` read and checked, then the file
+    streamed to storage (the fields after it read at its end)."""
+    view = request.state.client
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        return _error(400, "upload the file as multipart/form-data with the fields `file` "
+                      "and `purpose`", "invalid_request", "file")
+    form = MultipartStream(request.stream(), options[b"boundary"])
+    fields: dict[str, str] = {}
+    try:
+        while (part := await form.next_part()) is not None:
+            name, filename = part
+            if name == "file":
+                break
+            fields[name] = await form.field(name)
+            if len(fields) > MAX_FIELDS:
+                raise BadUpload(f"more than {MAX_FIELDS} form fields", None)
+        else:
+            raise BadUpload("`file` is required", "file")
+        if "purpose" in fields:  # refuse before storing anything
+            _check_purpose(fields["purpose"])
+    except BadUpload as exc:
+        await form.drain()
+        return _error(400, exc.message, "invalid_request", exc.param)
+
+    def chunks() -> Iterator[bytes]:  # in a worker thread: storage writes block
+        while piece := from_thread.run(form.read):
+            yield piece
+        from_thread.run(form.rest, fields)  # ``purpose`` may come after the file
+        _check_purpose(fields.get("purpose"))  # raising here: nothing is kept
+
+    try:
+        return await run_in_threadpool(files.create, chunks(), _clean_filename(filename),
+                                       "batch", view.owner)
+    except FileTooLarge as exc:
+        await form.drain()
+        return _error(413, exc.message, "file_too_large", "file")
+    except BadUpload as exc:
+        await form.drain()
+        return _error(400, exc.message, "invalid_request", exc.param)
+
+
+def page_of(items: list[dict[str, Any]], limit: int, after: str | None) -> Any:
+    """An OpenAI list page: ``limit`` items after the one with id ``after``."""
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            return _error(400, f"no file {after[:100]!r} to list after", "invalid_request",
+                          "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "has_more": len(items) > limit,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+

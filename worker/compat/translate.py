@@ -32,15 +32,15 @@ COMPLETION_NEUTRAL = {"best_of": (1,), "stream": (False,),
                       "presence_penalty": (0, 0.0), "stream_options": (None,),
                       "logit_bias": ({},)}
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
-# OpenAI's defaults where a body leaves a field out (``openai_defaults=True``): it samples
-# (temperature 1) and, for chat, writes until the context is full (the gateway passes what
-# fits as ``max_tokens_default``); legacy completions stop at 16 tokens
+# OpenAI's defaults where a body leaves a field out: it samples (temperature 1) and, for chat,
+# writes until the context is full; legacy completions stop at 16 tokens (the token limits are
+# set by ``worker.submission.checker``, which knows the prompt's length)
 OPENAI_TEMPERATURE = 1.0
 COMPLETION_MAX_TOKENS = 16
 
 
-def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str | None = None,
-                max_tokens_default: int | None = None) -> dict[str, Any]:
+def from_openai(line: dict[str, Any], *, openai_defaults: bool = False,
+                url: str | None = None) -> dict[str, Any]:
     """Translate an OpenAI request into a genqueue request dict: a Batch line (``{"custom_id",
     "method", "url", "body"}``) or a bare request body (then ``url`` says which endpoint's,
     default ``/v1/chat/completions``). Chat and legacy completions bodies are taken.
@@ -49,27 +49,48 @@ def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str
     or a list; a field set to null counts as absent. Every field genqueue does not implement
     is refused by name, as is a neutral field (``stream``, ``logit_bias``...) at any other value.
 
-    ``openai_defaults`` (the OpenAI HTTP surface): OpenAI's defaults apply where a field is
-    absent: ``temperature`` 1 (sampling), ``max_tokens`` 16 for completions and, for chat,
-    ``max_tokens_default`` (what fits the context; left to genqueue's default if None).
-    Without it (the native routes, ``genq run``) genqueue's defaults stay: greedy, 256 tokens.
+    ``openai_defaults`` (the OpenAI HTTP surface): OpenAI's ``temperature`` 1 (sampling) where
+    the body gives none; its token-limit defaults need the prompt's length
+    (``worker.submission.checker``). Without it (the native routes, ``genq run``) genqueue's
+    defaults stay: greedy, 256 tokens.
     """
     if "body" in line:
-        prefix = "body."
-        url = line.get("url")
-        if url not in (None, CHAT_URL, COMPLETIONS_URL):
-            raise InvalidRequest(f"url: only {CHAT_URL} and {COMPLETIONS_URL} are supported, "
-                                 f"not {url!r}")
-        if line.get("method", "POST") != "POST":
-            raise InvalidRequest("method: only POST is supported")
-        body = line.get("body")
-        if not isinstance(body, dict):
-            raise InvalidRequest("body: must be an object")
+        prefix, url, body = "body.", line.get("url"), _line_body(line)
     else:
         prefix, body = "", line
     chat = (url or CHAT_URL) == CHAT_URL
-    fields, neutral = (OPENAI_FIELDS, OPENAI_NEUTRAL) if chat else (COMPLETION_FIELDS,
-                                                                   COMPLETION_NEUTRAL)
+    request = _fields(body, prefix, *((OPENAI_FIELDS, OPENAI_NEUTRAL) if chat
+                                      else (COMPLETION_FIELDS, COMPLETION_NEUTRAL)))
+    if not chat and "top_logprobs" in request:  # legacy: ``logprobs: 3`` = 3 candidates
+        request["logprobs"] = True
+    if "messages" in request:
+        request["messages"] = _messages(request["messages"], prefix)
+    if "prompt" in request:
+        request["prompt"] = _prompt(request["prompt"], prefix)
+    if openai_defaults:
+        request.setdefault("temperature", OPENAI_TEMPERATURE)
+    if "custom_id" in line and prefix:
+        request["custom_id"] = line["custom_id"]
+    return request
+
+
+def _line_body(line: dict[str, Any]) -> dict[str, Any]:
+    """A Batch line's ``body``, once its ``url`` and ``method`` are ones genqueue serves."""
+    url = line.get("url")
+    if url not in (None, CHAT_URL, COMPLETIONS_URL):
+        raise InvalidRequest(f"url: only {CHAT_URL} and {COMPLETIONS_URL} are supported, "
+                             f"not {url!r}")
+    if line.get("method", "POST") != "POST":
+        raise InvalidRequest("method: only POST is supported")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: must be an object")
+    return body
+
+
+def _fields(body: dict[str, Any], prefix: str, fields: dict[str, str],
+            neutral: dict[str, tuple]) -> dict[str, Any]:
+    """The body's fields under genqueue's names; any other refused by name."""
     request: dict[str, Any] = {}
     for key, value in body.items():
         if key in fields:
@@ -87,19 +108,6 @@ def from_openai(line: dict[str, Any], *, openai_defaults: bool = False, url: str
                                      f"(only {json.dumps(neutral[key][0])})")
         elif key not in OPENAI_IGNORED:
             raise InvalidRequest(f"{prefix}{key}: not supported")
-    if not chat and "top_logprobs" in request:  # legacy: ``logprobs: 3`` = 3 candidates
-        request["logprobs"] = True
-    if "messages" in request:
-        request["messages"] = _messages(request["messages"], prefix)
-    if "prompt" in request:
-        request["prompt"] = _prompt(request["prompt"], prefix)
-    if openai_defaults:
-        request.setdefault("temperature", OPENAI_TEMPERATURE)
-        default = max_tokens_default if chat else COMPLETION_MAX_TOKENS
-        if default is not None:
-            request.setdefault("max_new_tokens", default)
-    if "custom_id" in line and prefix:
-        request["custom_id"] = line["custom_id"]
     return request
 
 

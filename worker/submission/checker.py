@@ -116,8 +116,6 @@ class Checker:
         request["priority"] = route.priority
         if route.window_s is not None:
             request["expires_in_s"] = route.window_s
-        if not limited:
-            request.pop("max_new_tokens", None)
         return request, not limited
 
     def _count(self, data: dict[str, Any]) -> int | None:
