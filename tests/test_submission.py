@@ -101,3 +101,26 @@ def test_an_openai_route_fits_the_context_with_one_count(client, counted):
     assert request["priority"] == "bulk" and request["expires_in_s"] == 60
     assert request["temperature"] == 1.0 and 1 <= request["max_new_tokens"] <= 2048
     assert request["max_new_tokens"] == min(check.cap, 2048 - check.counter.count(request))
+
+
+def test_the_offline_check_takes_openai_batch_lines_and_plain_requests():
+    """``genq run`` and ``genq generate`` check lines before any broker exists: OpenAI Batch
+    lines are translated, plain requests taken as they are, a bad one named."""
+    from worker.ops.settings import Settings
+    from worker.submission.checker import check_lines
+    from worker.submission.lines import read_lines
+
+    rows = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "demo", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": "hi"}]}},
+            {"prompt": "plain", "max_new_tokens": 3},
+            {"prompt": "too many", "max_new_tokens": 10_000}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + "\n{broken\n"
+    lines = list(check_lines(read_lines(text.splitlines(keepends=True)),
+                             Checker(settings=Settings(max_new_tokens_limit=512)).schema))
+    assert [ln.number for ln in lines] == [1, 2, 3, 5]
+    assert lines[0].request["messages"] == [{"role": "user", "content": "hi"}]
+    assert lines[0].request["max_new_tokens"] == 5 and lines[0].request["custom_id"] == "a"
+    assert lines[1].request["prompt"] == "plain"
+    assert lines[2].request is None and lines[2].error.startswith("max_new_tokens: 10000")
+    assert lines[3].error.startswith("not JSON")

@@ -64,12 +64,13 @@ class Checker:
         fit = False
         if self.openai is not None:
             body, fit = self._from_openai(body)
-        elif is_batch_line(body):
-            body = from_openai(body)
         return self.admit(self.schema({**body, "max_new_tokens": 1} if fit else body), fit)
 
     def schema(self, body: Any) -> dict[str, Any]:
-        """The request dict, if ``body`` has the schema and keeps within the limits."""
+        """The request dict, if ``body`` (a request or an OpenAI Batch line, translated) has
+        the schema and keeps within the limits."""
+        if is_batch_line(body):
+            body = from_openai(body)
         request = validate_request(body, max_new_tokens_limit=self.cap,
                                    max_prompt_chars=self.settings.max_prompt_chars)
         return request.model_dump(exclude_none=True, by_alias=True)
