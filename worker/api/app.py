@@ -31,13 +31,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="genqueue", version="0.1.0",
                   description="Batched LLM generation on a Celery/Redis queue.")
     app.state.client = client
+    app.state.prometheus = prometheus
     app.middleware("http")(authenticate(client, keyring, prometheus.http_requests))
     app.add_middleware(LimitBody, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(JsonByDefault)
     add_error_handlers(app)
 
     app.include_router(native.router)
-    app.include_router(health.router(client, prometheus))
+    app.include_router(health.router)
     app.mount("/ui/static", StaticFiles(directory=health.STATIC_DIR), name="static")
     files = FileStore(settings.files_root, settings.max_upload_bytes, **settings.files_options)
     app.state.files = files

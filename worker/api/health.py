@@ -1,6 +1,7 @@
 """The gateway's open routes (no API key): liveness (``/healthz``), readiness (``/readyz``),
 the demand autoscaling follows (``/demand``), Prometheus metrics (``/metrics``) and the status
-page (``/``, ``/ui``, its files under ``/ui/static``)."""
+page (``/``, ``/ui``, its files under ``/ui/static``). They read the queue as the gateway's own
+client (``app.state.client``, no owner) and report through ``app.state.prometheus``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from worker.client import GenerationClient
 from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, pending_by_queue
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+router = APIRouter()
 
 
 class GatewayMetrics:
@@ -45,62 +48,63 @@ def current_demand(client: GenerationClient) -> tuple[dict[str, int], dict[str, 
     return lengths, per_priority, len(workers)
 
 
-def router(client: GenerationClient, prometheus: GatewayMetrics) -> APIRouter:
-    """The open routes, reading the queue as ``client`` (the gateway's own, no owner)."""
-    api = APIRouter()
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/ui")
 
-    @api.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/ui")
 
-    @api.get("/ui", include_in_schema=False)
-    def status_page() -> FileResponse:
-        """The status page: plain HTML and JavaScript, no build step, nothing from a CDN."""
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+@router.get("/ui", include_in_schema=False)
+def status_page() -> FileResponse:
+    """The status page: plain HTML and JavaScript, no build step, nothing from a CDN."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/healthz")
-    def healthz() -> dict:
-        """The gateway process answers."""
-        return {"ok": True}
 
-    @api.get("/readyz")
-    def readyz(request: Request, response: Response) -> dict:
-        """Ready when the broker answers and at least one worker heartbeat is fresh. Without
-        a valid API key (when keys are set) it says only whether it is ready."""
-        try:
-            broker = bool(client.broker.ping())
-            workers = client.store.workers()
-        except Exception as exc:  # redis down: not ready, say why
-            response.status_code = 503
-            out = {"ready": False, "broker": False, "workers": [], "error": str(exc)[:200]}
-        else:
-            ready = broker and bool(workers)
-            response.status_code = 200 if ready else 503
-            out = {"ready": ready, "broker": broker, "workers": workers}
-        return out if request.state.authenticated else {"ready": out["ready"]}
+@router.get("/healthz")
+def healthz() -> dict:
+    """The gateway process answers."""
+    return {"ok": True}
 
-    @api.get("/demand")
-    def get_demand(response: Response) -> dict:
-        """Requests not finished, per priority and in total (what KEDA scales workers on)."""
-        try:
-            _, per_priority, alive = current_demand(client)
-        except Exception as exc:  # redis down: say so, do not scale on a guess
-            response.status_code = 503
-            return {"error": str(exc)[:200]}
-        return {**per_priority, "total": sum(per_priority.values()), "workers": alive}
 
-    @api.get("/metrics")
-    def metrics() -> Response:
-        """Prometheus metrics of the gateway: queue depth, demand per priority, live workers."""
-        try:
-            lengths, per_priority, alive = current_demand(client)
-            for q, n in lengths.items():
-                prometheus.depth.labels(queue=q).set(n)
-            for priority, n in per_priority.items():
-                prometheus.demand.labels(priority=priority).set(n)
-            prometheus.workers_up.set(alive)
-        except Exception:  # scrape still answers while Redis is down
-            prometheus.workers_up.set(0)
-        return Response(generate_latest(prometheus.registry), media_type=CONTENT_TYPE_LATEST)
+@router.get("/readyz")
+def readyz(request: Request, response: Response) -> dict:
+    """Ready when the broker answers and at least one worker heartbeat is fresh. Without
+    a valid API key (when keys are set) it says only whether it is ready."""
+    client = request.app.state.client
+    try:
+        broker = bool(client.broker.ping())
+        workers = client.store.workers()
+    except Exception as exc:  # redis down: not ready, say why
+        response.status_code = 503
+        out = {"ready": False, "broker": False, "workers": [], "error": str(exc)[:200]}
+    else:
+        ready = broker and bool(workers)
+        response.status_code = 200 if ready else 503
+        out = {"ready": ready, "broker": broker, "workers": workers}
+    return out if request.state.authenticated else {"ready": out["ready"]}
 
-    return api
+
+@router.get("/demand")
+def get_demand(request: Request, response: Response) -> dict:
+    """Requests not finished, per priority and in total (what KEDA scales workers on)."""
+    try:
+        _, per_priority, alive = current_demand(request.app.state.client)
+    except Exception as exc:  # redis down: say so, do not scale on a guess
+        response.status_code = 503
+        return {"error": str(exc)[:200]}
+    return {**per_priority, "total": sum(per_priority.values()), "workers": alive}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus metrics of the gateway: queue depth, demand per priority, live workers."""
+    prometheus: GatewayMetrics = request.app.state.prometheus
+    try:
+        lengths, per_priority, alive = current_demand(request.app.state.client)
+        for q, n in lengths.items():
+            prometheus.depth.labels(queue=q).set(n)
+        for priority, n in per_priority.items():
+            prometheus.demand.labels(priority=priority).set(n)
+        prometheus.workers_up.set(alive)
+    except Exception:  # scrape still answers while Redis is down
+        prometheus.workers_up.set(0)
+    return Response(generate_latest(prometheus.registry), media_type=CONTENT_TYPE_LATEST)
