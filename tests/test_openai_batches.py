@@ -439,7 +439,7 @@ def test_finalization_lease_outlives_a_slow_upload(surface, monkeypatch):
     """The finalizer's lease is renewed by its holder while the error file uploads (here for
     longer than the lease's TTL): reads meanwhile answer ``finalizing`` and the files are
     written once."""
-    from worker.compat import batches as module
+    from worker.compat import batch_finalizing as module
 
     monkeypatch.setattr(module, "LOCK_S", 1)
     uploads = []

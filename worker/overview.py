@@ -129,22 +129,23 @@ def list_batches(view, limit: int = 20) -> list[dict[str, Any]]:
     """The caller's newest OpenAI batches, as ``GET /v1/batches/{id}`` answers them except
     that none is finalized here (a batch whose requests all ended reads ``finalizing`` until
     it is retrieved), with ``progress``, ``rate`` and ``eta_s`` added."""
-    from worker.compat import batches as compat
+    from worker.compat.batch_records import batch_key, index_key, public
+    from worker.compat.batches import Batches
 
     redis = view.store.redis
-    ids = redis.zrevrange(compat.index_key(_scope(view)), 0, max(0, limit - 1))
+    ids = redis.zrevrange(index_key(_scope(view)), 0, max(0, limit - 1))
     if not ids:
         return []
-    reader = compat.Batches(view, view.settings, None)
+    reader = Batches(view, view.settings, None)
     out = []
     now = time.time()
-    for raw in redis.mget([compat.batch_key(i) for i in ids]):
+    for raw in redis.mget([batch_key(i) for i in ids]):
         if raw is None:
             continue
         record = json.loads(raw)
         if record["status"] not in ("validating", *BATCH_FINAL):
             record = reader.refresh(record, finalize=False)
-        batch = compat.public(record)
+        batch = public(record)
         counts = batch.get("request_counts") or {}
         total, finished = counts.get("total") or 0, (counts.get("completed") or 0) + (
             counts.get("failed") or 0)

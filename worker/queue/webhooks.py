@@ -131,7 +131,7 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
 def ended_batch_status(redis, batch_id: str, job: dict[str, Any]) -> str:
     """The status an OpenAI batch whose job ended reads: its own once final, else the one
     ``compat.batches`` ends it with on its next read (``lifecycle.batch_status``)."""
-    from worker.compat.batches import batch_key
+    from worker.compat.batch_records import batch_key
 
     raw = redis.get(batch_key(batch_id))
     record = json.loads(raw) if raw else {}
