@@ -1,0 +1,183 @@
+"""The intake queue ``genq``, for real: a host Celery app (its own process, never importing
+``worker``) sends requests there; a notifier's or a worker's intake thread gives each its
+queued record before any worker runs it, validates it, applies GENQ_MAX_PENDING and
+idempotency keys, and loses nothing and records nothing twice when SIGKILLed mid-way."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from tests.test_celery_host import _tiny, host  # noqa: F401 - the host app's processes
+from worker.client import GenerationClient
+from worker.ops.settings import Settings
+from worker.queue.intake import CONSUMERS_KEY, INTAKE_QUEUE, processing_key
+
+pytestmark = pytest.mark.process
+
+
+@pytest.fixture
+def notifier(redis_url, tmp_path):
+    """Start ``genq notifier`` processes (each runs an intake thread); killed after the test."""
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, **env: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "notifier", "--name", name],
+                                env={**_env(redis_url), **env}, stdout=log, stderr=log)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _env(redis_url: str) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "GENQ_BROKER_URL": redis_url}
+
+
+def _until(check, timeout: float, what: str, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(step)
+
+
+def test_intake_records_validates_and_applies_quotas_and_idempotency(
+        host, notifier, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+    """With no worker running: each request sent to ``genq`` reads queued within about a
+    second; a bad request and bad envelopes end FAILURE (AsyncResult) at once; a repeated
+    idempotency key with the same body resolves to the first request's result, with another
+    body fails idempotency_conflict; past GENQ_MAX_PENDING a request fails queue_full. Then a
+    worker runs what was queued, each request once."""
+    client = GenerationClient(settings=Settings(broker_url=redis_url))
+    notifier("n1@test", GENQ_MAX_PENDING="3")
+    r = redis.Redis.from_url(redis_url)
+    _until(lambda: r.scard(CONSUMERS_KEY), 60, "the notifier's intake did not start")
+    driver = host.driver(f'''
+def send(args, **kw):
+    return app.send_task("genq.generate", args=args, queue="{INTAKE_QUEUE}", **kw)
+sent = {{}}
+sent["good"] = send([{{"prompt": "Hello", "max_new_tokens": 3}}])
+out(kind="sent", id=sent["good"].id, at=time.time())
+sent["bad"] = send([{{"prompt": 5}}])
+sent["not_dict"] = send(["not a request"])
+sent["two_args"] = send([{{"prompt": "a"}}, {{"prompt": "b"}}])
+sent["first"] = send([{{"prompt": "Twice", "max_new_tokens": 3, "idempotency_key": "k1"}}])
+sent["repeat"] = send([{{"prompt": "Twice", "max_new_tokens": 3, "idempotency_key": "k1"}}])
+sent["conflict"] = send([{{"prompt": "Other", "max_new_tokens": 3, "idempotency_key": "k1"}}])
+sent["third"] = send([{{"prompt": "Third", "max_new_tokens": 3}}])
+sent["over"] = send([{{"prompt": "Over", "max_new_tokens": 3}}])
+out(kind="ids", **{{k: r.id for k, r in sent.items()}})
+for name in ("bad", "not_dict", "two_args", "conflict", "over"):
+    r = sent[name]
+    r.get(timeout=60, propagate=False)
+    out(kind=name, state=r.state, error=str(r.result))
+for name in ("good", "first", "repeat", "third"):  # the test starts a worker meanwhile
+    got = sent[name].get(timeout=300)
+    out(kind=name, state=sent[name].state, text=got["text"], id=got["id"])
+clean()
+''')
+    sent = _line(driver)
+    record = _until(lambda: _queued(client, sent["id"]), 20, "no queued record", step=0.01)
+    assert record["status"] == "queued"
+    assert time.time() - sent["at"] < 3.0  # about a second (2 shared CPU cores here)
+    ids = _line(driver)
+    by = {}
+    for _ in range(5):
+        line = _line(driver)
+        by[line.pop("kind")] = line
+    for name, code, words in (("bad", "invalid_request", "prompt"),
+                              ("not_dict", "invalid_request", "expected one request dict"),
+                              ("two_args", "invalid_request", "expected one request dict"),
+                              ("conflict", "idempotency_conflict", "idempotency_key 'k1'"),
+                              ("over", "queue_full", "3 requests pending")):
+        error = by[name]["error"]
+        assert by[name]["state"] == "FAILURE" and error.startswith(code + ": "), by[name]
+        assert words in error, by[name]
+    for name in ("good", "first", "repeat", "third"):  # queued, nothing run yet
+        assert client.get(ids[name])["status"] == "queued"
+    assert client.get(ids["over"])["error"]["code"] == "queue_full"
+    assert r.llen("genq.interactive") == 3  # good, first, third: the repeat is not queued
+
+    start_worker("g1@test", **_tiny(tiny_model_dir))
+    stdout, stderr = driver.communicate(timeout=360)
+    assert driver.returncode == 0, stderr[-3000:]
+    for line in map(json.loads, stdout.splitlines()):
+        by[line.pop("kind")] = line
+    for name in ("good", "first", "repeat", "third"):
+        assert by[name]["state"] == "SUCCESS", by[name]
+    assert by["repeat"]["text"] == by["first"]["text"] and by["repeat"]["id"] == ids["repeat"]
+    for name in ("good", "first", "third"):
+        assert int(r.get(f"genq:attempts:{ids[name]}")) == 1
+    assert r.get(f"genq:attempts:{ids['repeat']}") is None  # resolved, never run
+
+
+def _line(proc: subprocess.Popen) -> dict:
+    """The driver's next JSON line (its stderr if it ended instead)."""
+    line = proc.stdout.readline()
+    assert line, proc.communicate(timeout=10)[1][-3000:]
+    return json.loads(line)
+
+
+def _queued(client: GenerationClient, request_id: str):
+    from worker.errors import NotFound
+
+    try:
+        return client.get(request_id)
+    except NotFound:
+        return None
+
+
+def test_intake_killed_mid_way_loses_nothing_and_records_nothing_twice(
+        host, notifier, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+    """Requests wait on ``genq``; a notifier is SIGKILLed while messages are in its processing
+    list; another gives them back (after the dead one's beat expires) and settles them: every
+    request is published once and recorded, and a worker runs each once."""
+    n = 400
+    [sent] = host.run(f'''
+ids = [app.send_task("genq.generate", args=[{{"prompt": "n%d" % i, "max_new_tokens": 1}}],
+                     queue="{INTAKE_QUEUE}").id for i in range({n})]
+out(ids=ids)
+clean()
+''')
+    ids = sent["ids"]
+    r = redis.Redis.from_url(redis_url)
+    for attempt in range(5):
+        proc = notifier(f"n{attempt}@test")
+        held = _until(lambda proc=proc: [k for k in r.keys(processing_key("*")) if r.llen(k)]
+                      or proc.poll() is not None or not r.llen(INTAKE_QUEUE),
+                      60, "the intake took nothing", step=0.005)
+        proc.kill()
+        proc.wait()
+        if isinstance(held, list) and any(r.llen(k) for k in held):
+            break
+    else:
+        pytest.fail("never killed an intake while it held messages")
+    assert r.llen(INTAKE_QUEUE) + sum(r.llen(k) for k in held) > 0
+    notifier("survivor@test")
+    _until(lambda: not r.llen(INTAKE_QUEUE) and not any(r.llen(k) for k in r.keys(
+        processing_key("*"))), 60, "the dead intake's messages were not given back")
+    assert r.scard(CONSUMERS_KEY) == 1  # the dead consumers were forgotten
+    queued = [json.loads(m)["headers"]["id"] for m in r.lrange("genq.interactive", 0, -1)]
+    assert sorted(queued) == sorted(ids)  # each published once
+    client = GenerationClient(settings=Settings(broker_url=redis_url))
+    assert {client.get(i)["status"] for i in ids} == {"queued"}
+
+    start_worker("g2@test", **_tiny(tiny_model_dir, GENQ_MAX_BATCH_SIZE="32"))
+    for i in ids:
+        assert client.wait(i, timeout=300)["status"] == "succeeded"
+    assert [int(a) for a in r.mget([f"genq:attempts:{i}" for i in ids])] == [1] * n
