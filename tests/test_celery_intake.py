@@ -181,3 +181,43 @@ clean()
     for i in ids:
         assert client.wait(i, timeout=300)["status"] == "succeeded"
     assert [int(a) for a in r.mget([f"genq:attempts:{i}" for i in ids])] == [1] * n
+
+
+def test_celery_options_through_the_real_api(host, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+    """``send_task(expires=...)`` is the deadline (REVOKED, the record ``expired``);
+    ``time_limit``, ``soft_time_limit``, ``countdown`` and a real ``chord(...)`` whose header
+    holds genq.generate fail invalid_request naming the option; on the intake queue and on
+    genq.interactive alike."""
+    start_worker("g3@test", **_tiny(tiny_model_dir))
+    lines = host.run(f'''
+import uuid
+from datetime import datetime, timedelta, timezone
+from celery import chord
+past = datetime.now(timezone.utc) - timedelta(seconds=5)
+for q in ("{INTAKE_QUEUE}", "genq.interactive"):
+    def send(**options):
+        return app.send_task("genq.generate", args=[{{"prompt": "opt", "max_new_tokens": 2}}],
+                             queue=q, **options)
+    sent = {{"expires": send(expires=past), "time_limit": send(time_limit=30),
+            "soft_time_limit": send(soft_time_limit=10), "countdown": send(countdown=30)}}
+    header = [signature("genq.generate", args=[{{"prompt": "c%d" % i, "max_new_tokens": 2}}],
+                        queue=q, app=app).set(task_id=str(uuid.uuid4())) for i in range(2)]
+    chord(header)(app.signature("host.postprocess"))
+    for i, sig in enumerate(header):
+        sent["chord%d" % i] = app.AsyncResult(sig.options["task_id"])
+    for name, r in sent.items():
+        r.get(timeout=120, propagate=False)
+        out(queue=q, kind=name, id=r.id, state=r.state, error=str(r.result))
+clean()
+''')
+    client = GenerationClient(settings=Settings(broker_url=redis_url))
+    words = {"time_limit": "time_limit/soft_time_limit", "soft_time_limit": "time_limit/soft",
+             "countdown": "eta/countdown", "chord0": "chord", "chord1": "chord"}
+    assert len(lines) == 2 * (len(words) + 1)
+    for line in lines:
+        if line["kind"] == "expires":
+            assert line["state"] == "REVOKED", line
+            assert client.get(line["id"])["status"] == "expired"
+        else:
+            assert line["state"] == "FAILURE" and line["error"].startswith("invalid_request: ")
+            assert words[line["kind"]] in line["error"], line
