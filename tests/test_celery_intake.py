@@ -13,12 +13,18 @@ import time
 import pytest
 import redis
 
-from tests.test_celery_host import _tiny, host  # noqa: F401 - the host app's processes
+from tests.test_celery_host import _tiny, host_processes
 from worker.client import GenerationClient
 from worker.ops.settings import Settings
 from worker.queue.intake import CONSUMERS_KEY, INTAKE_QUEUE, processing_key
 
 pytestmark = pytest.mark.process
+
+
+@pytest.fixture
+def host(tmp_path, redis_url):
+    """A host Celery app's processes (``tests.test_celery_host``)."""
+    yield from host_processes(tmp_path, redis_url)
 
 
 @pytest.fixture
@@ -57,7 +63,7 @@ def _until(check, timeout: float, what: str, step: float = 0.05):
 
 
 def test_intake_records_validates_and_applies_quotas_and_idempotency(
-        host, notifier, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+        host, notifier, start_worker, tiny_model_dir, redis_url):
     """With no worker running: each request sent to ``genq`` reads queued within about a
     second; a bad request and bad envelopes end FAILURE (AsyncResult) at once; a repeated
     idempotency key with the same body resolves to the first request's result, with another
@@ -143,7 +149,7 @@ def _queued(client: GenerationClient, request_id: str):
 
 
 def test_intake_killed_mid_way_loses_nothing_and_records_nothing_twice(
-        host, notifier, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+        host, notifier, start_worker, tiny_model_dir, redis_url):
     """Requests wait on ``genq``; a notifier is SIGKILLed while messages are in its processing
     list; another gives them back (after the dead one's beat expires) and settles them: every
     request is published once and recorded, and a worker runs each once."""
@@ -183,7 +189,7 @@ clean()
     assert [int(a) for a in r.mget([f"genq:attempts:{i}" for i in ids])] == [1] * n
 
 
-def test_celery_options_through_the_real_api(host, start_worker, tiny_model_dir, redis_url):  # noqa: F811
+def test_celery_options_through_the_real_api(host, start_worker, tiny_model_dir, redis_url):
     """``send_task(expires=...)`` is the deadline (REVOKED, the record ``expired``);
     ``time_limit``, ``soft_time_limit``, ``countdown`` and a real ``chord(...)`` whose header
     holds genq.generate fail invalid_request naming the option; on the intake queue and on
@@ -221,3 +227,46 @@ clean()
         else:
             assert line["state"] == "FAILURE" and line["error"].startswith("invalid_request: ")
             assert words[line["kind"]] in line["error"], line
+
+
+def test_flower_lists_genqueue_tasks_with_states(host, start_worker, tiny_model_dir, redis_url,
+                                                 tmp_path):
+    """A real Flower process on genqueue's Redis (``celery -A worker.queue.app flower``): its
+    HTTP API lists the requests a host app sent, by name, with their final states."""
+    import httpx
+
+    from tests.conftest import wait_answering
+    from worker.stack import free_port
+
+    start_worker("g4@test", **_tiny(tiny_model_dir))
+    port = free_port()
+    log = open(tmp_path / "flower.log", "ab")  # noqa: SIM115
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.queue.app", "flower",
+                               f"--port={port}", "--address=127.0.0.1"], stdout=log, stderr=log,
+                              env={**_env(redis_url), "FLOWER_UNAUTHENTICATED_API": "true"})
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        wait_answering(http, flower, path="/healthcheck", timeout=120)
+        time.sleep(2.0)  # Flower has enabled events and listens
+        [sent] = host.run(f'''
+good = app.send_task("genq.generate", args=[{{"prompt": "Watched", "max_new_tokens": 2}}],
+                     queue="{INTAKE_QUEUE}")
+bad = app.send_task("genq.generate", args=[{{"prompt": 5}}], queue="genq.interactive")
+good.get(timeout=120)
+bad.get(timeout=120, propagate=False)
+out(good=good.id, bad=bad.id)
+clean()
+''')
+
+        def listed():
+            tasks = http.get("/api/tasks").json()
+            got = {k: (tasks[v]["name"], tasks[v]["state"]) for k, v in sent.items() if v in tasks}
+            return got if got == {"good": ("genq.generate", "SUCCESS"),
+                                  "bad": ("genq.generate", "FAILURE")} else None
+
+        _until(listed, 60, "Flower does not list the tasks with their states", step=0.5)
+        workers = http.get("/api/workers", params={"refresh": "true"}).json()
+        assert "g4@test" in workers
+    finally:
+        flower.kill()
+        flower.wait()

@@ -260,7 +260,9 @@ def _marked(raw: bytes, envelope: Envelope, deadline: float | None) -> str:
     expires = max(deadline - now, 1e-6) if deadline is not None else None
     message["headers"].update(headers_for(None, now, expires, adapter=adapter))
     target = queue_for(envelope.request.get("priority"))
-    message["properties"]["delivery_info"] = {"exchange": target, "routing_key": target}
+    properties = message.get("properties") or {}  # kombu's restore reads where it went
+    message["properties"] = {**properties,
+                             "delivery_info": {"exchange": target, "routing_key": target}}
     return json.dumps(message)
 
 
