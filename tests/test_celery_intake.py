@@ -270,3 +270,58 @@ clean()
     finally:
         flower.kill()
         flower.wait()
+
+
+def test_intake_replays_settle_each_message_once(redis_url):
+    """The states a crash can leave, replayed by a live intake: outcomes stored but nothing
+    committed (each queued request is published once, a repeat never, a failure not stored
+    again); a dead consumer's list (given back, then settled); a commit replayed after a lost
+    reply (publishes nothing twice); a message whose header breaks parsing (fails alone)."""
+    from celery import Celery
+
+    from worker.queue.intake import Intake, alive_key
+
+    app = Celery("t", broker=redis_url, backend=redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+
+    def send(request) -> str:
+        return app.send_task("genq.generate", args=[request], queue=INTAKE_QUEUE).id
+
+    ids = [send({"prompt": "a", "idempotency_key": "k"}), send({"prompt": "a", "idempotency_key": "k"}),
+           send({"prompt": 5}), send({"prompt": "b"})]
+    r = redis.Redis.from_url(redis_url)
+    raws = r.lrange(INTAKE_QUEUE, 0, -1)[::-1]  # oldest first, as ids
+    intake = Intake(Settings(broker_url=redis_url), "t")
+    assert intake.step() == 4
+    published = r.lrange("genq.interactive", 0, -1)
+    records = r.mget([f"genq:r:{i}" for i in ids])
+    assert len(published) == 2 and not r.llen(intake.processing)
+
+    r.delete("genq.interactive")  # as if killed before its commit: all stored, nothing sent
+    r.lpush(intake.processing, *raws)
+    assert intake.step() == 4
+    assert sorted(json.loads(m)["headers"]["id"] for m in r.lrange("genq.interactive", 0, -1)) \
+        == sorted([ids[0], ids[3]])
+    assert r.mget([f"genq:r:{i}" for i in ids]) == records
+
+    r.delete("genq.interactive")
+    dead = "dead/1"
+    r.lpush(processing_key(dead), *raws)
+    r.sadd(CONSUMERS_KEY, dead)
+    intake._recovered_at = 0.0
+    assert intake.step() == 4 and not r.exists(processing_key(dead))
+    assert r.smembers(CONSUMERS_KEY) == {intake.name.encode()} and r.exists(alive_key(intake.name))
+    assert r.llen("genq.interactive") == 2
+
+    r.lpush(intake.processing, raws[0])
+    for _ in range(2):  # the same commit twice: the second finds nothing to un-list
+        intake._commit(keys=[intake.processing], args=[raws[0], "genq.interactive", b"copy"])
+    assert r.lrange("genq.interactive", 0, -1).count(b"copy") == 1
+
+    poison = json.loads(raws[3])
+    poison["headers"].update(id="poison", genq_weight=float("inf"))
+    r.lpush(INTAKE_QUEUE, json.dumps(poison), raws[3].replace(ids[3].encode(), b"after"))
+    assert intake.step() == 2
+    failed = GenerationClient(settings=Settings(broker_url=redis_url)).get("poison")
+    assert failed["error"]["code"] == "invalid_request" and "OverflowError" in failed["error"]["message"]
+    assert GenerationClient(settings=Settings(broker_url=redis_url)).get("after")["status"] == "queued"

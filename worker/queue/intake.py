@@ -94,17 +94,17 @@ class Intake:
     def step(self) -> int:
         """One pass: beat, give back dead consumers' lists (every 2 s), take up to ``BATCH``
         messages, settle all in this consumer's list, resolve twins; how many were settled."""
+        if time.monotonic() - self._recovered_at > 2.0:
+            self._recovered_at = time.monotonic()
+            moved = self._recover(keys=[CONSUMERS_KEY, INTAKE_QUEUE])
+            if moved:
+                log.warning("intake_recovered", consumer=self.name, messages=moved)
         pipe = self.broker.pipeline(transaction=False)
         pipe.set(alive_key(self.name), 1, ex=ALIVE_TTL_S)
         pipe.sadd(CONSUMERS_KEY, self.name)
         for name in INTAKE_LISTS:
             pipe.llen(name)
         lengths = pipe.execute()[2:]
-        if time.monotonic() - self._recovered_at > 2.0:
-            self._recovered_at = time.monotonic()
-            moved = self._recover(keys=[CONSUMERS_KEY, INTAKE_QUEUE])
-            if moved:
-                log.warning("intake_recovered", consumer=self.name, messages=moved)
         room, pipe = BATCH, self.broker.pipeline(transaction=False)
         for name, length in zip(INTAKE_LISTS, lengths, strict=True):
             for _ in range(min(room, length)):
@@ -250,6 +250,10 @@ def _read(raw: bytes) -> tuple[str | None, Envelope | None, str | None]:
     except MalformedMessage as exc:
         envelope = Envelope(exc.request_id or "", {}, None, time.time(), None, canvas=exc.canvas)
         return exc.request_id, envelope, str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. a header of Infinity: this message alone fails
+        rid = headers.get("id") if isinstance(headers.get("id"), str) else None
+        return rid, Envelope(rid or "", {}, None, time.time(), None), \
+            f"not a genqueue request message ({type(exc).__name__})"
 
 
 def _marked(raw: bytes, envelope: Envelope, deadline: float | None) -> str:
