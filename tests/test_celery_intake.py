@@ -232,7 +232,8 @@ clean()
 def test_flower_lists_genqueue_tasks_with_states(host, start_worker, tiny_model_dir, redis_url,
                                                  tmp_path):
     """A real Flower process on genqueue's Redis (``celery -A worker.queue.app flower``): its
-    HTTP API lists the requests a host app sent, by name, with their final states."""
+    HTTP API lists the requests a host app sent, by name, with their final states (one run,
+    one refused by a worker, one refused by the intake)."""
     import httpx
 
     from tests.conftest import wait_answering
@@ -252,9 +253,11 @@ def test_flower_lists_genqueue_tasks_with_states(host, start_worker, tiny_model_
 good = app.send_task("genq.generate", args=[{{"prompt": "Watched", "max_new_tokens": 2}}],
                      queue="{INTAKE_QUEUE}")
 bad = app.send_task("genq.generate", args=[{{"prompt": 5}}], queue="genq.interactive")
+refused = app.send_task("genq.generate", args=[{{"prompt": 6}}], queue="{INTAKE_QUEUE}")
 good.get(timeout=120)
-bad.get(timeout=120, propagate=False)
-out(good=good.id, bad=bad.id)
+for r in (bad, refused):
+    r.get(timeout=120, propagate=False)
+out(good=good.id, bad=bad.id, refused=refused.id)
 clean()
 ''')
 
@@ -262,7 +265,8 @@ clean()
             tasks = http.get("/api/tasks").json()
             got = {k: (tasks[v]["name"], tasks[v]["state"]) for k, v in sent.items() if v in tasks}
             return got if got == {"good": ("genq.generate", "SUCCESS"),
-                                  "bad": ("genq.generate", "FAILURE")} else None
+                                  "bad": ("genq.generate", "FAILURE"),
+                                  "refused": ("genq.generate", "FAILURE")} else None
 
         _until(listed, 60, "Flower does not list the tasks with their states", step=0.5)
         workers = http.get("/api/workers", params={"refresh": "true"}).json()

@@ -37,7 +37,7 @@ from worker.lifecycle import FINAL
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
 from worker.overview import note_failures
-from worker.queue.app import PRIORITY_STEPS, pending_by_queue, queue_for
+from worker.queue.app import PRIORITY_STEPS, TASK_NAME, pending_by_queue, queue_for
 from worker.queue.canvas import Follower
 from worker.queue.delivery import Delivery, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, headers_for, parse
@@ -80,6 +80,7 @@ class Intake:
         self._recover = register(self.broker, "intake_recover")
         self._commit = register(self.broker, "intake_commit")
         self._recovered_at = 0.0
+        self._events = None  # Celery's event dispatcher, on first use
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: take and settle messages; wait on the intake queue when idle."""
@@ -158,6 +159,8 @@ class Intake:
         stored = self._store_failures(failed)
         self._commit(keys=[self.processing], args=commit)
         for (record, canvas), first in zip(failed, stored, strict=True):
+            if first:
+                self._refused_event(record)
             if first and canvas:
                 self._follow(record, canvas)
 
@@ -210,6 +213,22 @@ class Intake:
         note_failures(pipe, records, self.store.ttl)
         pipe.execute()
         return stored
+
+    def _refused_event(self, record: dict[str, Any]) -> None:
+        """Task events for a refused request, as a worker sends them (Flower, ``celery
+        events``); best effort, never raises."""
+        err = record["error"]
+        try:
+            if self._events is None:
+                app = self.follower.app
+                self._events = app.events.Dispatcher(app.connection_for_write(),
+                                                     hostname=self.name, enabled=True,
+                                                     buffer_while_offline=False)
+            self._events.send("task-received", uuid=record["id"], name=TASK_NAME)
+            self._events.send("task-failed", uuid=record["id"], traceback=None,
+                              exception=f"GenerationFailed('{err['code']}: {err['message']}')")
+        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
+            log.debug("event_failed", consumer=self.name, error=repr(exc)[:200])
 
     def _follow(self, record: dict[str, Any], canvas: dict[str, Any]) -> None:
         try:
