@@ -279,8 +279,9 @@ clean()
 def test_intake_replays_settle_each_message_once(redis_url):
     """The states a crash can leave, replayed by a live intake: outcomes stored but nothing
     committed (each queued request is published once, a repeat never, a failure not stored
-    again); a dead consumer's list (given back, then settled); a commit replayed after a lost
-    reply (publishes nothing twice); a message whose header breaks parsing (fails alone)."""
+    again); a dead consumer's list (given back, then settled); a message already started
+    (dropped); a commit replayed after a lost reply (publishes nothing twice); a message whose
+    header breaks parsing (fails alone)."""
     from celery import Celery
 
     from worker.queue.intake import Intake, alive_key
@@ -316,6 +317,14 @@ def test_intake_replays_settle_each_message_once(redis_url):
     assert intake.step() == 4 and not r.exists(processing_key(dead))
     assert r.smembers(CONSUMERS_KEY) == {intake.name.encode()} and r.exists(alive_key(intake.name))
     assert r.llen("genq.interactive") == 2
+
+    # a consumer that wakes after its list was given back: a started request is not sent again
+    running = {**json.loads(r.get(f"genq:r:{ids[3]}")), "status": "running"}
+    r.set(f"genq:r:{ids[3]}", json.dumps(running))
+    r.delete("genq.interactive")
+    r.lpush(intake.processing, raws[3])
+    assert intake.step() == 1 and not r.llen("genq.interactive")
+    assert json.loads(r.get(f"genq:r:{ids[3]}"))["status"] == "running"
 
     r.lpush(intake.processing, raws[0])
     for _ in range(2):  # the same commit twice: the second finds nothing to un-list

@@ -16,10 +16,12 @@ first request ends, then holds a copy of the first's result under its own id.
 Crash safety: a consumer moves messages (LMOVE) into a processing list of its own and works
 from that list. A message's outcome is stored first (a failure: first final state wins; a
 queued record, with a repeat's twin entry in the same MULTI), then ``lua/intake_commit.lua``
-removes it from the list and, only if it was still there, publishes it. A message found in the
-list again is judged by what was stored: a final record or a twin entry drops it, a queued
-record publishes it. A consumer that stops beating (``genq:intake:alive:<name>``) has its list
-moved back onto the intake queue by a live one (``lua/intake_recover.lua``).
+removes it from the list and, only if it was still there, publishes it. A message found in a
+list again is judged by what was stored: a queued record publishes it, a twin entry or any other
+record (final, or running: published already) drops it. A consumer that stops beating
+(``genq:intake:alive:<name>``, 10 s) has its list moved back onto the intake queue by a live one
+(``lua/intake_recover.lua``); should it wake up after all, its commit finds its list empty and
+publishes nothing, and its records are written only where none exists.
 """
 
 from __future__ import annotations
@@ -137,10 +139,10 @@ class Intake:
             record, twin = seen[2 * i], seen[2 * i + 1]
             record = json.loads(record) if record else {}
             publish: float | None | bool = False  # False, or the deadline it is published with
-            if rid is None or twin or record.get("status") in FINAL:
+            if rid is None or twin or record.get("status") not in (None, "queued"):
                 pass  # nobody to answer, or settled before this replay
             elif record:
-                publish = record.get("expires_at")  # recorded, not published yet
+                publish = record.get("expires_at")  # recorded, not published from this list
             elif error is not None:
                 failed.append(self._failure(rid, "invalid_request", error, envelope))
             else:
@@ -187,7 +189,7 @@ class Intake:
         deadline = min(ends) if ends else None
         if deadline is not None:  # the record keeps it: a reader expires the request at once
             data = {**data, "expires_in_s": max(deadline - now, 1e-6)}
-        self.store.record_queued([(envelope.id, data)], pipe=pipe)
+        self.store.record_queued([(envelope.id, data)], pipe=pipe, only_new=True)
         if earlier is not None and earlier != envelope.id:  # the same request, sent again
             pipe.hset(TWINS_KEY, envelope.id, json.dumps({"first": earlier,
                                                           "canvas": envelope.canvas}))
