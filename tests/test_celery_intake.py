@@ -132,6 +132,12 @@ clean()
     assert r.get(f"genq:attempts:{ids['repeat']}") is None  # resolved, never run
 
 
+# messages on the intake queue and in every processing list, read at one instant
+WAITING = """local n = redis.call('LLEN', KEYS[1])
+for _, k in ipairs(redis.call('KEYS', ARGV[1])) do n = n + redis.call('LLEN', k) end
+return n"""
+
+
 def _line(proc: subprocess.Popen) -> dict:
     """The driver's next JSON line (its stderr if it ended instead)."""
     line = proc.stdout.readline()
@@ -150,9 +156,10 @@ def _queued(client: GenerationClient, request_id: str):
 
 def test_intake_killed_mid_way_loses_nothing_and_records_nothing_twice(
         host, notifier, start_worker, tiny_model_dir, redis_url):
-    """Requests wait on ``genq``; a notifier is SIGKILLed while messages are in its processing
-    list; another gives them back (after the dead one's beat expires) and settles them: every
-    request is published once and recorded, and a worker runs each once."""
+    """Requests wait on ``genq``; a worker is SIGKILLed while messages are in its intake's
+    processing list (its intake runs while the model loads); a notifier's intake gives them
+    back (after the dead one's beat expires) and settles them: every request is published
+    once and recorded, and a worker runs each once."""
     n = 400
     [sent] = host.run(f'''
 ids = [app.send_task("genq.generate", args=[{{"prompt": "n%d" % i, "max_new_tokens": 1}}],
@@ -163,20 +170,20 @@ clean()
     ids = sent["ids"]
     r = redis.Redis.from_url(redis_url)
     for attempt in range(5):
-        proc = notifier(f"n{attempt}@test")
+        proc = start_worker(f"k{attempt}@test", wait_ready=False, **_tiny(tiny_model_dir))
         held = _until(lambda proc=proc: [k for k in r.keys(processing_key("*")) if r.llen(k)]
                       or proc.poll() is not None or not r.llen(INTAKE_QUEUE),
-                      60, "the intake took nothing", step=0.005)
+                      120, "the intake took nothing", step=0.005)
         proc.kill()
         proc.wait()
         if isinstance(held, list) and any(r.llen(k) for k in held):
             break
     else:
         pytest.fail("never killed an intake while it held messages")
-    assert r.llen(INTAKE_QUEUE) + sum(r.llen(k) for k in held) > 0
+    assert not r.hlen("genq:unacked")  # killed before it ran anything: only its intake held
     notifier("survivor@test")
-    _until(lambda: not r.llen(INTAKE_QUEUE) and not any(r.llen(k) for k in r.keys(
-        processing_key("*"))), 60, "the dead intake's messages were not given back")
+    _until(lambda: not r.eval(WAITING, 1, INTAKE_QUEUE, processing_key("*")), 60,
+           "the dead intake's messages were not given back")
     assert r.scard(CONSUMERS_KEY) == 1  # the dead consumers were forgotten
     queued = [json.loads(m)["headers"]["id"] for m in r.lrange("genq.interactive", 0, -1)]
     assert sorted(queued) == sorted(ids)  # each published once
