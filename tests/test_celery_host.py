@@ -65,6 +65,11 @@ def _tiny(model_dir, **extra: str) -> dict[str, str]:
 def host(tmp_path, redis_url):
     """Run driver scripts and a Celery worker of the host app (``host_app.py``), each in a
     process of its own with ``tmp_path`` as its only code."""
+    yield from host_processes(tmp_path, redis_url)
+
+
+def host_processes(tmp_path, redis_url):
+    """The ``host`` fixture's body (a generator: the processes are killed when it resumes)."""
     (tmp_path / "host_app.py").write_text(HOST_APP)
     env = {**os.environ, "HOST_BROKER": redis_url, "PYTHONPATH": str(tmp_path)}
     env.pop("GENQ_BROKER_URL", None)

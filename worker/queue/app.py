@@ -2,7 +2,8 @@
 
 Requests travel as ordinary Celery task messages (task ``genq.generate``, one request dict as
 the only argument) on two Redis lists, ``genq.interactive`` and ``genq.bulk``, so any Celery
-producer can enqueue and ``AsyncResult(id)`` reads the outcome.
+producer can enqueue and ``AsyncResult(id)`` reads the outcome. A foreign producer sends to the
+intake queue ``genq`` instead, where it gets our client's accounting (``worker.queue.intake``).
 """
 
 from __future__ import annotations

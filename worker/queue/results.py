@@ -116,10 +116,11 @@ class ResultStore:
     # -- producers --------------------------------------------------------------------
 
     def record_queued(self, items: Iterable[tuple[str, dict[str, Any]]],
-                      job_id: str | None = None, pipe=None, owner: str | None = None) -> None:
+                      job_id: str | None = None, pipe=None, owner: str | None = None,
+                      only_new: bool = False) -> None:
         """Write a ``queued`` record per (id, request), its owner and its ``webhook_url``, in
         one round trip. The record keeps the request's deadline (``expires_at``) so a reader
-        can expire it."""
+        can expire it. ``only_new``: never over a record that exists (a late replay)."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         now = time.time()
@@ -127,7 +128,7 @@ class ResultStore:
             record = result_record(request_id, "queued", request, job_id=job_id)
             if request.get("expires_in_s"):
                 record["expires_at"] = now + float(request["expires_in_s"])
-            pipe.set(result_key(request_id), _dumps(record), ex=self.ttl)
+            pipe.set(result_key(request_id), _dumps(record), ex=self.ttl, nx=only_new)
             if owner:
                 pipe.set(owner_key(request_id), owner, ex=self.ttl)
             if request.get("webhook_url"):

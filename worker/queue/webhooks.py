@@ -249,9 +249,14 @@ def run_notifier(name: str | None = None) -> int:
     pump = Pump(app, settings)
     thread = threading.Thread(target=pump.run, name="genq-events", daemon=True)
     thread.start()
-    worker = app.Worker(hostname=name or f"notifier@{socket.gethostname()}", pool="threads",
+    name = name or f"notifier@{socket.gethostname()}"
+    from worker.queue.intake import start_intake
+
+    stop_intake = start_intake(settings, name)  # foreign producers' requests (worker.queue.intake)
+    worker = app.Worker(hostname=name, pool="threads",
                         concurrency=4, queues=[WEBHOOK_QUEUE], loglevel=settings.log_level,
                         without_mingle=True, without_gossip=True)
     worker.start()
     pump.stop.set()
+    stop_intake.set()
     return worker.exitcode or 0

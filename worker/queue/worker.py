@@ -134,9 +134,13 @@ class GenerationStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.consumer = None
         self.thread: threading.Thread | None = None
+        self.intake: threading.Event | None = None  # set to stop the intake thread
 
     def start(self, worker) -> None:
         settings = get_settings()
+        from worker.queue.intake import start_intake
+
+        self.intake = start_intake(settings, worker.hostname)  # foreign requests, from now on
         log.info("engine_loading", worker=worker.hostname, model=settings.model,
                  backend=settings.backend)
         with _interruptible(), LoadingNote(settings, worker.hostname) as note:
@@ -191,6 +195,8 @@ class GenerationStep(bootsteps.StartStopStep):
             os._exit(1)  # unacked requests are redelivered to the next worker
 
     def stop(self, worker) -> None:
+        if self.intake is not None:
+            self.intake.set()
         if self.consumer is not None:
             self.consumer.stop()
         if self.thread is not None:
