@@ -29,7 +29,8 @@ from worker.errors import GenqError, InvalidRequest
 from worker.ops.redisconn import celery_options
 from worker.ops.settings import Settings
 from worker.queue.app import REQUEST_QUEUES, kombu_queue, transport_options
-from worker.queue.link import Arrival, Link
+from worker.queue.link import Link
+from worker.queue.link_admit import Arrival
 from worker.queue.results import ResultStore
 from worker.schema import result_record
 

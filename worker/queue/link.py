@@ -9,16 +9,17 @@ heartbeat, in the order the loop asked, retrying until Redis answers. So a Redis
 middle of a batch never strands a request: the rows go on, their results wait here, and
 everything is stored and acked within a second of Redis coming back.
 
-Also here: the stall watchdog (no decode step for ``GENQ_STALL_TIMEOUT_S`` while rows run:
-log why and exit non-zero, so the requests are redelivered; leases are renewed only while
-steps happen), cancel flags, each worker's fair share of the queues (a worker never holds more
-than its share of what is queued and held, so a small job spreads across live workers),
-and an idle wait that makes about three Redis calls a second.
+Three sides of the link live in modules of their own, as mixins of ``Link``:
+``link_admit`` (fetching within this worker's fair share, so a small job spreads across live
+workers, and checking what arrives), ``tasklog`` (Celery task events, ``inspect``, revokes and
+cancel flags, callbacks) and ``link_health`` (heartbeat, leases renewed only while steps
+happen, the stall watchdog: no decode step for ``GENQ_STALL_TIMEOUT_S`` while rows run, log why
+and exit non-zero so the requests are redelivered; the doorbells, so an idle worker makes
+about three Redis calls a second).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -28,9 +29,7 @@ from typing import Any
 
 import redis
 import structlog
-from celery.worker import state as celery_state
 
-from worker.lifecycle import is_final
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
 from worker.overview import note_failures
@@ -40,31 +39,21 @@ from worker.queue.app import (
     INTERACTIVE_QUEUE,
     PRIORITY_STEPS,
     REQUEST_QUEUES,
-    TASK_NAME,
     transport_options,
 )
 from worker.queue.canvas import Follower
-from worker.queue.delivery import Delivery, Doorbell, Inbox, Undecodable
-from worker.queue.messages import Envelope, MalformedMessage, parse
+from worker.queue.delivery import Delivery, Doorbell, Inbox
+from worker.queue.link_admit import Admission, Arrival
+from worker.queue.link_health import Health
 from worker.queue.results import ResultStore
-from worker.schema import result_record
+from worker.queue.tasklog import TaskLog
 
 log = structlog.get_logger(__name__)
 
 QUEUE_OF = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
 HEARTBEAT_S = 2.0
-RECHECK_S = 10.0  # queues found empty are looked at again this often, doorbell or not
 CANCEL_POLL_S = 0.25
 START_WAIT_S = 2.0
-STALL_EXIT_CODE = 70
-
-
-@dataclass
-class Arrival:
-    """A request message taken off a queue, decoded and checked, not started yet."""
-
-    envelope: Envelope
-    suspect: bool  # started on a worker that died before finishing it
 
 
 @dataclass
@@ -79,7 +68,7 @@ class _Op:
     result: list[int] | None = None
 
 
-class Link:
+class Link(Admission, TaskLog, Health):
     """Everything the step loop needs from Redis, done on one thread of its own."""
 
     def __init__(self, settings: Settings, name: str, store: ResultStore, info: dict[str, Any],
@@ -338,286 +327,3 @@ class Link:
                     self._event("task-started", uuid=record["id"])
         for op in ops:
             op.done.set()
-
-    def _fetch(self) -> None:
-        """Take what the loop wants, within this worker's fair share (computed by the fetch
-        script against the live queue length)."""
-        for q in REQUEST_QUEUES:  # the doorbell rings for queues found empty that we want
-            if self._want[q] > 0 and self._empty[q]:
-                self._armed[q].set()
-            else:
-                self._armed[q].clear()
-        want = {q: n if not self._empty[q] else 0 for q, n in self._want.items()}
-        if not any(want.values()):
-            return
-        with self._lock:
-            held = len(self._held)
-        deliveries, left = self.inbox.fetch(want, held)
-        for q in REQUEST_QUEUES:
-            got = sum(1 for d in deliveries if d.priority_queue == q)
-            with self._lock:  # not the loop's yet: do not fetch them again meanwhile
-                self._want[q] = max(0, self._want[q] - got)
-                self._checking[q] += got
-            if want[q] and not left[q]:  # drained it: the doorbell says when more comes
-                self._empty[q] = True
-                self._armed[q].set()
-        if deliveries:
-            self._wake.set()  # want changes as they arrive: look again
-            try:
-                self._admit_deliveries(deliveries)
-            finally:
-                with self._lock:
-                    self._checking = dict.fromkeys(REQUEST_QUEUES, 0)
-
-    def _admit_deliveries(self, deliveries: list[Delivery]) -> None:
-        """Decode and check new messages; hand valid ones to the loop."""
-        envelopes: list[Envelope] = []
-        for delivery in deliveries:
-            envelope = self._decode(delivery)
-            if envelope is None:
-                continue
-            with self._lock:
-                if envelope.id in self._held:  # our own lease ran out and kombu restored it
-                    self._held[envelope.id] = (delivery, envelope.priority)
-                    continue
-            envelopes.append(envelope)
-        try:
-            states = self.store.admission_state([e.id for e in envelopes])
-        except redis.RedisError:  # they are taken: run them (a finish is idempotent)
-            states = [(None, 0, 0)] * len(envelopes)
-        arrivals, done, lost = [], [], []
-        unknown = [(e.id, e.request) for e, (status, _, _) in zip(envelopes, states, strict=True)
-                   if status is None and e.foreign]
-        if unknown:  # a Celery producer's request: readable (GET, genq status) from now on
-            try:
-                self.store.record_queued(unknown)
-            except redis.RedisError:
-                pass
-        for envelope, (status, _, _) in zip(envelopes, states, strict=True):
-            if envelope.canvas and not is_final(status):
-                self._canvas[envelope.id] = envelope.canvas
-        for envelope, (status, attempts, deaths_alone) in zip(envelopes, states, strict=True):
-            if is_final(status):
-                done.append(envelope.delivery)  # finished before: a redelivered duplicate
-            elif deaths_alone >= self.max_attempts:
-                lost.append(envelope)
-            else:
-                arrivals.append(Arrival(envelope, suspect=attempts > 0))
-        if done:
-            self.inbox.ack(done)
-            if self.metrics is not None:
-                self.metrics.duplicates.inc(len(done))
-        for envelope in lost:
-            log.error("request_worker_lost", worker=self.name, request_id=envelope.id,
-                      job_id=envelope.job_id, attempts=self.max_attempts)
-            self._fail(envelope, "worker_lost",
-                       f"{self.max_attempts} workers stopped while running this request alone")
-        now = time.time()
-        for a in arrivals:
-            self._since.setdefault(a.envelope.id, now)
-            self._event("task-received", uuid=a.envelope.id, name=TASK_NAME,
-                        args=_short([a.envelope.request]), kwargs="{}",
-                        root_id=(a.envelope.canvas or {}).get("root_id", a.envelope.id),
-                        expires=a.envelope.expires_at, retries=0, eta=None)
-        with self._lock:
-            for a in arrivals:
-                self._held[a.envelope.id] = (a.envelope.delivery, a.envelope.priority)
-                self._arrivals.append(a)
-            self._checking = dict.fromkeys(REQUEST_QUEUES, 0)
-        if arrivals:
-            self._arrived.set()
-
-    def _decode(self, delivery: Delivery) -> Envelope | None:
-        """The envelope of a request message; a poison message is logged, answered if it
-        names a request id, and acked (never redelivered)."""
-        try:
-            body, headers = delivery.decode()
-            envelope = parse(body, headers, delivery)
-        except (Undecodable, MalformedMessage) as exc:
-            request_id = getattr(exc, "request_id", None)
-            log.error("message_rejected", worker=self.name, reason=str(exc)[:300],
-                      queue=delivery.queue, request_id=request_id)
-            if request_id:
-                failed = [result_record(request_id, "failed", worker=self.name,
-                                        error={"code": "invalid_request", "message": str(exc)})]
-                if getattr(exc, "canvas", None):
-                    self._canvas[request_id] = exc.canvas
-                self._event("task-received", uuid=request_id, name=TASK_NAME)
-                for record, stored in zip(failed, self.store.finish(failed), strict=True):
-                    self._finished_one(record, stored)
-                self._note_failures(failed)
-                self._publish_follow()
-            self.inbox.ack([delivery])
-            return None
-        if "priority" not in envelope.request and delivery.priority_queue == BULK_QUEUE:
-            envelope.request["priority"] = "bulk"  # sent to genq.bulk by a Celery producer
-        return envelope
-
-    def _fail(self, envelope: Envelope, code: str, message: str) -> None:
-        record = result_record(envelope.id, "failed", envelope.request, job_id=envelope.job_id,
-                               worker=self.name, model=self.info.get("model"),
-                               error={"code": code, "message": message})
-        for stored in self.store.finish([record]):
-            self._finished_one(record, stored)
-        self._note_failures([record])
-        self._publish_follow()
-        self.inbox.ack([envelope.delivery])
-        if self.metrics is not None:
-            self.metrics.requests.labels(worker=self.name, status="failed").inc()
-
-    def _note_failures(self, records: list[dict[str, Any]]) -> None:
-        pipe = self.store.redis.pipeline(transaction=False)
-        note_failures(pipe, records, self.store.ttl)
-        pipe.execute()
-
-    def _finished_one(self, record: dict[str, Any], stored: bool) -> None:
-        """A final result was written (``stored``: by this call, not before): queue what
-        follows it (its Celery canvas) and send its task event."""
-        request_id = record["id"]
-        canvas = self._canvas.pop(request_id, None)
-        self._since.pop(request_id, None)
-        started = self._started_at.pop(request_id, None)
-        if not stored:
-            return
-        if canvas:
-            self._follow.append((record, canvas))
-        status = record["status"]
-        if status == "succeeded":
-            self._event("task-succeeded", uuid=request_id, result=_short(record.get("text")),
-                        runtime=round(time.time() - started, 4) if started else 0.0)
-        elif status == "failed":
-            err = record.get("error") or {}
-            self._event("task-failed", uuid=request_id, traceback=None,
-                        exception=f"GenerationFailed('{err.get('code')}: {err.get('message')}')")
-        else:
-            self._event("task-revoked", uuid=request_id, terminated=started is not None,
-                        signum=None, expired=status == "expired")
-
-    def _publish_follow(self) -> None:
-        """Publish the callbacks, errbacks and chain steps of stored results (in order; one
-        that fails stays first in line and the link retries it)."""
-        while self._follow:
-            record, canvas = self._follow[0]
-            try:
-                self.follower.follow(record, canvas, self.store.redis)
-            except (redis.RedisError, OSError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bad signature must not stop the link
-                log.error("callback_failed", worker=self.name, request_id=record["id"],
-                          error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            self._follow.popleft()
-
-    def _event(self, kind: str, **fields: Any) -> None:
-        """Send a Celery task event (``celery events``, Flower); best effort, never raises."""
-        try:
-            if self._events is None:
-                app = self.follower.app
-                self._events = app.events.Dispatcher(app.connection_for_write(),
-                                                     hostname=self.name, enabled=True,
-                                                     buffer_while_offline=False)
-            self._events.send(kind, **fields)
-        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
-            log.debug("event_failed", worker=self.name, kind=kind, error=repr(exc)[:200])
-
-    def requests(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(running, waiting) requests held here, as ``celery inspect active`` / ``reserved``
-        describe a request."""
-        with self._lock:
-            held = {i: (d.queue, p, i in self._tokens) for i, (d, p) in self._held.items()}
-            since = dict(self._since)
-            started = dict(self._started_at)
-        running, waiting = [], []
-        for request_id, (queue, priority, is_running) in held.items():
-            info = {"id": request_id, "name": TASK_NAME, "type": TASK_NAME,
-                    "args": [], "kwargs": {}, "hostname": self.name, "worker_pid": os.getpid(),
-                    "time_start": started.get(request_id) or since.get(request_id),
-                    "acknowledged": False, "priority": priority,
-                    "delivery_info": {"exchange": "", "routing_key": queue, "priority": None,
-                                      "redelivered": None}}
-            (running if is_running else waiting).append(info)
-        return running, waiting
-
-    def _poll_cancels(self) -> None:
-        with self._lock:
-            ids = list(self._held)
-        if not ids:
-            return
-        flags = self.store.cancelled(ids)
-        hits = {i for i, f in zip(ids, flags, strict=True) if f or i in celery_state.revoked}
-        if hits:
-            with self._lock:
-                self._cancelled |= hits
-
-    def _beat(self, now: float) -> None:
-        """Renew leases (only while the loop makes progress) and publish the heartbeat with
-        what this worker holds."""
-        with self._lock:
-            held = [d for d, _ in self._held.values()]
-            counts = {"waiting": {"interactive": 0, "bulk": 0}, "running": {"interactive": 0, "bulk": 0}}
-            for request_id, (_, priority) in self._held.items():
-                counts["running" if request_id in self._tokens else "waiting"][priority] += 1
-        pipe = self.broker.pipeline(transaction=False)
-        if held and not self._stalled(now):
-            self.inbox.renew(held, pipe=pipe)
-        self.store.heartbeat(self.name, {
-            **self.info, "name": self.name, "pid": os.getpid(), "steps": self.steps,
-            "busy": self.busy, "held": len(held), **counts, "tokens": self.tokens,
-            "tokens_per_s": self._token_rate(now)}, pipe=pipe)
-        pipe.execute()
-        if now - self._rechecked >= RECHECK_S:  # a missed ring costs at most this long
-            self._rechecked = now
-            for job_id in self.store.reap(self.settings.job_submit_timeout_s):
-                log.warning("job_reaped", worker=self.name, job_id=job_id,
-                            reason="its submitter stopped before every request was queued")
-            for q in REQUEST_QUEUES:
-                self._empty[q] = False
-        self._wake.set()  # shares may have changed: look at the queues again
-
-    def _token_rate(self, now: float, window_s: float = 10.0) -> float:
-        """Tokens generated per second over about the last ``window_s`` seconds."""
-        samples = self._token_samples
-        samples.append((now, self.tokens))
-        while len(samples) > 2 and samples[1][0] <= now - window_s:
-            samples.popleft()
-        (t0, n0), (t1, n1) = samples[0], samples[-1]
-        return round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else 0.0
-
-    def _stalled(self, now: float) -> bool:
-        return self.busy and now - self.progress_at > self.stall_timeout_s
-
-    def _guard(self) -> None:
-        """Watchdog thread, apart from the I/O it watches (a Redis call stuck on a half-open
-        connection cannot hold it up): exit when the loop stalls or the link is stuck."""
-        while not self._stop.wait(0.5):
-            self._watchdog(time.monotonic())
-
-    def _watchdog(self, now: float) -> None:
-        if self._stalled(now):
-            with self._lock:
-                running = sorted(self._tokens)
-            log.error("worker_stalled", worker=self.name, seconds=round(now - self.progress_at, 1),
-                      stall_timeout_s=self.stall_timeout_s, request_ids=running,
-                      action="exit so that the requests are redelivered")
-            os._exit(STALL_EXIT_CODE)
-
-    def _ring(self, queue: str, bell: Doorbell) -> None:
-        """Doorbell thread: while the link waits for ``queue``, block until ``bell`` rings."""
-        armed = self._armed[queue]
-        while not self._stop.is_set():
-            if not armed.wait(0.5):
-                continue
-            try:
-                rang = bell.wait()
-            except (redis.RedisError, OSError):
-                self._stop.wait(1.0)
-                continue
-            if rang:
-                armed.clear()
-                self._empty[queue] = False
-                self._wake.set()
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    """A value as Celery events show it (its repr, cut)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
