@@ -352,7 +352,7 @@ class Summary:
         import json
 
         from worker.queue.app import pending_by_queue
-        from worker.queue.results import WORKERS_KEY
+        from worker.queue.rediskeys import WORKERS_KEY
 
         queued = sum(pending_by_queue(self.redis).values())
         running = held = 0
@@ -405,7 +405,7 @@ class Startup:
     def _read(self) -> tuple[dict[str, dict], dict[str, dict]]:
         import json
 
-        from worker.queue.results import WORKERS_KEY
+        from worker.queue.rediskeys import WORKERS_KEY
 
         notes: dict[str, dict] = {}
         keys = list(self.redis.scan_iter("genq:loading:*", count=100))

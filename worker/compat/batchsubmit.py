@@ -37,7 +37,7 @@ from redis.exceptions import WatchError
 from worker.compat.batchlines import Translator, entries, fault
 from worker.compat.lease import Lease
 from worker.errors import NotFound, QueueFull
-from worker.queue.results import OPEN_JOBS_KEY, job_key, owner_key, pending_key
+from worker.queue.rediskeys import OPEN_JOBS_KEY, job_key, owner_key, pending_key
 from worker.schema import result_record
 
 log = structlog.get_logger(__name__)
