@@ -29,7 +29,7 @@ def generate(input_path: Annotated[Path, typer.Argument(help="JSONL of requests.
     for bad in (ln for ln in lines if ln.error):
         console.print(f"[red]line {bad.number}[/red]: {escape(bad.error)}", highlight=False)
     from worker.queue.worker import _first_run
-    from worker.stack import loading_text
+    from worker.startup import loading_text
 
     console.print(f"{loading_text({'model': settings.model, **_first_run(settings)})}...",
                   highlight=False)

@@ -136,7 +136,7 @@ class _WorkerFailed(Exception):
 
 
 def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
-    from worker.stack import Startup
+    from worker.startup import Startup
 
     stack = stack or {}
     with errors():

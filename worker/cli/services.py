@@ -61,7 +61,7 @@ def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list lik
        summary: Annotated[float, typer.Option(
            help="Seconds between queue summaries while it changes (0: none).")] = 30.0) -> None:
     """Run the whole stack here: Redis (GENQ_BROKER_URL, else embedded), workers, gateway."""
-    from worker.stack import run_stack
+    from worker.up import run_stack
 
     raise typer.Exit(run_stack(gpus, host, port, console, workers, embedded=embedded_redis,
                                redis_port=redis_port, show_password=show_password,
