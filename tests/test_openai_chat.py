@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 from worker.batchfile import from_openai
-from worker.compat.chat import DEMO_ID, resolve_model, visible_text
+from worker.compat.chatstream import visible_text
+from worker.compat.models import DEMO_ID, resolve_model
 from worker.errors import InvalidRequest, ModelNotFound
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -388,7 +389,7 @@ def test_absent_max_tokens_writes_up_to_the_workers_limit(gateway, start_worker,
 def test_absent_max_tokens_is_the_context_left_capped_by_the_limit():
     from types import SimpleNamespace
 
-    from worker.compat.chat import max_tokens_default
+    from worker.compat.chatbody import max_tokens_default
     from worker.errors import PromptTooLong
     from worker.ops.settings import Settings
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.batchfile import from_openai, json_error, strict_json
-from worker.compat.chat import resolve_model, served
+from worker.compat.models import resolve_model, served
 from worker.errors import InvalidRequest, ModelNotFound, PromptTooLong
 
 CHAT = "/v1/chat/completions"
