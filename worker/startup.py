@@ -1,5 +1,5 @@
-"""What a starting fleet waits for, read from Redis: ``genq run`` and ``genq up`` print it
-(workers loading their model, ready, or unable to load it) while workers start."""
+"""The startup watcher of ``genq run`` and ``genq up`` (``Startup``), and how a loading model
+is said (``loading_text``, also ``genq generate``'s)."""
 
 from __future__ import annotations
 
