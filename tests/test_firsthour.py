@@ -34,7 +34,7 @@ def genq(*args: str, env: dict | None = None, timeout: float = 300,
 
 
 def test_moving_rate_ignores_what_finished_before_and_reads_slow_runs():
-    from worker.cli import MovingRate
+    from worker.cli.progress import MovingRate
 
     rate = MovingRate(window_s=10)
     assert rate.fields(174, 200, now=0.0) == {"rate": "-", "eta": "-"}  # resumed: 174 done

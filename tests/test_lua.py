@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from worker.lifecycle import FINAL, JOB_ENDED, STATUSES, TRANSITIONS, job_counts, job_status
-from worker.queue.results import ResultStore, job_key, pending_key, result_key
+from worker.queue.rediskeys import job_key, pending_key, result_key
+from worker.queue.results import ResultStore
 from worker.queue.scripts import LIFECYCLE, source
 
 pytestmark = pytest.mark.process

@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from tests.conftest import ROOT
-from worker.compat.chat import DEMO_ID, resolve_model, visible_text
+from worker.compat.chatstream import visible_text
+from worker.compat.models import DEMO_ID, resolve_model
 from worker.compat.translate import from_openai
 from worker.errors import InvalidRequest, ModelNotFound
 

@@ -260,7 +260,7 @@ def _known_owners(settings) -> list[str]:
 def failures(view, limit: int = 20) -> list[dict[str, Any]]:
     """The newest requests that failed (yours alone unless admin): id, error code and message,
     worker, job, custom id, when."""
-    from worker.queue.results import owner_key
+    from worker.queue.rediskeys import owner_key
 
     redis = view.store.redis
     scope = _scope(view)

@@ -34,7 +34,7 @@ from redis.exceptions import WatchError
 from worker.compat.batch_input import Fault, entries, fault
 from worker.compat.lease import Lease
 from worker.errors import NotFound, QueueFull
-from worker.queue.results import OPEN_JOBS_KEY, job_key, owner_key, pending_key
+from worker.queue.rediskeys import OPEN_JOBS_KEY, job_key, owner_key, pending_key
 from worker.schema import result_record
 from worker.submission.checker import Checker, OpenAIRoute
 from worker.submission.lines import Line

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from worker.ops.settings import Settings
-from worker.queue.results import celery_meta, meta_key
+from worker.queue.celerymeta import celery_meta, meta_key
 
 log = structlog.get_logger(__name__)
 DEFAULT_QUEUE = "celery"  # Celery's default queue: where a callback with no queue goes

@@ -54,7 +54,7 @@ class Checker:
         self.counter = client.counter.get() if client and count_tokens else None
         self.bases = None
         if openai is not None:
-            from worker.compat.chat import bases_of
+            from worker.compat.models import bases_of
 
             self.bases = bases_of(fleet, settings)
 
@@ -100,7 +100,7 @@ class Checker:
     def _from_openai(self, body: Any) -> tuple[dict[str, Any], bool]:
         """(the genqueue request of an OpenAI body or Batch line, whether its token limit is
         left to fit the context)."""
-        from worker.compat.chat import resolve_model
+        from worker.compat.models import resolve_model
 
         route = self.openai
         line = is_batch_line(body)
