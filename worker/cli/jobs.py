@@ -35,12 +35,7 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     with errors():  # the limits need no broker: a line over one never starts a stack
         lines = list(check_lines(read_lines(input_path.open("rb")), Checker().schema))
     errors_path = output.with_name(output.name + ".errors")
-    done: dict[int, dict] = {}
-    if resume and output.exists():
-        for raw in output.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(raw)
-            if rec.get("status") in ("succeeded", "failed"):
-                done[rec["line"]] = rec
+    done = _finished_before(output) if resume else {}
     todo = [ln for ln in lines if ln.request and ln.number not in done]
     if not todo:
         _report_bad(lines, errors_path)
@@ -69,11 +64,7 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
             except _Interrupted as stop:
                 interrupted = stack["interrupted"] = True
                 results.update(stop.results)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        for ln in lines:
-            if ln.number in results:
-                f.write(json.dumps(results[ln.number], ensure_ascii=False) + "\n")
+    _write_results(output, lines, results)
     bad = [ln for ln in lines if ln.error]
     final = [r for r in results.values() if r["status"] in ("succeeded", "failed")]
     failed = sum(r["status"] == "failed" for r in final)
@@ -85,6 +76,26 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
     console.print(f"{len(final) - failed} succeeded, {failed} failed, {len(bad)} bad lines "
                   f"({len(done)} kept from before) -> {output}")
     raise typer.Exit(1 if failed or bad else 0)
+
+
+def _finished_before(output: Path) -> dict[int, dict]:
+    """The lines an earlier run finished into ``output`` (succeeded or failed), by number."""
+    done: dict[int, dict] = {}
+    if output.exists():
+        for raw in output.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(raw)
+            if rec.get("status") in ("succeeded", "failed"):
+                done[rec["line"]] = rec
+    return done
+
+
+def _write_results(output: Path, lines, results: dict[int, dict]) -> None:
+    """Every line that has a result, in input order."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as f:
+        for ln in lines:
+            if ln.number in results:
+                f.write(json.dumps(results[ln.number], ensure_ascii=False) + "\n")
 
 
 class _Interrupted(Exception):
