@@ -713,7 +713,14 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for results.json and PN
               "startup"),
           quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke run.")] = False) -> None:
     """Run the benchmarks; print a table, write JSON and plots."""
-    from worker.bench import run_all
+    try:
+        from bench.runner import run_all
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", "bench.runner"):
+            raise
+        console.print("[red]error[/red]: genq bench needs the `bench` package of a genqueue "
+                      "source checkout: run it from the checkout (or `pip install -e .` there)")
+        raise typer.Exit(2) from None
     from worker.ops.settings import Settings
 
     chosen = [p.strip() for p in parts.split(",") if p.strip()]
