@@ -50,7 +50,7 @@ def test_the_runtime_package_holds_no_benchmark_code():
                  if re.search(r"^\s*(from bench[. ]|import bench\b)", text, re.MULTILINE)]
     assert importers == ["cli.py"]
     cli = sources[ROOT / "worker" / "cli.py"]
-    assert "    try:\n        from bench.runner import run_all" in cli  # inside the command
+    assert "    try:\n        from bench.runner import run_all" in cli  # inside a function
 
 
 def test_genq_bench_without_the_bench_package_says_so_in_one_line(tmp_path, monkeypatch):
