@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from worker.bench import run_scheduler
+from bench.schedulers import run_scheduler
 from worker.engine.batching import Row, plan_batches
 from worker.engine.padding import PadChoice
 from worker.engine.steploop import StepLoopEngine

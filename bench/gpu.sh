@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-timeout 590 "$PY" bench/gpu.py "$@"
+timeout 590 "$PY" -m bench.gpu "$@"

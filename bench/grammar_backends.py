@@ -2,7 +2,7 @@
 and the per-token cost of a row's mask (what a constrained row adds to each decode step).
 
     pip install xgrammar llguidance   # genqueue itself depends on llguidance only
-    python bench/grammar_backends.py
+    python -m bench.grammar_backends
 
 Each schema's valid example is tokenized and fed token by token; every step computes the
 row's bitmask (the library's part; applying a bitmask to logits is the same torch code for
@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from worker.bench import SCHEMAS
+from bench.workloads import SCHEMAS
 from worker.engine.demo import demo_model_dir
 from worker.ops.settings import Settings
 

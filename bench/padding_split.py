@@ -2,16 +2,15 @@
 tokens, float32: genqueue's plan (4 full length-sorted batches) against the least-padded plan
 with one batch more, run alternately twice in one process; prints pad fractions and tok/s.
 
-    .venv/bin/python bench/padding_split.py     # about 3 minutes on a 2-core CPU
+    .venv/bin/python -m bench.padding_split     # about 3 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import worker.engine.engine as engine_module
+from bench.workloads import example_requests
 from worker.engine import load_engine
 from worker.engine.batching import Row, plan_batches
 from worker.ops.settings import get_settings
@@ -39,8 +38,7 @@ def least_padded(rows: list[Row], max_size: int, _max_tokens: int) -> list[list[
 def main() -> None:
     engine = load_engine("demo", backend="transformers", dtype="float32",
                          cache_dir=get_settings().cache_dir, max_batch_size=16)
-    lines = Path("examples/prompts.jsonl").read_text().splitlines()
-    requests = [{"messages": json.loads(x)["body"]["messages"], "max_new_tokens": 64} for x in lines]
+    requests = example_requests(max_new_tokens=64)
     engine.generate(requests[:4])  # warm up
     runs: dict[str, list[float]] = {}
     for name, plan in [("genqueue", plan_batches), ("extra batch", least_padded)] * 2:

@@ -9,15 +9,16 @@ one get the marker here; a test that starts a process without the ``process`` ma
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from bench.tiny_model import save_tiny_model, tiny_llama  # noqa: F401 - the tests import them here
+from bench.workloads import EXAMPLES, example_requests  # noqa: F401 - the tests import them here
+
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 
 # A test using one of these fixtures (directly or through another fixture) starts a process.
 PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "gateway",
@@ -192,40 +193,7 @@ def lora_dir(cache_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, cache_dir) -> Path:
     """A 2-layer random-weight Llama with the demo tokenizer: fast, real code paths."""
-    from transformers import AutoTokenizer
-
-    from worker.engine.demo import demo_model_dir
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(cache_dir))
-    tiny_llama(tokenizer).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def tiny_llama(tokenizer):
-    """A 2-layer random-weight Llama (seed 0) for ``tokenizer``'s vocabulary."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
-def example_requests(n: int | None = None, max_new_tokens: int = 48) -> list[dict]:
-    """Chat requests from examples/prompts.jsonl (OpenAI Batch lines), in file order."""
-    out = []
-    for line in EXAMPLES.read_text().splitlines():
-        if line.strip():
-            body = json.loads(line)["body"]
-            out.append({"messages": body["messages"], "max_new_tokens": max_new_tokens})
-    return out[:n] if n else out
+    return save_tiny_model(cache_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

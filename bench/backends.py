@@ -19,16 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.bench import (
+from bench.harness import Service, run_job, tokens_per_s
+from bench.interactive import bench_interactive_mode
+from bench.schedulers import run_scheduler
+from bench.workloads import (
     MIXED_NEW_TOKENS,
-    Service,
-    _run_job,
-    bench_interactive_mode,
+    cycled,
     example_requests,
     interactive_requests,
     mixed_requests,
-    run_scheduler,
-    tokens_per_s,
 )
 
 SYSTEM_PROMPT = " ".join(
@@ -71,7 +70,8 @@ def bench_engines(cache_dir: Path, sizes: list[int], new_tokens: list[int], mixe
     rows = []
     for n in new_tokens:
         for size in sizes:
-            rows.append({"new_tokens": n, **_side_by_side(engines, _bulk(example_requests(n)), size)})
+            requests = _bulk(example_requests(max_new_tokens=n))
+            rows.append({"new_tokens": n, **_side_by_side(engines, requests, size)})
             say(f"backends engine, {n} new tokens, batch {size}: vLLM {rows[-1]['vllm_tok_s']:.1f}"
                 f" vs step loop {rows[-1]['step_loop_tok_s']:.1f} tok/s = {rows[-1]['ratio']:.2f}x, "
                 f"{rows[-1]['identical_texts']}/64 identical")
@@ -86,7 +86,7 @@ def bench_engines(cache_dir: Path, sizes: list[int], new_tokens: list[int], mixe
 
 def bench_prefix(cache_dir: Path, n: int, say: Callable[[str], None]) -> dict[str, Any]:
     """``n`` bulk requests sharing a long system prompt: prefix caching on vs off (vLLM)."""
-    questions = [r["messages"][-1]["content"] for r in example_requests(16)]
+    questions = [r["messages"][-1]["content"] for r in example_requests()]
     requests = [{"messages": [{"role": "system", "content": SYSTEM_PROMPT},
                               {"role": "user", "content": questions[i % len(questions)]}],
                  "max_new_tokens": 16, "priority": "bulk"} for i in range(n)]
@@ -114,15 +114,14 @@ def bench_queue_vs_offline(cache_dir: Path, workdir: Path, n: int, new_tokens: i
     from worker.engine.vllm_engine import engine_args
     from worker.ops.settings import Settings
 
-    base = example_requests(new_tokens)
-    requests = _bulk([base[i % len(base)] for i in range(n)])
+    requests = _bulk(cycled(example_requests(max_new_tokens=new_tokens), n))
     svc = Service({"GENQ_CACHE_DIR": str(cache_dir), "GENQ_BACKEND": "vllm", "GENQ_DTYPE": "float32",
                    "GENQ_MAX_BATCH_SIZE": str(n)}, workdir / "queue-vllm")
     try:
         svc.start_worker("bench@vllm")
         client = svc.client()
-        _run_job(client, [{**r, "max_new_tokens": 4} for r in requests[:4]])  # warm-up
-        served, service_s = _run_job(client, requests)
+        run_job(client, [{**r, "max_new_tokens": 4} for r in requests[:4]])  # warm-up
+        served, service_s = run_job(client, requests)
     finally:
         svc.stop()
     args = engine_args(Settings(cache_dir=cache_dir, dtype="float32", max_batch_size=n),
@@ -171,7 +170,9 @@ def _offline(cache_dir: Path, requests: list[dict], served: list[dict], args: di
                                                                       CPU_KV_CACHE_GIB)}
         if inprocess:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        child = subprocess.run([sys.executable, "-m", "worker.bench_backends", str(spec), str(out)],
+        root = str(Path(__file__).resolve().parent.parent)  # the folder that holds this package
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        child = subprocess.run([sys.executable, "-m", "bench.backends", str(spec), str(out)],
                                capture_output=True, text=True, timeout=3600, env=env)
         if child.returncode != 0:
             errors = [line for line in child.stderr.splitlines() if "Error" in line]
@@ -203,8 +204,7 @@ def offline_main(spec: Path, out: Path) -> None:
 def bench_interactive_vllm(cache_dir: Path, workdir: Path, k: int, bulk_n: int, bulk_new: int,
                            say: Callable[[str], None]) -> dict[str, Any]:
     """Interactive time to result idle vs under a ``bulk_n`` x ``bulk_new`` job (vLLM)."""
-    base = example_requests(bulk_new)
-    bulk = [base[i % len(base)] for i in range(bulk_n)]
+    bulk = cycled(example_requests(max_new_tokens=bulk_new), bulk_n)
     m = bench_interactive_mode(cache_dir, workdir, "continuous", interactive_requests(k), bulk,
                                64, 2.0, 3600.0, backend="vllm")
     say(f"interactive on vLLM: idle p50/p99 {m['idle_p50']:.2f}/{m['idle_p99']:.2f} s, under "
