@@ -25,18 +25,18 @@ def counted(monkeypatch, redis_url, tiny_model_dir):
                              model_name="tiny", context_length=2048, max_prompt_tokens=None)
     publish(redis.Redis.from_url(redis_url), engine, 600)
     tally: Counter = Counter()
-    check, count = Checker.check, PromptCounter.count
+    check, count = Checker.check_many, PromptCounter.count_many
 
-    def checking(self, body):
-        tally["check"] += 1
-        return check(self, body)
+    def checking(self, bodies):
+        tally["check"] += len(bodies)
+        return check(self, bodies)
 
-    def counting(self, request):
-        tally["count"] += 1
-        return count(self, request)
+    def counting(self, requests):
+        tally["count"] += len(requests)
+        return count(self, requests)
 
-    monkeypatch.setattr(Checker, "check", checking)
-    monkeypatch.setattr(PromptCounter, "count", counting)
+    monkeypatch.setattr(Checker, "check_many", checking)
+    monkeypatch.setattr(PromptCounter, "count_many", counting)
     return tally
 
 
@@ -98,6 +98,7 @@ def test_an_openai_route_fits_the_context_with_one_count(client, counted):
             "body": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}}
     request = check.check(line)
     assert counted == {"check": 1, "count": 1}
+    counted.clear()
     assert request["priority"] == "bulk" and request["expires_in_s"] == 60
     assert request["temperature"] == 1.0 and 1 <= request["max_new_tokens"] <= 2048
     assert request["max_new_tokens"] == min(check.cap, 2048 - check.counter.count(request))

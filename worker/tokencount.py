@@ -133,14 +133,39 @@ class PromptCounter:
         self.template = env.from_string(spec["chat_template"]) if spec["chat_template"] else None
 
     def count(self, request: dict[str, Any]) -> int:
-        """Prompt tokens of a validated request dict (no padding), as the worker's ``encode``."""
+        """Prompt tokens of a validated request dict (no padding), as the worker's ``encode``;
+        ``ValueError`` when its template cannot render it."""
+        counted = self.count_many([request])[0]
+        if isinstance(counted, Exception):
+            raise counted
+        return counted
+
+    def count_many(self, requests: list[dict[str, Any]]) -> list[int | Exception]:
+        """``count`` for many requests, their text tokenized in one batch per tokenizer (its
+        threads, not one call per prompt); a request its template cannot render gets the
+        exception instead."""
+        counts: list[int | Exception] = [0] * len(requests)
+        groups: dict[tuple[bool, bool], list[tuple[int, str]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                for text, add, split in self._parts(request):
+                    groups.setdefault((add, split), []).append((i, text))
+            except Exception as exc:  # noqa: BLE001 - the template's error, for this one alone
+                counts[i] = exc
+        for (add, split), items in groups.items():
+            tokenizer = self.plain if split else self.tokenizer
+            encoded = tokenizer.encode_batch([text for _, text in items], add_special_tokens=add)
+            for (i, _), enc in zip(items, encoded, strict=True):
+                if not isinstance(counts[i], Exception):
+                    counts[i] += len(enc.ids)
+        return counts
+
+    def _parts(self, request: dict[str, Any]) -> list[tuple[str, bool, bool]]:
         messages = request.get("messages")
         if messages is not None and self.template is None:
             raise ValueError("the model has no chat template")
-        parts = prompt_parts(messages, request.get("prompt"),
-                             bool(request.get("raw_special_tokens")), self._render, self.pattern)
-        return sum(len((self.plain if split else self.tokenizer).encode(text, add_special_tokens=add).ids)
-                   for text, add, split in parts)
+        return prompt_parts(messages, request.get("prompt"),
+                            bool(request.get("raw_special_tokens")), self._render, self.pattern)
 
     def _render(self, messages: list[dict]) -> str:
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special)

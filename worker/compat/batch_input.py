@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.errors import InvalidRequest, ModelNotFound
 from worker.submission.checker import Checker
+from worker.submission.jobs import CHECK_BATCH, batched
 from worker.submission.lines import Line, parse
 
 PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
@@ -54,28 +55,37 @@ def param_of(message: str, body: Any = None) -> str | None:
 def entries(stream, endpoint: str, check: Checker) -> Iterator[Line | Fault]:
     """Each non-blank line of the open file ``stream``, in file order: a ``Line`` holding its
     request or its body's ``error`` (a JSON object: ``code``, ``message``, ``param``), or a
-    file-level ``Fault``."""
+    file-level ``Fault``. Bodies are checked ``CHECK_BATCH`` at a time (their prompts counted
+    together)."""
     seen: set[str] = set()
-    for number, raw in enumerate(stream, start=1):
-        line, bad = parse(raw)
-        if line is None and bad is None:
-            continue  # blank
-        bad = fault("invalid_json_line", bad, number) if bad is not None else \
-            _check_line(number, line, endpoint, seen)
-        if bad is not None:
-            yield Fault(number, fault=bad)
-            continue
-        entry = Line(number, custom_id=line["custom_id"])
-        try:
-            entry.request = check.check(line)
-        except ModelNotFound as exc:
-            entry.error = {"code": "model_not_found", "message": f"body.model: {exc.message}",
-                           "param": "body.model"}
-        except InvalidRequest as exc:
-            param = param_of(exc.message, line["body"])
-            entry.error = {"code": exc.code, "message": exc.message,
-                           **({"param": param} if param else {})}
-        yield entry
+    parsed = (_parse_line(number, raw, endpoint, seen) for number, raw in enumerate(stream, 1))
+    for chunk in batched((entry for entry in parsed if entry is not None), CHECK_BATCH):
+        todo = [entry for entry in chunk if isinstance(entry, Line)]
+        for entry, checked in zip(todo, check.check_many([e.body for e in todo]), strict=True):
+            body, entry.body = entry.body["body"], None
+            if isinstance(checked, ModelNotFound):
+                entry.error = {"code": "model_not_found", "param": "body.model",
+                               "message": f"body.model: {checked.message}"}
+            elif isinstance(checked, InvalidRequest):
+                param = param_of(checked.message, body)
+                entry.error = {"code": checked.code, "message": checked.message,
+                               **({"param": param} if param else {})}
+            else:
+                entry.request = checked
+        yield from chunk
+
+
+def _parse_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> Line | Fault | None:
+    """A line to check (its ``body`` the whole Batch line), its file-level ``Fault``, or None
+    for a blank line."""
+    line, bad = parse(raw)
+    if line is None and bad is None:
+        return None
+    bad = fault("invalid_json_line", bad, number) if bad is not None else \
+        _check_line(number, line, endpoint, seen)
+    if bad is not None:
+        return Fault(number, fault=bad)
+    return Line(number, custom_id=line["custom_id"], body=line)
 
 
 def _check_line(number: int, line: Any, endpoint: str, seen: set[str]) -> dict | None:

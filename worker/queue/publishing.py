@@ -11,6 +11,7 @@ is kombu's format for the versions in ``worker.queue.delivery.KOMBU_CHECKED``;
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import json
 import time
@@ -29,23 +30,32 @@ def wrap(app, request_id: str, request: dict[str, Any], queue: str,
          headers: dict[str, Any]) -> str:
     """The message kombu's Redis transport would LPUSH for ``send_task(TASK_NAME,
     args=[request], task_id=request_id, queue=queue, headers=headers, ignore_result=True)``
-    (no prompt text in ``argsrepr``: events and Flower show ``<request id>``)."""
+    (no prompt text in ``argsrepr``: events and Flower show ``<request id>``). Celery's
+    headers and properties are built once per app (``_template``), then given this id."""
+    task_headers, properties, embed = _template(app)
     shown = {"argsrepr": f"<request {request_id}>", "kwargsrepr": "{}"}
-    task_headers, properties, body, _ = app.amqp.create_task_message(
-        request_id, TASK_NAME, [request], {}, reply_to=app.thread_oid, ignore_result=True,
-        **shown)
-    content_type, encoding, payload = dumps(body, serializer="json")
+    content_type, encoding, payload = dumps([[request], {}, embed], serializer="json")
     data = payload.encode(encoding) if isinstance(payload, str) else payload
     return json.dumps({
         "body": base64.b64encode(data).decode("ascii"),
         "content-encoding": encoding,
         "content-type": content_type,
-        "headers": {**task_headers, **headers},
-        "properties": {**properties, **shown, "delivery_mode": 2,
+        "headers": {**task_headers, "id": request_id, "root_id": request_id, **shown, **headers},
+        "properties": {**properties, "correlation_id": request_id, **shown, "delivery_mode": 2,
                        "delivery_info": {"exchange": "", "routing_key": queue},
                        "priority": 0, "body_encoding": "base64",
                        "delivery_tag": str(uuid.uuid4())},
     })
+
+
+@functools.cache
+def _template(app) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Celery's headers, properties and canvas (``embed``) of a ``TASK_NAME`` message with no
+    options: the same for every request but its id."""
+    headers, properties, body, _ = app.amqp.create_task_message(
+        "<id>", TASK_NAME, [None], {}, reply_to=app.thread_oid, ignore_result=True,
+        argsrepr="", kwargsrepr="{}")
+    return headers, properties, body[2]
 
 
 def publish(app, broker, items: list[tuple[str, dict[str, Any]]], job_id: str | None,

@@ -14,7 +14,7 @@ from worker.compat.translate import (
     from_openai,
     is_batch_line,
 )
-from worker.errors import InvalidRequest, PromptTooLong
+from worker.errors import GenqError, InvalidRequest, ModelNotFound, PromptTooLong
 from worker.ops.settings import get_settings
 from worker.schema import validate_request
 from worker.submission.lines import Line
@@ -61,10 +61,35 @@ class Checker:
     def check(self, body: Any) -> dict[str, Any]:
         """The request to queue for ``body`` (a request dict, an OpenAI Batch line, or with
         an ``OpenAIRoute`` an OpenAI body or Batch line): ``admit(schema(body))``."""
-        fit = False
-        if self.openai is not None:
-            body, fit = self._from_openai(body)
-        return self.admit(self.schema({**body, "max_new_tokens": 1} if fit else body), fit)
+        checked = self.check_many([body])[0]
+        if isinstance(checked, GenqError):
+            raise checked
+        return checked
+
+    def check_many(self, bodies: list[Any]) -> list[dict[str, Any] | GenqError]:
+        """``check`` for each body, the prompts counted together: per body its request or
+        the error (``InvalidRequest``, ``ModelNotFound``) it would raise."""
+        out: list[dict[str, Any] | GenqError] = []
+        staged: list[tuple[int, dict[str, Any], bool]] = []  # (index, request, fit)
+        for body in bodies:
+            try:
+                fit = False
+                if self.openai is not None:
+                    body, fit = self._from_openai(body)
+                data = self.schema({**body, "max_new_tokens": 1} if fit else body)
+                self._allowed(data)
+            except (InvalidRequest, ModelNotFound) as exc:
+                out.append(exc)
+                continue
+            staged.append((len(out), data, fit))
+            out.append(data)
+        prompts = self._count([data for _, data, _ in staged])
+        for (i, data, fit), prompt in zip(staged, prompts, strict=True):
+            try:
+                self._fit(data, fit, prompt)
+            except InvalidRequest as exc:
+                out[i] = exc
+        return out
 
     def schema(self, body: Any) -> dict[str, Any]:
         """The request dict, if ``body`` (a request or an OpenAI Batch line, translated) has
@@ -75,10 +100,16 @@ class Checker:
                                    max_prompt_chars=self.settings.max_prompt_chars)
         return request.model_dump(exclude_none=True, by_alias=True)
 
-    def admit(self, data: dict[str, Any], fit: bool = False) -> dict[str, Any]:
-        """What this key and the fleet allow of a request ``schema`` gave (the workers' token
-        limit, adapters, raw special tokens, a webhook), and its prompt's tokens counted as
-        the workers count them; with ``fit``, ``max_new_tokens`` set to what fits."""
+    def admit(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What this key and the fleet allow of a request ``schema`` gave (``_allowed``), and
+        its prompt's length as the workers count it."""
+        self._allowed(data)
+        self._fit(data, False, self._count([data])[0])
+        return data
+
+    def _allowed(self, data: dict[str, Any]) -> None:
+        """The workers' token limit, the adapters they serve, raw special tokens for this
+        key, a webhook's address."""
         if data.get("max_new_tokens", 0) > self.cap:
             raise InvalidRequest(f"max_new_tokens: {data['max_new_tokens']} is above the "
                                  f"limit {self.cap}")
@@ -88,14 +119,16 @@ class Checker:
             raise InvalidRequest(f"adapter: no worker serves adapter {data['adapter']!r}")
         if data.get("webhook_url"):
             check_webhook(data["webhook_url"], self.settings)
-        prompt = self._count(data)
+
+    def _fit(self, data: dict[str, Any], fit: bool, prompt: int | None) -> None:
+        """With ``fit``, ``max_new_tokens`` set to what fits the context; then
+        ``PromptTooLong`` where the worker would say so (``prompt``: None when not counted)."""
         if fit:
             room = self.cap if prompt is None else self._room(prompt)
             data["max_new_tokens"] = room if self.openai.url == CHAT_URL else min(
                 COMPLETION_MAX_TOKENS, room)
         if prompt is not None:
             self.counter.check_length(prompt, data.get("max_new_tokens") or 256)
-        return data
 
     def _from_openai(self, body: Any) -> tuple[dict[str, Any], bool]:
         """(the genqueue request of an OpenAI body or Batch line, whether its token limit is
@@ -119,17 +152,13 @@ class Checker:
             request["expires_in_s"] = route.window_s
         return request, not limited
 
-    def _count(self, data: dict[str, Any]) -> int | None:
-        """The prompt's tokens, or None without a published tokenizer (or when the template
-        fails on it: the worker then reports that for this request alone)."""
-        if self.counter is None:
-            return None
-        try:
-            return self.counter.count(data)
-        except InvalidRequest:
-            raise
-        except Exception:
-            return None
+    def _count(self, requests: list[dict[str, Any]]) -> list[int | None]:
+        """The prompts' tokens; None for each without a published tokenizer, or where the
+        template fails on it (the worker then reports that for this request alone)."""
+        if self.counter is None or not requests:
+            return [None] * len(requests)
+        return [None if isinstance(n, Exception) else n
+                for n in self.counter.count_many(requests)]
 
     def _room(self, prompt: int) -> int:
         """The context left after the prompt, up to the cap."""

@@ -4,54 +4,57 @@ idempotency claims) followed by its messages."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from worker.errors import IdempotencyConflict, InvalidRequest, JobReaped
+from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, JobReaped
 from worker.overview import index_job
 from worker.submission import idempotency
 from worker.submission.checker import Checker
 from worker.submission.lines import Line
 
 CONFLICT_BATCH = 1000  # keys looked up per round trip while checking
+CHECK_BATCH = 256  # lines checked (their prompts counted) together
 
 
 def check_job(client, lines: Iterable[Line], keep: Callable[[Line], None],
               checker: Checker | None = None) -> int:
-    """Check every line once and ``keep`` each checked one (in order); how many. Raises
-    ``InvalidRequest`` listing every bad line (a parse error, a bad request, two sharing an
-    ``idempotency_key``), or ``IdempotencyConflict`` listing every key used before with
-    another body; the caller then queues nothing."""
+    """Check every line once (``CHECK_BATCH`` at a time) and ``keep`` each checked one, in
+    order; how many. Raises ``InvalidRequest`` listing every bad line (a parse error, a bad
+    request, two sharing an ``idempotency_key``), or ``IdempotencyConflict`` listing every
+    key used before with another body; the caller then queues nothing."""
     checker = checker or Checker(client)
     errors: list[str] = []
     seen: dict[str, str] = {}  # idempotency key -> where it first appeared
     keyed: list[tuple[str, dict[str, Any]]] = []  # (where, request) to look up
     conflicts: list[str] = []
     count = 0
-    for line in lines:
-        error = line.error
-        if error is None:
-            try:
-                line.request = checker.check(line.body)
-            except InvalidRequest as exc:
-                error = exc.message
-        key = line.request.get("idempotency_key") if error is None else None
-        if key is not None and key in seen:
-            error = f"idempotency_key {key!r} is also on {seen[key]}"
-        if error is not None:
-            errors.append(f"{line.where}: {error}")
-            continue
-        if key is not None:
-            seen[key] = line.where
-            keyed.append((line.where, line.request))
+    for chunk in batched(lines, CHECK_BATCH):
+        todo = [line for line in chunk if line.error is None]
+        for line, checked in zip(todo, checker.check_many([ln.body for ln in todo]), strict=True):
+            line.body = None  # checked: only the request is kept
+            if isinstance(checked, GenqError):
+                line.error = checked.message
+            else:
+                line.request = checked
+        for line in chunk:
+            key = line.request.get("idempotency_key") if line.error is None else None
+            if key is not None and key in seen:
+                line.error = f"idempotency_key {key!r} is also on {seen[key]}"
+            if line.error is not None:
+                errors.append(f"{line.where}: {line.error}")
+                continue
+            if key is not None:
+                seen[key] = line.where
+                keyed.append((line.where, line.request))
+            keep(line)
+            count += 1
         if len(keyed) >= CONFLICT_BATCH:
             conflicts += idempotency.conflicts(client.store.redis, client.owner, keyed)
             keyed = []
-        line.body = None  # checked: only the request is kept
-        keep(line)
-        count += 1
     conflicts += idempotency.conflicts(client.store.redis, client.owner, keyed)
     if errors:
         raise InvalidRequest(listed(errors, "bad request(s)"))
@@ -102,3 +105,10 @@ def listed(errors: list[str], what: str) -> str:
     """``3 bad request(s): line 2: ...; line 5: ...`` (the first 20)."""
     more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
     return f"{len(errors)} {what}: " + "; ".join(errors[:20]) + more
+
+
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Lists of ``n`` items (the last one shorter)."""
+    it = iter(items)
+    while part := list(itertools.islice(it, n)):
+        yield part
