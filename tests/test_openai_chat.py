@@ -402,8 +402,8 @@ def test_absent_max_tokens_is_the_context_left_capped_by_the_limit():
         def __init__(self):
             pass
 
-        def count(self, request):
-            return len(request.get("prompt") or request["messages"][0]["content"])
+        def count_many(self, requests):
+            return [len(r.get("prompt") or r["messages"][0]["content"]) for r in requests]
 
     def fit(n, limit=None, url="/v1/chat/completions"):
         workers = [{"max_new_tokens_limit": limit}] if limit else []
