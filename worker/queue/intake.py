@@ -45,6 +45,7 @@ from worker.queue.delivery import Delivery, Undecodable
 from worker.queue.messages import Envelope, MalformedMessage, headers_for, parse
 from worker.queue.results import result_key
 from worker.queue.scripts import register
+from worker.queue.tasklog import TaskEvents
 from worker.schema import result_record
 from worker.submission import idempotency
 
@@ -83,7 +84,7 @@ class Intake:
         self._recover = register(self.broker, "intake_recover")
         self._commit = register(self.broker, "intake_commit")
         self._recovered_at = 0.0
-        self._events = None  # Celery's event dispatcher, on first use
+        self.events = TaskEvents(self.follower.app, self.name)  # what Flower lists
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: take and settle messages; wait on the intake queue when idle."""
@@ -222,17 +223,9 @@ class Intake:
         """Task events for a refused request, as a worker sends them (Flower, ``celery
         events``); best effort, never raises."""
         err = record["error"]
-        try:
-            if self._events is None:
-                app = self.follower.app
-                self._events = app.events.Dispatcher(app.connection_for_write(),
-                                                     hostname=self.name, enabled=True,
-                                                     buffer_while_offline=False)
-            self._events.send("task-received", uuid=record["id"], name=TASK_NAME)
-            self._events.send("task-failed", uuid=record["id"], traceback=None,
-                              exception=f"GenerationFailed('{err['code']}: {err['message']}')")
-        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
-            log.debug("event_failed", consumer=self.name, error=repr(exc)[:200])
+        self.events.send("task-received", uuid=record["id"], name=TASK_NAME)
+        self.events.send("task-failed", uuid=record["id"], traceback=None,
+                         exception=f"GenerationFailed('{err['code']}: {err['message']}')")
 
     def _follow(self, record: dict[str, Any], canvas: dict[str, Any]) -> None:
         try:

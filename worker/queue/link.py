@@ -46,7 +46,7 @@ from worker.queue.delivery import Delivery, Doorbell, Inbox
 from worker.queue.link_admit import Admission, Arrival
 from worker.queue.link_health import Health
 from worker.queue.results import ResultStore
-from worker.queue.tasklog import TaskLog
+from worker.queue.tasklog import TaskEvents, TaskLog
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class Link(Admission, TaskLog, Health):
         self._since: dict[str, float] = {}  # id -> when it arrived here (time.time())
         self._started_at: dict[str, float] = {}  # id -> when its start was stored (wall)
         self.follower = Follower(settings)
-        self._events = None  # Celery's event dispatcher (task events for Flower), on first use
+        self.events = TaskEvents(self.follower.app, name)  # task events for Flower
         self._want = dict.fromkeys(REQUEST_QUEUES, 0)
         self._empty = dict.fromkeys(REQUEST_QUEUES, False)
         self._checking = dict.fromkeys(REQUEST_QUEUES, 0)  # fetched, not handed over yet

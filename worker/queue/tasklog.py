@@ -18,6 +18,24 @@ from worker.queue.app import TASK_NAME
 log = structlog.get_logger(__name__)
 
 
+class TaskEvents:
+    """Celery task events sent as ``hostname`` (``celery events``, Flower): the dispatcher
+    made on first use; best effort, never raises (events are for watching)."""
+
+    def __init__(self, app, hostname: str):
+        self.app, self.hostname, self._dispatcher = app, hostname, None
+
+    def send(self, kind: str, **fields: Any) -> None:
+        try:
+            if self._dispatcher is None:
+                self._dispatcher = self.app.events.Dispatcher(
+                    self.app.connection_for_write(), hostname=self.hostname, enabled=True,
+                    buffer_while_offline=False)
+            self._dispatcher.send(kind, **fields)
+        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
+            log.debug("event_failed", worker=self.hostname, kind=kind, error=repr(exc)[:200])
+
+
 class TaskLog:
     """``Link``'s Celery side (it owns the state this reads and writes)."""
 
@@ -60,15 +78,7 @@ class TaskLog:
 
     def _event(self, kind: str, **fields: Any) -> None:
         """Send a Celery task event (``celery events``, Flower); best effort, never raises."""
-        try:
-            if self._events is None:
-                app = self.follower.app
-                self._events = app.events.Dispatcher(app.connection_for_write(),
-                                                     hostname=self.name, enabled=True,
-                                                     buffer_while_offline=False)
-            self._events.send(kind, **fields)
-        except Exception as exc:  # noqa: BLE001 - events are for watching, never in the way
-            log.debug("event_failed", worker=self.name, kind=kind, error=repr(exc)[:200])
+        self.events.send(kind, **fields)
 
     def requests(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(running, waiting) requests held here, as ``celery inspect active`` / ``reserved``
