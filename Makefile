@@ -14,10 +14,8 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh constraints/cpu.txt
 demo: setup
 	$(BIN)/genq run examples/prompts.jsonl -o out/results.jsonl
 
-# two test processes (one per core), each test file in one of them: most tests wait on the
-# processes they start, so two files at a time take about half the time of one
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest
 
 check: setup
 	$(BIN)/ruff check worker tests bench
