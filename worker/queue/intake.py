@@ -3,7 +3,8 @@
 A producer that does not use ``GenerationClient`` sends task ``genq.generate`` to the intake
 queue ``genq`` (``app.send_task("genq.generate", args=[request], queue="genq")``). Every
 worker and the notifier run an intake thread; within about a second of the message being
-published, whether or not a worker has room, one of them does what ``submit`` does:
+published (about 5 s on the lists of Celery's ``priority=`` steps), whether or not a worker
+has room, one of them does what ``submit`` does:
 validation (``GenerationClient.validate``: schema, limits, adapters, webhook URL, prompt
 length), ``GENQ_MAX_PENDING``, the ``idempotency_key`` (``worker.submission.idempotency``), the
 ``queued`` record (with the deadline of the request or of Celery's ``expires``), then the
@@ -56,6 +57,12 @@ INTAKE_LISTS = (INTAKE_QUEUE, *(INTAKE_QUEUE + s for s in PRIORITY_STEPS))  # + 
 CONSUMERS_KEY = "genq:intake:consumers"  # set: intake consumers that may hold messages
 TWINS_KEY = "genq:intake:twins"  # hash: repeat's id -> {"first": id, "canvas": ...} (JSON)
 ALIVE_TTL_S = 10  # a consumer silent this long has its messages given back
+BEAT_S = 5.0  # how often a consumer says it is alive (ALIVE_TTL_S is twice that)
+RECOVER_S = 10.0  # how often it looks for dead consumers' lists
+LIST_S = 60.0  # how often it (re)joins the consumers set and looks for others' waiting twins
+# an idle consumer waits this long on ``genq`` (a message there wakes it at once) before it
+# looks at the priority-step lists again
+IDLE_WAIT_S = 5.0
 BATCH = 100  # messages taken per pass
 
 
@@ -83,7 +90,9 @@ class Intake:
         self.follower = Follower(settings)
         self._recover = register(self.broker, "intake_recover")
         self._commit = register(self.broker, "intake_commit")
-        self._recovered_at = 0.0
+        self._take = register(self.broker, "intake_take")
+        self._recovered_at = self._beat_at = self._listed_at = float("-inf")
+        self._twins = False  # repeats wait for their first request
         self.events = TaskEvents(self.follower.app, self.name)  # what Flower lists
 
     def run(self, stop: threading.Event) -> None:
@@ -91,37 +100,36 @@ class Intake:
         while not stop.is_set():
             try:
                 if not self.step():
-                    self.broker.blmove(INTAKE_QUEUE, INTAKE_QUEUE, 0.5, "RIGHT", "RIGHT")
+                    self.broker.blmove(INTAKE_QUEUE, INTAKE_QUEUE, IDLE_WAIT_S, "RIGHT", "RIGHT")
             except Exception as exc:  # noqa: BLE001 - Redis down, a bad canvas: retry, never die
                 log.warning("intake_retry", consumer=self.name, error=repr(exc)[:300])
                 stop.wait(1.0)
 
     def step(self) -> int:
-        """One pass: beat, give back dead consumers' lists (every 2 s), take up to ``BATCH``
-        messages, settle all in this consumer's list, resolve twins; how many were settled."""
-        if time.monotonic() - self._recovered_at > 2.0:
-            self._recovered_at = time.monotonic()
+        """One pass: beat (every ``BEAT_S``), give back dead consumers' lists (every
+        ``RECOVER_S``), take up to ``BATCH`` messages and settle all in this consumer's list,
+        resolve twins (when some wait); how many were settled. An idle pass is one script."""
+        now = time.monotonic()
+        if now - self._recovered_at > RECOVER_S:
+            self._recovered_at = now
             moved = self._recover(keys=[CONSUMERS_KEY, INTAKE_QUEUE])
             if moved:
                 log.warning("intake_recovered", consumer=self.name, messages=moved)
-        pipe = self.broker.pipeline(transaction=False)
-        pipe.set(alive_key(self.name), 1, ex=ALIVE_TTL_S)
-        pipe.sadd(CONSUMERS_KEY, self.name)
-        for name in INTAKE_LISTS:
-            pipe.llen(name)
-        lengths = pipe.execute()[2:]
-        room, pipe = BATCH, self.broker.pipeline(transaction=False)
-        for name, length in zip(INTAKE_LISTS, lengths, strict=True):
-            for _ in range(min(room, length)):
-                pipe.lmove(name, self.processing, "RIGHT", "LEFT")
-            room -= min(room, length)
-        if pipe.command_stack:
-            pipe.execute()
-        # oldest first; what an LMOVE whose reply was lost moved included
-        raws = self.broker.lrange(self.processing, 0, -1)[::-1]
+        if now - self._beat_at > BEAT_S:
+            self._beat_at = now
+            self.broker.set(alive_key(self.name), 1, ex=ALIVE_TTL_S)
+        if now - self._listed_at > LIST_S:  # say it may hold messages; twins left by others
+            self._listed_at = now
+            pipe = self.broker.pipeline(transaction=False)
+            pipe.sadd(CONSUMERS_KEY, self.name)
+            pipe.hlen(TWINS_KEY)
+            self._twins = pipe.execute()[1] > 0
+        # oldest first; what an earlier pass took and left (a lost reply, a crash) included
+        raws = self._take(keys=[self.processing, *INTAKE_LISTS], args=[BATCH])[::-1]
         if raws:
             self._settle(raws)
-        self._resolve_twins()
+        if raws or self._twins:
+            self._twins = self._resolve_twins()
         return len(raws)
 
     def _settle(self, raws: list[bytes]) -> None:
@@ -234,11 +242,12 @@ class Intake:
             log.error("callback_failed", consumer=self.name, request_id=record["id"],
                       error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
-    def _resolve_twins(self) -> None:
-        """Repeats whose first request ended take a copy of its result (first write wins)."""
+    def _resolve_twins(self) -> bool:
+        """Repeats whose first request ended take a copy of its result (first write wins);
+        whether some still wait."""
         twins = {rid: json.loads(v) for rid, v in self.store.redis.hgetall(TWINS_KEY).items()}
         if not twins:
-            return
+            return False
         firsts = self.store.get_many([t["first"] for t in twins.values()])
         done = []
         for (rid, twin), first in zip(twins.items(), firsts, strict=True):
@@ -252,6 +261,7 @@ class Intake:
             done.append(rid)
         if done:
             self.store.redis.hdel(TWINS_KEY, *done)
+        return len(done) < len(twins)
 
 
 def _read(raw: bytes) -> tuple[str | None, Envelope | None, str | None]:
