@@ -355,9 +355,10 @@ def test_a_bad_body_answers_alone_and_each_line_is_read_and_tokenized_once(
     start_worker(GENQ_MODEL=str(tiny_model_dir), GENQ_MAX_PROMPT_TOKENS="64", GENQ_SELF_CHECK="off",
                  GENQ_MAX_NEW_TOKENS_LIMIT="16")
     opened, counted = [], []
-    real_open, real_count = Store.open, PromptCounter.count
+    real_open, real_count = Store.open, PromptCounter.count_many
     monkeypatch.setattr(Store, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
-    monkeypatch.setattr(PromptCounter, "count", lambda self, r: counted.append(1) or real_count(self, r))
+    monkeypatch.setattr(PromptCounter, "count_many",  # one per prompt counted, however batched
+                        lambda self, rs: counted.extend(rs) or real_count(self, rs))
     bad_messages = chat_line("messages", "x", model=None)
     bad_messages["body"]["messages"] = "not a list"
     lines = [chat_line("a", "hello", model=None), bad_messages,
