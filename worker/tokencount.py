@@ -170,12 +170,6 @@ class PromptCounter:
     def _render(self, messages: list[dict]) -> str:
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
-    def check(self, request: dict[str, Any]) -> int:
-        """The count, or ``PromptTooLong`` exactly where the worker would say so."""
-        n = self.count(request)
-        self.check_length(n, int(request.get("max_new_tokens") or 256))
-        return n
-
     def check_length(self, prompt: int, new: int) -> None:
         """``PromptTooLong`` where a prompt of ``prompt`` tokens and ``new`` more do not fit."""
         from worker.errors import PromptTooLong

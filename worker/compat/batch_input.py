@@ -16,8 +16,8 @@ from typing import Any
 
 from worker.errors import InvalidRequest, ModelNotFound
 from worker.submission.checker import Checker
-from worker.submission.jobs import CHECK_BATCH, batched
-from worker.submission.lines import Line, parse
+from worker.submission.jobs import CHECK_BATCH
+from worker.submission.lines import Line, batched, parse
 
 PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 LINE_FIELDS = {"custom_id", "method", "url", "body"}

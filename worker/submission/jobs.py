@@ -4,29 +4,27 @@ idempotency claims) followed by its messages."""
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, JobReaped
 from worker.overview import index_job
 from worker.submission import idempotency
 from worker.submission.checker import Checker
-from worker.submission.lines import Line
+from worker.submission.lines import Line, batched
 
 CONFLICT_BATCH = 1000  # keys looked up per round trip while checking
 CHECK_BATCH = 256  # lines checked (their prompts counted) together
 
 
-def check_job(client, lines: Iterable[Line], keep: Callable[[Line], None],
-              checker: Checker | None = None) -> int:
+def check_job(client, lines: Iterable[Line], keep: Callable[[Line], None]) -> int:
     """Check every line once (``CHECK_BATCH`` at a time) and ``keep`` each checked one, in
     order; how many. Raises ``InvalidRequest`` listing every bad line (a parse error, a bad
     request, two sharing an ``idempotency_key``), or ``IdempotencyConflict`` listing every
     key used before with another body; the caller then queues nothing."""
-    checker = checker or Checker(client)
+    checker = Checker(client)
     errors: list[str] = []
     seen: dict[str, str] = {}  # idempotency key -> where it first appeared
     keyed: list[tuple[str, dict[str, Any]]] = []  # (where, request) to look up
@@ -106,9 +104,3 @@ def listed(errors: list[str], what: str) -> str:
     more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
     return f"{len(errors)} {what}: " + "; ".join(errors[:20]) + more
 
-
-def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-    """Lists of ``n`` items (the last one shorter)."""
-    it = iter(items)
-    while part := list(itertools.islice(it, n)):
-        yield part

@@ -4,6 +4,7 @@ into a ``Line`` holding the object, or the reason it is not JSON. Nothing is val
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,3 +95,10 @@ def json_error(exc: json.JSONDecodeError) -> str:
                 "a missing '}', ']' or '\"'?")
     at = "" if exc.msg.endswith(" at") else " at"
     return f"not JSON: {exc.msg}{at} character {exc.pos + 1}"
+
+
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Lists of ``n`` items (the last one shorter)."""
+    it = iter(items)
+    while part := list(itertools.islice(it, n)):
+        yield part

@@ -4,18 +4,17 @@ chunk by chunk."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 from collections.abc import Iterator
 
-from worker.submission.lines import Line
+from worker.submission.lines import Line, batched
 
 SPOOL_BYTES = 8 * 1024 * 1024
 
 
 class Spool:
-    """Lines written once with ``add``, read back with ``chunks`` (any number of times)."""
+    """Lines written once with ``add``, then read back with ``chunks``."""
 
     def __init__(self):
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
@@ -31,11 +30,10 @@ class Spool:
     def chunks(self, size: int) -> Iterator[list[Line]]:
         """The lines in the order added, ``size`` at a time."""
         self.file.seek(0)
-        lines = (Line(number, request=request, error=error, custom_id=custom_id, item=item)
-                 for number, custom_id, request, error, item in map(json.loads, self.file))
-        while chunk := list(itertools.islice(lines, size)):
-            yield chunk
-        self.file.seek(0, 2)  # more may be added
+        yield from batched((Line(number, request=request, error=error, custom_id=custom_id,
+                                 item=item)
+                            for number, custom_id, request, error, item in map(json.loads, self.file)),
+                           size)
 
     def close(self) -> None:
         self.file.close()
