@@ -5,9 +5,10 @@ queue ``genq`` (``app.send_task("genq.generate", args=[request], queue="genq")``
 worker and the notifier run an intake thread; within about a second of the message being
 published (about 5 s on the lists of Celery's ``priority=`` steps), whether or not a worker
 has room, one of them does what ``submit`` does:
-validation (``GenerationClient.validate``: schema, limits, adapters, webhook URL, prompt
-length), ``GENQ_MAX_PENDING``, the ``idempotency_key`` (``worker.submission.idempotency``), the
-``queued`` record (with the deadline of the request or of Celery's ``expires``), then the
+validation (``submission.Checker``, as ``GenerationClient.validate``: schema, limits,
+adapters, webhook URL, prompt length), ``GENQ_MAX_PENDING``, the ``idempotency_key``
+(``worker.submission.idempotency``), the ``queued`` record (with the deadline of the request
+or of Celery's ``expires``), then the
 message goes on ``genq.interactive`` or ``genq.bulk`` (its ``priority``) marked as submitted.
 A message it refuses ends ``failed`` at once (``invalid_request``, ``queue_full``,
 ``idempotency_conflict``), its errbacks sent and its chain marked, and is never run. A repeat
@@ -49,6 +50,7 @@ from worker.queue.scripts import register
 from worker.queue.tasklog import TaskEvents
 from worker.schema import result_record
 from worker.submission import idempotency
+from worker.submission.checker import Checker
 
 log = structlog.get_logger(__name__)
 
@@ -145,6 +147,7 @@ class Intake:
         pending: list[int] = []  # requests queued, counted once per pass
         failed: list[tuple[dict[str, Any], dict | None]] = []
         commit: list[Any] = []  # (message, target list or '', message to publish) each
+        check = Checker(self.client)  # the fleet and the tokenizer read once a pass
         for i, (raw, (rid, envelope, error)) in enumerate(zip(raws, read, strict=True)):
             record, twin = seen[2 * i], seen[2 * i + 1]
             record = json.loads(record) if record else {}
@@ -156,7 +159,7 @@ class Intake:
             elif error is not None:
                 failed.append(self._failure(rid, "invalid_request", error, envelope))
             else:
-                code, why, deadline = self._admit(envelope, queued, pending)
+                code, why, deadline = self._admit(envelope, queued, pending, check)
                 if code is not None:
                     failed.append(self._failure(rid, code, why, envelope))
                 elif why == "queued":
@@ -176,12 +179,12 @@ class Intake:
             if first and canvas:
                 self._follow(record, canvas)
 
-    def _admit(self, envelope: Envelope, pipe,
-               pending: list[int]) -> tuple[str | None, str, float | None]:
+    def _admit(self, envelope: Envelope, pipe, pending: list[int],
+               check: Checker) -> tuple[str | None, str, float | None]:
         """What ``submit`` does for a new request, its writes queued on ``pipe``: (None,
         "queued" or "twin", its deadline), or (error code, why, None)."""
         try:
-            data = self.client.validate(envelope.request)
+            data = check.check(envelope.request)
         except InvalidRequest as exc:
             return exc.code, exc.message, None
         if not pending:
@@ -201,7 +204,7 @@ class Intake:
         if deadline is not None:  # the record keeps it: a reader expires the request at once
             data = {**data, "expires_in_s": max(deadline - now, 1e-6)}
         self.store.record_queued([(envelope.id, data)], pipe=pipe, only_new=True)
-        if earlier is not None and earlier != envelope.id:  # the same request, sent again
+        if earlier is not None:  # the same request, sent again
             pipe.hset(TWINS_KEY, envelope.id, json.dumps({"first": earlier,
                                                           "canvas": envelope.canvas}))
             return None, "twin", None
