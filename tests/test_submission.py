@@ -42,7 +42,7 @@ def counted(monkeypatch, redis_url, tiny_model_dir):
 
 def _requests(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"line {i}"}], "max_new_tokens": 4,
-             "idempotency_key": f"k{i}"} for i in range(n)]
+             "idempotency_key": f"k{i}", "metadata": {"i": i}} for i in range(n)]
 
 
 def test_submit_stream_reads_its_source_once_and_checks_each_line_once(client, counted):
@@ -56,7 +56,8 @@ def test_submit_stream_reads_its_source_once_and_checks_each_line_once(client, c
     assert len(calls) == 1
     assert counted == {"check": 2500, "count": 2500}
     assert client.job(job)["counts"]["total"] == 2500
-    assert [r["id"] for r in client.job_results(job)][:3] == list(client.store.job_ids(job))[0][:3]
+    # queued through the spool chunk by chunk, in source order
+    assert [r["metadata"]["i"] for r in client.job_results(job)] == list(range(2500))
 
 
 def test_submit_many_checks_once_and_a_bad_request_queues_nothing(client, counted, redis_url):
@@ -125,3 +126,19 @@ def test_the_offline_check_takes_openai_batch_lines_and_plain_requests():
     assert lines[1].request["prompt"] == "plain"
     assert lines[2].request is None and lines[2].error.startswith("max_new_tokens: 10000")
     assert lines[3].error.startswith("not JSON")
+
+
+def test_an_idempotency_claim_replayed_after_a_lost_reply_is_still_its_own(client):
+    """redis-py replays a pipeline whose reply was lost: the SET NX then finds the key its
+    first try set. That request still owns it (it is queued, not linked to itself as a twin);
+    another request with the key and body resolves to it, with another body conflicts."""
+    from worker.errors import IdempotencyConflict
+    from worker.submission import idempotency
+
+    r, req = client.store.redis, {"prompt": "p", "idempotency_key": "once"}
+    assert idempotency.claim(r, "team", [("rid-1", req)], 60) == [None]
+    assert idempotency.claim(r, "team", [("rid-1", req)], 60) == [None]  # the replay
+    assert idempotency.claim(r, "team", [("rid-2", req)], 60) == ["rid-1"]
+    assert idempotency.claim(r, "other-team", [("rid-3", req)], 60) == [None]  # keys per owner
+    with pytest.raises(IdempotencyConflict):
+        idempotency.claim(r, "team", [("rid-4", {**req, "prompt": "q"})], 60)

@@ -27,8 +27,9 @@ def fingerprint(request: dict[str, Any]) -> str:
 def claim(redis, owner: str | None, items: list[tuple[str, dict]], ttl_s: int
           ) -> list[str | None]:
     """Claim each request's key (pipelined): per item the id of an earlier twin, or None
-    where this id now owns the key (or there is no key). ``IdempotencyConflict`` when a key
-    was used with another body."""
+    where this id now owns the key (or there is no key). A claim replayed after a lost reply
+    finds its own id there: still None. ``IdempotencyConflict`` when a key was used with
+    another body."""
     keyed = [(i, rid, req) for i, (rid, req) in enumerate(items) if req.get("idempotency_key")]
     earlier: list[str | None] = [None] * len(items)
     if not keyed:
@@ -40,9 +41,9 @@ def claim(redis, owner: str | None, items: list[tuple[str, dict]], ttl_s: int
     lost = [(k, fp) for k, fp, won in zip(keyed, prints, pipe.execute(), strict=True) if not won]
     if lost:
         values = redis.mget([key(owner, req) for (_, _, req), _ in lost])
-        for ((i, _, req), fp), raw in zip(lost, values, strict=True):
+        for ((i, rid, req), fp), raw in zip(lost, values, strict=True):
             twin = json.loads(raw) if raw else None
-            if twin is None:  # expired between SET and GET: treat as new
+            if twin is None or twin["id"] == rid:  # expired meanwhile, or our own SET replayed
                 continue
             if twin["fp"] != fp:
                 raise IdempotencyConflict(f"idempotency_key {req['idempotency_key']!r} "
