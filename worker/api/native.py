@@ -77,12 +77,13 @@ async def create_job(request: Request, webhook_url: str | None = None) -> dict:
     file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB). With
     ``?webhook_url=``, the job's ``batch.*`` event is posted there when it ends."""
     owner = request.state.client
-    spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-    async for chunk in request.stream():
-        spool.write(chunk)  # LimitBody counts the bytes
     content_type = request.headers.get("content-type", "")
-    job_id = await run_in_threadpool(lambda: owner.submit_stream(
-        lambda: _upload_lines(spool, content_type), webhook_url=webhook_url))
+    # closed on every way out (a body over the limit included), never left to the collector
+    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+        async for chunk in request.stream():
+            spool.write(chunk)  # LimitBody counts the bytes
+        job_id = await run_in_threadpool(lambda: owner.submit_stream(
+            lambda: _upload_lines(spool, content_type), webhook_url=webhook_url))
     return await run_in_threadpool(owner.job, job_id)
 
 
