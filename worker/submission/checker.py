@@ -39,8 +39,7 @@ class Checker:
     ``ModelNotFound``) naming the field. Without a client (``settings`` only) it checks what
     needs no broker: the schema and this machine's limits."""
 
-    def __init__(self, client=None, openai: OpenAIRoute | None = None,
-                 count_tokens: bool = True, settings=None):
+    def __init__(self, client=None, openai: OpenAIRoute | None = None, settings=None):
         self.client, self.openai = client, openai
         self.settings = settings = client.settings if client else settings or get_settings()
         fleet = client._fleet_info() if client else []
@@ -51,7 +50,7 @@ class Checker:
         self.adapters = ({a for w in fleet for a in w.get("adapters") or ()} if fleet
                          else set(settings.adapters))
         self.raw_tokens = client.raw_tokens if client else True
-        self.counter = client.counter.get() if client and count_tokens else None
+        self.counter = client.counter.get() if client else None
         self.bases = None
         if openai is not None:
             from worker.compat.models import bases_of
