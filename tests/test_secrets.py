@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT
-from worker.ops.logging import mask_secrets
+from worker.ops.logging import LOG_VALUE_CHARS, mask_processor, mask_secrets
 from worker.stack import EmbeddedRedis
 
 PW = "hunter2-8d5e"
@@ -50,6 +50,29 @@ def test_mask_secrets_hides_every_password_form_and_keeps_the_rest(text, masked)
                                   "worker gpu0@host started, queue genq.bulk"])
 def test_mask_secrets_leaves_text_without_a_password_alone(text):
     assert mask_secrets(text) == text
+
+
+def test_long_log_values_are_cut_whole_tokens_and_masked_in_one_read():
+    """A poison message's 100 KB id or 17 MB body is logged cut, at a space (a password in
+    the cut token never shows in part), without reading it once per character (the masking
+    patterns used to take a minute on such a value, stalling the worker's Redis thread)."""
+    import time
+
+    secret = f"redis://:{PW}@redis.example:6379/0"
+    pad = "x " * (LOG_VALUE_CHARS // 2 - 8)
+    start = time.monotonic()
+    out = mask_processor(None, "info", {
+        "event": "message_rejected", "request_id": "x" * 100_000, "body": ["ab1." * 50_000],
+        "reason": pad + secret + " and more", "exception": "Traceback " + "y" * 100_000 + " end",
+        "options": {"url": secret}})
+    assert time.monotonic() - start < 10  # quadratic took about 60 s; linear takes ms
+    assert out["request_id"] == "[100000 characters cut]"
+    assert out["body"] == ["[200000 characters cut]"]
+    assert out["reason"].startswith(pad) and PW not in out["reason"]
+    assert out["reason"].endswith(" characters cut]") and "redis://" not in out["reason"]
+    assert out["exception"] == "[100010 characters cut] end"
+    assert out["options"] == {"url": "redis://:***@redis.example:6379/0"}
+    assert all(len(v) <= LOG_VALUE_CHARS + 40 for v in (out["request_id"], out["reason"]))
 
 
 LOGGING_SCRIPT = f"""

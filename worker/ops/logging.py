@@ -23,13 +23,15 @@ NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggi
 CHATTY = ("vllm",)
 
 
+# (each pattern starts only where a run of its characters starts, so it reads a long value once,
+# not once per character)
 # the password in a URL's user info (up to its last ``@``), a URL (``;`` separates the nodes
 # of a kombu sentinel URL), and ``key=value`` or ``"key": value`` where the key names a password
 USERINFO = re.compile(r"""(://[^\s/?#@:'"]*):[^\s/'"]*@""")
-URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>;]+""")
+URL = re.compile(r"""(?<![A-Za-z])[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>;]+""")
 SECRET_WORD = re.compile(r"passw(?:or)?d", re.IGNORECASE)
 SECRET_PAIR = re.compile(
-    r"""([\w.-]*passw(?:or)?d[\w.-]*["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s&,;'"})\]]+)""",
+    r"""(?<![\w.-])([\w.-]*passw(?:or)?d[\w.-]*["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s&,;'"})\]]+)""",
     re.IGNORECASE)
 
 
@@ -58,21 +60,40 @@ def mask_secrets(text: str) -> str:
     return SECRET_PAIR.sub(_mask_value, text)
 
 
-def _masked(value):
+LOG_VALUE_CHARS = 8192  # a longer value is cut (a poison message's 100 KB id, a 17 MB body)
+
+
+def _clipped(text: str, keep_end: bool = False) -> str:
+    """``text`` cut to ``LOG_VALUE_CHARS`` at a space, the cut token dropped whole (a password
+    is never shown in part); tracebacks keep their end."""
+    if len(text) <= LOG_VALUE_CHARS:
+        return text
+    if keep_end:
+        tail = text[-LOG_VALUE_CHARS:]
+        space = re.search(r"\s", tail)
+        tail = tail[space.start():] if space else ""
+        return f"[{len(text) - len(tail)} characters cut]{tail}"
+    head = text[:LOG_VALUE_CHARS]
+    head = head[:max(head.rfind(c) for c in " \t\n\r\f\v") + 1]
+    return f"{head}[{len(text) - len(head)} characters cut]"
+
+
+def _masked(value, key: str = ""):
     if isinstance(value, str):
-        return mask_secrets(value)
+        return mask_secrets(_clipped(value, keep_end=key == "exception"))
     if isinstance(value, dict):
         return {k: _masked(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_masked(v) for v in value]
     if value is None or isinstance(value, bool | int | float):
         return value
-    return mask_secrets(repr(value))  # what JSONRenderer would print, masked
+    return mask_secrets(_clipped(repr(value)))  # what JSONRenderer would print, masked
 
 
 def mask_processor(_logger, _method, event_dict: dict) -> dict:
-    """structlog processor: mask passwords in every value (URLs, ``password=``)."""
-    return _masked(event_dict)
+    """structlog processor: mask passwords in every value (URLs, ``password=``), each value cut
+    to ``LOG_VALUE_CHARS``."""
+    return {k: _masked(v, k) for k, v in event_dict.items()}
 
 
 def _stderr():
