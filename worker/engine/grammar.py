@@ -19,7 +19,6 @@ from collections import OrderedDict
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 
 from worker.engine.closing import Closer
@@ -86,8 +85,10 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher
     if _executor is None:
         _executor = llguidance.LLExecutor()
     bitmask = torch.empty(len(rows), (logits.shape[-1] + 31) // 32, dtype=torch.int32)
-    llguidance.torch.fill_next_token_bitmask_par(
-        _executor, [(m, j) for j, (_, m) in enumerate(rows)], bitmask)
+    # what ``llguidance.torch.fill_next_token_bitmask_par`` does; that module is not imported
+    # because it compiles a kernel with ``torch.compile`` at import (2 s of every start-up)
+    _executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)],
+                                      bitmask.data_ptr(), bitmask.shape[1] * 4, len(rows))
     # the packed mask goes to the logits' device (1 bit per token), and is unpacked there
     bitmask = bitmask.to(logits.device)
     bits = torch.arange(32, dtype=torch.int32, device=logits.device)
