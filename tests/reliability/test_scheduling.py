@@ -355,7 +355,7 @@ def test_demand_counts_held_and_running_and_a_small_job_spreads(client, start_wo
     start_worker("share1@test", **env)
     start_worker("share2@test", **env)
     wait_until(lambda: len(client.store.workers()) == 2, 30, "two heartbeats")
-    job = client.submit_many([{"prompt": f"share {i}", "max_new_tokens": 600} for i in range(16)])
+    job = client.submit_many([{"prompt": f"share {i}", "max_new_tokens": 300} for i in range(16)])
     wait_until(lambda: client.job(job)["counts"]["running"] >= 4, 60, "nothing ran")
 
     def demand_matches() -> bool:  # queued + held in pools + running, from the heartbeats
