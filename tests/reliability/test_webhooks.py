@@ -298,8 +298,7 @@ def test_events_are_kept_while_the_notifier_is_down_and_delivered_after(
     job = client.submit_many([{"prompt": f"p{i}", "max_new_tokens": 3} for i in range(3)],
                              webhook_url=receiver.url + "/job")
     client.wait(rid, timeout=60)
-    client.wait_job(job, timeout=60)
-    time.sleep(1)  # a notifier would have delivered by now: nothing may
+    client.wait_job(job, timeout=60)  # events are written with the results (finish.lua)
     assert r.llen(EVENTS_KEY) == 2 and receiver.accepted == []  # kept, not delivered yet
     second = notifier("second")
     try:

@@ -23,10 +23,9 @@ NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggi
 CHATTY = ("vllm",)
 
 
-# (each pattern starts only where a run of its characters starts, so it reads a long value once,
-# not once per character)
 # the password in a URL's user info (up to its last ``@``), a URL (``;`` separates the nodes
-# of a kombu sentinel URL), and ``key=value`` or ``"key": value`` where the key names a password
+# of a kombu sentinel URL), and ``key=value`` or ``"key": value`` where the key names a password;
+# each pattern starts only where a run of its characters starts (a long value is read once)
 USERINFO = re.compile(r"""(://[^\s/?#@:'"]*):[^\s/'"]*@""")
 URL = re.compile(r"""(?<![A-Za-z])[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>;]+""")
 SECRET_WORD = re.compile(r"passw(?:or)?d", re.IGNORECASE)
