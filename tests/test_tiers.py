@@ -8,7 +8,13 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, UnmarkedProcess, _refuse_processes, pytest_collection_modifyitems
+from tests.conftest import (
+    ROOT,
+    UnmarkedProcess,
+    _refuse_processes,
+    pytest_collection_modifyitems,
+    share_cores,
+)
 
 
 class FakeItem:
@@ -56,7 +62,30 @@ def test_make_check_runs_lint_and_the_fast_tier_and_ci_runs_make_test():
                          env={**os.environ, "MAKEFLAGS": ""}).stdout
     assert ".venv/bin/ruff check worker tests" in dry
     assert '.venv/bin/python -m pytest -q -m "not process and not model"' in dry
-    assert ".venv/bin/python -m pytest\n" in dry  # make test: everything
+    assert ".venv/bin/python -m pytest -n 2 --dist loadfile\n" in dry  # make test: everything
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "`make check`" in readme and "`make test`" in readme
+
+
+@pytest.mark.parametrize(("worker", "count", "cpus", "threads", "bind"), [
+    ("gw0", "2", {0, 1}, "1", "0"), ("gw1", "2", {0, 1}, "1", "1"),
+    ("gw1", "2", {0, 1, 2, 3}, "2", "2,3"), ("gw2", "3", {0, 1}, "1", "0"),
+])
+def test_each_test_process_gets_its_own_share_of_the_cores(monkeypatch, worker, count, cpus,
+                                                           threads, bind):
+    for name in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    share_cores()
+    assert os.environ["OMP_NUM_THREADS"] == threads
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == bind
+
+
+def test_one_test_process_leaves_the_threads_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    share_cores()
+    assert "OMP_NUM_THREADS" not in os.environ
