@@ -42,10 +42,10 @@ def test_the_queue_end_to_end_on_vllm(client, start_worker, demo_engine, lora_di
 
     info = client.wait_job(job, timeout=600)
     assert info["counts"]["succeeded"] == 24
-    results = list(client.job_results(job))
-    assert [r["text"] for r in results] == [e["text"] for e in demo_engine.generate(plain)]
+    results, expected = list(client.job_results(job)), demo_engine.generate(plain)
+    assert [r["text"] for r in results] == [e["text"] for e in expected]
     assert all(r["worker"] == "w1@test" and r["model"] == "SmolLM2-135M-Instruct" for r in results)
-    assert [r["usage"] for r in results] == [e["usage"] for e in demo_engine.generate(plain)]
+    assert [r["usage"] for r in results] == [e["usage"] for e in expected]
     for rid, request in zip(interactive, example_requests(4, max_new_tokens=16), strict=True):
         assert client.wait(rid, timeout=120)["text"] == demo_engine.generate([request])[0]["text"]
     lora = client.wait(adapter, timeout=120)
