@@ -4,6 +4,7 @@ faults, not the model, dominate). Figures printed here go into RELIABILITY.md.""
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -301,7 +302,7 @@ def test_client_and_gateway_fuzz_never_hurt_valid_requests(client, start_worker,
     worker = start_worker("fuzz2@test", **tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="20"))
     http = gateway()
     accepted: list[str] = []
-    deadlined: set[str] = set()  # accepted with an ``expires_in_s``: may rightly expire
+    may_expire_at: dict[str, float] = {}  # accepted with an ``expires_in_s``: its deadline
     valid: list[str] = []
     refused = {"client": 0, "http": 0}
     codes: dict[int, int] = {}
@@ -315,17 +316,21 @@ def test_client_and_gateway_fuzz_never_hurt_valid_requests(client, start_worker,
             assert r.status_code == 202, r.text
             valid.append(r.json()["id"])
 
+    def accept(rid: str, body, sent_at: float) -> None:
+        accepted.append(rid)
+        seconds = body.get("expires_in_s") if isinstance(body, dict) else None
+        if isinstance(seconds, int | float):
+            may_expire_at[rid] = sent_at + seconds
+
     @given(body=nasty_bodies())
     @settings(max_examples=120, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     def fuzz(body):
         nonlocal tried
         tried += 2
-        deadline = isinstance(body, dict) and "expires_in_s" in body
         try:
-            accepted.append(next(client.job_results(client.submit_many([body])))["id"])
-            if deadline:
-                deadlined.add(accepted[-1])
+            sent_at = time.monotonic()
+            accept(next(client.job_results(client.submit_many([body])))["id"], body, sent_at)
         except GenqError as exc:
             assert exc.code in ("invalid_request", "prompt_too_long") and exc.message
             refused["client"] += 1
@@ -333,13 +338,12 @@ def test_client_and_gateway_fuzz_never_hurt_valid_requests(client, start_worker,
             raw = json.dumps(body, allow_nan=True)
         except ValueError:
             raw = "{not json"  # not JSON-encodable: the gateway must say so
+        sent_at = time.monotonic()
         r = http.post("/v1/generations", content=raw.encode("utf-8", "surrogatepass"),
                       headers={"content-type": "application/json"})
         assert r.status_code == 202 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
         if r.status_code == 202:
-            accepted.append(r.json()["id"])
-            if deadline:
-                deadlined.add(accepted[-1])
+            accept(r.json()["id"], body, sent_at)
         else:
             assert r.json()["detail"]
             refused["http"] += 1
@@ -366,7 +370,10 @@ def test_client_and_gateway_fuzz_never_hurt_valid_requests(client, start_worker,
         if res["status"] == "failed":
             assert res["error"]["code"] in ("invalid_request", "prompt_too_long")
         else:
-            assert res["status"] == "succeeded" or (res["status"] == "expired" and rid in deadlined), res
+            # only a request that asked for a deadline may expire, and not before it
+            expired_rightly = (res["status"] == "expired"
+                               and time.monotonic() >= may_expire_at.get(rid, math.inf))
+            assert res["status"] == "succeeded" or expired_rightly, res
     assert worker.poll() is None and client.get(valid[-1])["worker"] == "fuzz2@test"
     print(json.dumps({"scenario": "client+gateway fuzz", "inputs": tried, "refused": refused,
                       "http_refusals_by_status": codes,
