@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh constraints/cpu.txt
 demo: setup
 	$(BIN)/genq run examples/prompts.jsonl -o out/results.jsonl
 
-# two test processes, one per core, a test file each at a time (tests/conftest.py gives each
-# process, and the workers it starts, one core's worth of torch and vLLM threads)
+# two test processes (one per core), each running one test file at a time; tests/conftest.py
+# gives each process, and the workers it starts, one core's worth of torch and vLLM threads
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
