@@ -42,8 +42,8 @@ from bench.workloads import EXAMPLES, example_requests  # noqa: E402, F401 - the
 ROOT = Path(__file__).resolve().parent.parent
 
 # A test using one of these fixtures (directly or through another fixture) starts a process.
-PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "gateway",
-                    "start_up", "browser"}
+PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "fork_server",
+                    "gateway", "start_up", "browser"}
 # ... or loads the real demo model, vLLM or Unsloth.
 MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "short_unsloth", "vllm_engine",
                   "adapter_engine"}
@@ -246,9 +246,21 @@ def client(redis_url):
     return GenerationClient(settings=Settings(broker_url=redis_url))
 
 
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory):
+    """Forks test workers from an interpreter with the model libraries imported
+    (``tests/workerfork.py``: ~5 s and ~5 CPU-s less per worker start)."""
+    from tests.workerfork import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def start_worker(redis_url, cache_dir, tmp_path):
-    """Start real ``genq worker`` processes; all are killed after the test."""
+def start_worker(redis_url, cache_dir, tmp_path, fork_server):
+    """Start real ``genq worker`` processes (forked from ``fork_server`` where nothing the
+    libraries read at import differs); all are killed after the test."""
     import subprocess
     import time
 
@@ -256,13 +268,18 @@ def start_worker(redis_url, cache_dir, tmp_path):
 
     from worker.stack import spawn_worker
 
-    procs: list[subprocess.Popen] = []
+    procs: list = []
 
     def start(name: str = "w1@test", wait_ready: bool = True, **env: str) -> subprocess.Popen:
         full_env = {"GENQ_BROKER_URL": redis_url, "GENQ_CACHE_DIR": str(cache_dir),
                     "GENQ_BACKEND": "transformers", "GENQ_DTYPE": "float32",
                     "GENQ_VISIBILITY_TIMEOUT_S": "6", "GENQ_BATCH_WAIT_MS": "50", **env}
-        proc = spawn_worker(full_env, name=name, log_file=tmp_path / f"{name}.log")
+        log_file = tmp_path / f"{name}.log"
+        if fork_server.forkable({**os.environ, **full_env}):
+            proc = fork_server.spawn(["worker", "--gpu", "none", "--name", name],
+                                     {**os.environ, **full_env}, log_file)
+        else:
+            proc = spawn_worker(full_env, name=name, log_file=log_file)
         procs.append(proc)
         if wait_ready:
             r = redis.Redis.from_url(redis_url)

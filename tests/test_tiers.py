@@ -15,6 +15,7 @@ from tests.conftest import (
     pytest_collection_modifyitems,
     share_cores,
 )
+from tests.workerfork import forkable
 
 
 class FakeItem:
@@ -89,3 +90,34 @@ def test_one_test_process_leaves_the_threads_alone(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
     share_cores()
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_workers_fork_only_where_nothing_read_at_import_differs():
+    server = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "GENQ_MODEL": "demo"}
+    plain = {**server, "GENQ_BACKEND": "transformers", "GENQ_MAX_BATCH_SIZE": "4"}
+    assert forkable(plain, server)
+    assert forkable({k: v for k, v in plain.items() if k != "GENQ_MODEL"}, server)
+    assert not forkable({**plain, "GENQ_BACKEND": "vllm"}, server)  # starts its own processes
+    assert not forkable({**plain, "GENQ_BACKEND": "auto"}, server)  # Unsloth: before transformers
+    assert not forkable({k: v for k, v in plain.items() if k != "GENQ_BACKEND"}, server)
+    assert not forkable({**plain, "PYTHONPATH": "tests/faults"}, server)  # read at start-up
+    assert not forkable({**plain, "OMP_NUM_THREADS": "2"}, server)  # read when torch loads
+    assert not forkable({k: v for k, v in plain.items() if k != "PATH"}, server)
+
+
+def test_a_forked_command_runs_as_a_fresh_process_would(fork_server, redis_url, tmp_path):
+    """Its own environment, arguments, log, session and exit status, as ``Popen`` reports."""
+    env = {**os.environ, "GENQ_MAX_BATCH_SIZE": "7", "GENQ_BACKEND": "transformers"}
+    config = fork_server.spawn(["config"], env, tmp_path / "config.log")
+    assert config.wait(60) == 0
+    assert "7" in next(line for line in (tmp_path / "config.log").read_text().splitlines()
+                       if "max_batch_size" in line)
+    bad = fork_server.spawn(["no-such-command"], env, tmp_path / "bad.log")
+    assert bad.wait(60) == 2 and "No such command" in (tmp_path / "bad.log").read_text()
+    waiting = fork_server.spawn(["worker", "--gpu", "none", "--name", "waiting@fork"],
+                                {**env, "GENQ_BROKER_URL": redis_url}, tmp_path / "w.log")
+    with pytest.raises(subprocess.TimeoutExpired):
+        waiting.wait(0.5)
+    assert os.getsid(waiting.pid) == waiting.pid  # a session of its own (start_new_session)
+    waiting.kill()
+    assert waiting.wait(10) == -9 and waiting.poll() == -9
