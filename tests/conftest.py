@@ -55,8 +55,11 @@ UNSLOTH_TESTS = ROOT / "tests" / "test_engine_unsloth.py"
 def pytest_configure(config):
     """Unsloth must be imported before transformers to patch it (test collection imports
     transformers), and its import takes 10-15 s: import it first only when this run may
-    select the tests that load it in this process."""
-    if _may_select(config, UNSLOTH_TESTS, {"model", "slow"}):
+    select the tests that load it in this process (never in pytest-xdist's controller, which
+    runs no test)."""
+    controller = getattr(config.option, "numprocesses", None) and \
+        "PYTEST_XDIST_WORKER" not in os.environ
+    if not controller and _may_select(config, UNSLOTH_TESTS, {"model", "slow"}):
         try:
             import unsloth  # noqa: F401
         except Exception:  # pragma: no cover - absent or broken install: its tests will fail
