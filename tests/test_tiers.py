@@ -4,7 +4,9 @@ start one, and ``make check`` runs only the fast tier (``make test``, what CI ru
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -121,3 +123,11 @@ def test_a_forked_command_runs_as_a_fresh_process_would(fork_server, redis_url, 
     assert os.getsid(waiting.pid) == waiting.pid  # a session of its own (start_new_session)
     waiting.kill()
     assert waiting.wait(10) == -9 and waiting.poll() == -9
+    interrupted = fork_server.spawn(["status", "--watch", "--json", "--interval", "0.2"],
+                                    {**env, "GENQ_BROKER_URL": redis_url}, tmp_path / "s.log")
+    deadline, log = time.monotonic() + 60, tmp_path / "s.log"
+    while not log.exists() or log.read_text().count("\n") < 2:  # running: a line per redraw
+        assert interrupted.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt, as in a fresh Python
+    assert interrupted.wait(30) == 0

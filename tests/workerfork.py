@@ -125,8 +125,9 @@ def _child(request: dict) -> None:
         os.dup2(out, 2)
         os.close(out)
         os.close(null)
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts up
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
