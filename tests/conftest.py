@@ -152,6 +152,15 @@ def pytest_runtest_call(item):
     return (yield from _guarded(item))
 
 
+def ctrl_c_default() -> None:
+    """``preexec_fn`` for a child a test sends Ctrl-C (SIGINT): the signal's default action, as
+    under a terminal, even where this run inherited it ignored (a shell's background job passes
+    SIGINT ignored to everything it starts, and Python then keeps it ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_answering(http, proc=None, path: str = "/healthz", timeout: float = 60) -> None:
     """Poll ``path`` on a gateway until it answers 200 (``proc``, if given, must stay alive)."""
     import time

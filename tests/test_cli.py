@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT, example_requests
+from tests.conftest import EXAMPLES, ROOT, ctrl_c_default, example_requests
 from tests.test_secrets import FORMS, PW
 
 pytestmark = pytest.mark.process  # every test runs genq as a subprocess
@@ -186,7 +186,8 @@ def test_ctrl_c_during_run_keeps_what_finished_and_resume_finishes_it(tmp_path, 
     env.update(GENQ_DATA_DIR=str(tmp_path / "data"), GENQ_CACHE_DIR=str(cache_dir),
                GENQ_MODEL=str(tiny_model_dir), GENQ_BACKEND="transformers")
     first = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", str(source), "-o",
-                              str(out_path)], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                              str(out_path)], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ctrl_c_default)
     seen = ""
     while "job " not in seen:
         seen += first.stderr.readline()
@@ -234,7 +235,8 @@ def test_ctrl_c_while_the_worker_loads_stops_it_within_seconds(redis_url, cache_
            "GENQ_BACKEND": "auto"}  # unsloth's import: the slowest start there is
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--gpu", "none",
-                                 "--name", "w@ctrl-c"], env=env, stdout=out, stderr=out, cwd=ROOT)
+                                 "--name", "w@ctrl-c"], env=env, stdout=out, stderr=out, cwd=ROOT,
+                                preexec_fn=ctrl_c_default)
     deadline = time.monotonic() + 120
     while "engine_loading" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ctrl_c_default
 from worker import overview
 
 pytestmark = pytest.mark.process
@@ -181,7 +181,7 @@ def test_genq_status_and_genq_jobs(client, redis_url):
 
     watch = subprocess.Popen([sys.executable, "-m", "worker.cli", "status", "--watch", "--json",
                               "--interval", "0.3"], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, **env}, cwd=ROOT)
+                             env={**os.environ, **env}, cwd=ROOT, preexec_fn=ctrl_c_default)
     lines = [watch.stdout.readline() for _ in range(3)]  # one JSON line per refresh
     watch.send_signal(signal.SIGINT)
     assert watch.wait(20) == 0

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, wait_answering
+from tests.conftest import ROOT, ctrl_c_default, wait_answering
 from worker.stack import free_port, write_private
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,8 @@ def start_up():
     def start(port: int, env: dict, *args: str) -> subprocess.Popen:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "up", "--gpus", "none", "--port", str(port), *args],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=ctrl_c_default))
         return procs[-1]
 
     yield start
