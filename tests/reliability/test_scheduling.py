@@ -140,6 +140,7 @@ def test_rolling_restarts_never_count_as_attempts(client, start_worker, tiny_mod
     interactive = []
     for k in range(3):
         worker = start_worker(f"rolling{k}@test", **env)
+        wait_until(lambda: client.job(job)["counts"]["running"], 60, "bulk rows running")
         for i in range(6):  # each needs KV room that only evicting bulk rows frees
             interactive.append(client.submit(prompt=f"urgent {k}.{i}", max_new_tokens=300))
             time.sleep(0.15)
