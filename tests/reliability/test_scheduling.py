@@ -222,7 +222,9 @@ def test_a_frozen_redis_freezes_no_worker(client, start_worker, tiny_model_dir, 
     r = redis.Redis.from_url(redis_server.url)
     ids = [res["id"] for res in client.job_results(job)]
     assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6
-    assert r.hlen("genq:unacked") == 0
+    # the last ack may land just after the last result is read (retried writes after the freeze)
+    wait_until(lambda: r.hlen("genq:unacked") == 0, 30, "a message stayed unacked")
+    assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6  # none ran again
     print(json.dumps({"scenario": "redis frozen (SIGSTOP) 14 s mid-batch", "lost": 0,
                       "ran_twice": 0, "all_stored_s_after_redis_back": round(settled_s, 1)}))
 
