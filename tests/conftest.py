@@ -261,8 +261,8 @@ def client(redis_url):
 
 @pytest.fixture(scope="session")
 def fork_server(tmp_path_factory):
-    """Forks test workers from an interpreter with the model libraries imported
-    (``tests/workerfork.py``: ~5 s and ~5 CPU-s less per worker start)."""
+    """Starts test workers, forked from an interpreter with the model libraries imported where
+    it can (``tests/workerfork.py``: ~4 s and ~5 CPU-s less per worker start)."""
     from tests.workerfork import ForkServer
 
     server = ForkServer(tmp_path_factory.mktemp("forkserver"))
@@ -279,20 +279,13 @@ def start_worker(redis_url, cache_dir, tmp_path, fork_server):
 
     import redis
 
-    from worker.stack import spawn_worker
-
     procs: list = []
 
     def start(name: str = "w1@test", wait_ready: bool = True, **env: str) -> subprocess.Popen:
         full_env = {"GENQ_BROKER_URL": redis_url, "GENQ_CACHE_DIR": str(cache_dir),
                     "GENQ_BACKEND": "transformers", "GENQ_DTYPE": "float32",
                     "GENQ_VISIBILITY_TIMEOUT_S": "6", "GENQ_BATCH_WAIT_MS": "50", **env}
-        log_file = tmp_path / f"{name}.log"
-        if fork_server.forkable({**os.environ, **full_env}):
-            proc = fork_server.spawn(["worker", "--gpu", "none", "--name", name],
-                                     {**os.environ, **full_env}, log_file)
-        else:
-            proc = spawn_worker(full_env, name=name, log_file=log_file)
+        proc = fork_server.start_worker(full_env, name, tmp_path / f"{name}.log")
         procs.append(proc)
         if wait_ready:
             r = redis.Redis.from_url(redis_url)

@@ -18,6 +18,7 @@ from tests.conftest import (
     share_cores,
 )
 from tests.workerfork import forkable
+from worker.stack import worker_args
 
 
 class FakeItem:
@@ -116,7 +117,7 @@ def test_a_forked_command_runs_as_a_fresh_process_would(fork_server, redis_url, 
                        if "max_batch_size" in line)
     bad = fork_server.spawn(["no-such-command"], env, tmp_path / "bad.log")
     assert bad.wait(60) == 2 and "No such command" in (tmp_path / "bad.log").read_text()
-    waiting = fork_server.spawn(["worker", "--gpu", "none", "--name", "waiting@fork"],
+    waiting = fork_server.spawn(worker_args("none", "waiting@fork"),
                                 {**env, "GENQ_BROKER_URL": redis_url}, tmp_path / "w.log")
     with pytest.raises(subprocess.TimeoutExpired):
         waiting.wait(0.5)

@@ -70,32 +70,37 @@ class ForkedWorker:
         if self.poll() is None:
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
 class ForkServer:
-    """The test process's side: start the server once, ask it for workers."""
+    """The test process's side: starts the server at the first worker it can fork, and starts
+    each worker, forked or (where ``forkable`` says no) as ``worker.stack.spawn_worker`` does."""
 
     def __init__(self, folder: Path):
-        self.socket, self.status = folder / "fork.sock", folder / "status"
-        self.status.mkdir(parents=True, exist_ok=True)
+        self.folder, self.socket, self.status = folder, folder / "fork.sock", folder / "status"
         self.env = dict(os.environ)  # the server's, read by the libraries it imports
-        log = open(folder / "forkserver.log", "ab")  # noqa: SIM115 - the server's own output
-        self.proc = subprocess.Popen([sys.executable, __file__, str(self.socket), str(self.status)],
-                                     env=self.env, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
+        self.proc: subprocess.Popen | None = None
 
-    def forkable(self, env: dict[str, str]) -> bool:
-        """Whether a worker with this full environment may be forked from the server."""
-        return forkable(env, self.env)
+    def start_worker(self, env: dict[str, str], name: str, log_file: Path):
+        """``genq worker --gpu none --name <name>`` with ``os.environ`` and ``env``, its output
+        appended to ``log_file``: a ``ForkedWorker`` or a ``subprocess.Popen``."""
+        from worker.stack import spawn_worker, worker_args
+
+        full_env = {**os.environ, **env}
+        if not forkable(full_env, self.env):
+            return spawn_worker(env, name=name, log_file=log_file)
+        return self.spawn(worker_args("none", name), full_env, log_file)
 
     def spawn(self, args: list[str], env: dict[str, str], log_file: Path) -> ForkedWorker:
-        """Fork ``genq <args>`` with ``env``, its output appended to ``log_file``."""
+        """Fork ``genq <args>`` with exactly ``env``, its output appended to ``log_file``."""
+        if self.proc is None:
+            self.status.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "forkserver.log", "ab") as log:  # the server's own output
+                self.proc = subprocess.Popen([sys.executable, __file__, str(self.socket),
+                                              str(self.status)], env=self.env, stdout=log,
+                                             stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while not self.socket.exists():
             assert self.proc.poll() is None, "the worker fork server exited"
@@ -109,8 +114,9 @@ class ForkServer:
         return ForkedWorker(reply["pid"], self.status, args)
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _child(request: dict) -> None:

@@ -185,12 +185,15 @@ def embedded_broker(port: int | None = None) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
+def worker_args(gpu: str = "none", name: str | None = None) -> list[str]:
+    """The ``genq`` arguments that start a worker on ``gpu`` named ``name``."""
+    return ["worker", "--gpu", gpu, *(["--name", name] if name else [])]
+
+
 def spawn_worker(env: dict[str, str], gpu: str = "none", name: str | None = None,
                  log_file: Path | None = None) -> subprocess.Popen:
     """Start ``genq worker`` as a child process with ``env`` (the GENQ_ settings)."""
-    cmd = [sys.executable, "-m", "worker.cli", "worker", "--gpu", gpu]
-    if name:
-        cmd += ["--name", name]
+    cmd = [sys.executable, "-m", "worker.cli", *worker_args(gpu, name)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     # its own session: a terminal's Ctrl-C reaches `genq up`/`genq run`, which stop it in order
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=out,

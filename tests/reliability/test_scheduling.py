@@ -221,7 +221,6 @@ def test_a_frozen_redis_freezes_no_worker(client, start_worker, tiny_model_dir, 
     assert worker.poll() is None  # it recovered by itself: no supervisor needed
     r = redis.Redis.from_url(redis_server.url)
     ids = [res["id"] for res in client.job_results(job)]
-    assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6
     # the last ack may land just after the last result is read (retried writes after the freeze)
     wait_until(lambda: r.hlen("genq:unacked") == 0, 30, "a message stayed unacked")
     assert [int(r.get(f"genq:attempts:{i}")) for i in ids] == [1] * 6  # none ran again
