@@ -158,3 +158,40 @@ def test_an_explicit_repetition_penalty_is_applied_exactly(engine):
             assert result["text"] == text
             assert result["usage"]["completion_tokens"] == len(tokens)
     assert changed >= 2
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 5e-324},  # below GREEDY_BELOW: greedy, its limit
+    {"temperature": 1e-6, "logprobs": True, "top_logprobs": 3},
+    {"temperature": 1.0, "repetition_penalty": 1e-300, "logprobs": True},  # overflows a logit
+    {"temperature": 1e-5, "repetition_penalty": 1e-30, "top_p": 1e-9, "seed": 3},
+])
+def test_extreme_sampling_settings_pick_a_token_and_finite_logprobs(settings):
+    """Settings the schema accepts at their limits never make the distribution NaN (which
+    made ``torch.multinomial`` raise inside the step loop and took the worker down)."""
+    import math
+
+    from worker.engine.sampling import RowSampler
+    from worker.schema import GREEDY_BELOW, GenerationRequest
+
+    request = GenerationRequest(prompt="x", **settings)
+    logits = torch.linspace(-20.0, 30.0, 500)
+    logits[7] = 40.0  # the argmax
+    sampler = RowSampler(request)
+    token, logprob = sampler.pick(logits.clone(), history=[7, 11, 499])
+    assert 0 <= token < 500
+    if request.temperature < GREEDY_BELOW:
+        assert not request.samples and token == 7
+    if logprob is not None:
+        assert math.isfinite(logprob[0]) and all(math.isfinite(v) for _, v in logprob[1])
+
+
+def test_a_vanishing_temperature_decodes_greedily_beside_its_batch_mates(engine):
+    """In a real step-loop batch: temperature 5e-324 is greedy; a tiny penalty samples and
+    ends; the greedy batch-mate is untouched."""
+    plain = {"prompt": PROMPTS[0], "max_new_tokens": NEW_TOKENS}
+    results = engine.generate([{**plain, "temperature": 5e-324}, plain,
+                               {**plain, "temperature": 1.0, "repetition_penalty": 1e-300,
+                                "seed": 1}])
+    assert [r["status"] for r in results] == ["succeeded"] * 3
+    assert results[0]["text"] == results[1]["text"] == reference(engine, PROMPTS[0])[1]

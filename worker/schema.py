@@ -103,6 +103,11 @@ class ResponseFormat(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+# a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by a
+# smaller one overflows to inf and the sampling distribution to NaN
+GREEDY_BELOW = 1e-5
+
+
 class GenerationRequest(BaseModel):
     """A generation request exactly as the contract states it. Numbers are finite (no NaN
     or Infinity anywhere, metadata included) and never booleans."""
@@ -204,8 +209,9 @@ class GenerationRequest(BaseModel):
 
     @property
     def samples(self) -> bool:
-        """Whether this request samples (temperature > 0) rather than decoding greedily."""
-        return self.temperature > 0
+        """Whether this request samples rather than decoding greedily: a temperature below
+        ``GREEDY_BELOW`` is greedy (its limit), as in vLLM, on every backend."""
+        return self.temperature >= GREEDY_BELOW
 
 
 def _describe(exc: ValidationError) -> str:

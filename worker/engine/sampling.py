@@ -26,7 +26,7 @@ class RowSampler:
     """One row's sampling settings and random generator."""
 
     def __init__(self, request: GenerationRequest, sample: int = 0):
-        self.temperature = request.temperature
+        self.temperature = request.temperature if request.samples else 0.0
         self.top_p = request.top_p or 1.0
         self.top_k = request.top_k or 0
         self.penalty = request.repetition_penalty or 1.0
@@ -64,6 +64,7 @@ class RowSampler:
             seen = scores[seen_ids]
             scores = scores.clone()
             scores[seen_ids] = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+            scores = _finite(scores)  # a tiny penalty can overflow a logit
         if self.temperature == 0:
             token = int(scores.argmax())
             if self.top_logprobs is None:
@@ -71,7 +72,7 @@ class RowSampler:
             logp = scores.log_softmax(dim=-1)
             top = logp.topk(self.top_logprobs) if self.top_logprobs else None
             return token, _entry(float(logp[token]), top)
-        scores = scores / self.temperature
+        scores = _finite(scores / self.temperature)
         sorted_scores, order = torch.sort(scores, descending=True)
         if self.top_k > 0:
             sorted_scores[self.top_k:] = float("-inf")
@@ -86,6 +87,11 @@ class RowSampler:
         k = self.top_logprobs
         top = (logp[:k], order[:k]) if k else None
         return token, _entry(float(logp[picked]), top)
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with +inf as the largest float (softmax of +inf is NaN), NaN as -inf."""
+    return scores.nan_to_num(nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
 
 
 # a token's log-probability and the best candidates (token id, log-probability)
