@@ -14,12 +14,11 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh constraints/cpu.txt
 demo: setup
 	$(BIN)/genq run examples/prompts.jsonl -o out/results.jsonl
 
-# three test processes, each running one test file at a time (with two, the cores sat idle
-# about a quarter of the time while tests waited on workers, timeouts and Redis);
-# tests/conftest.py gives each process, and the workers it starts, its share of the cores'
-# torch and vLLM threads, and forks those workers from a process with the libraries imported
+# two test processes (one per core), each running one test file at a time; tests/conftest.py
+# gives each process, and the workers it starts, one core's worth of torch and vLLM threads,
+# and forks those workers from a process with the libraries imported
 test: setup
-	$(BIN)/python -m pytest -n 3 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 check: setup
 	$(BIN)/ruff check worker tests bench

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def share_cores() -> None:
-    """Under pytest-xdist (``make test``: three test processes), give each test process, and
+    """Under pytest-xdist (``make test``: one test process per core), give each test process, and
     the workers it starts, its own share of the cores (at least one core, shared in turn where
     processes outnumber cores): torch at one thread per core of the share (two threads in one
     process gain ~15% on this model for ~60% more CPU), vLLM's threads bound to the share's

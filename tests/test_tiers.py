@@ -66,7 +66,7 @@ def test_make_check_runs_lint_and_the_fast_tier_and_ci_runs_make_test():
                          env={**os.environ, "MAKEFLAGS": ""}).stdout
     assert ".venv/bin/ruff check worker tests" in dry
     assert '.venv/bin/python -m pytest -q -m "not process and not model"' in dry
-    assert ".venv/bin/python -m pytest -n 3 --dist loadfile\n" in dry  # make test: everything
+    assert ".venv/bin/python -m pytest -n 2 --dist loadfile\n" in dry  # make test: everything
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "`make check`" in readme and "`make test`" in readme
