@@ -162,6 +162,9 @@ def test_invalid_fields_are_bad_requests_naming_the_field(gateway):
         with pytest.raises(openai.BadRequestError) as err:
             api.chat.completions.create(**kwargs)
         assert field in err.value.message, (extra, err.value.message)
+    with pytest.raises(openai.BadRequestError) as err:  # above OpenAI's (and vLLM's) 2
+        api.chat.completions.create(model="demo", messages=MESSAGES, temperature=2.5)
+    assert err.value.param == "temperature" and err.value.code == "invalid_request"
 
 
 def test_sync_timeout_is_504_naming_the_request_which_keeps_waiting(gateway):

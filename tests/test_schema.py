@@ -55,3 +55,15 @@ def test_thousands_deep_metadata_is_refused_not_a_recursion_error():
         node = node["m"]
     with pytest.raises(InvalidRequest, match="deeper than"):
         validate_request({"prompt": "x", "metadata": deep})
+
+
+def test_temperature_above_openais_two_is_refused_by_name():
+    """vLLM refuses a temperature above 2 in the worker: every way in refuses it first, and the
+    OpenAI routes name it as their ``param``."""
+    from worker.compat.chatbody import openai_message
+
+    assert validate_request({"prompt": "a", "temperature": 2.0}).temperature == 2.0
+    with pytest.raises(InvalidRequest) as info:
+        validate_request({"prompt": "a", "temperature": 2.000001})
+    assert str(info.value).startswith("temperature: ") and info.value.code == "invalid_request"
+    assert openai_message(info.value.message, {"max_new_tokens": "max_tokens"})[1] == "temperature"

@@ -106,6 +106,7 @@ class ResponseFormat(BaseModel):
 # a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by a
 # smaller one overflows to inf and the sampling distribution to NaN
 GREEDY_BELOW = 1e-5
+MAX_TEMPERATURE = 2.0  # OpenAI's limit, and vLLM's: refused at enqueue, never in a worker
 
 
 class GenerationRequest(BaseModel):
@@ -117,7 +118,7 @@ class GenerationRequest(BaseModel):
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     max_new_tokens: Int = Field(256, ge=1)
-    temperature: Float = Field(0.0, ge=0.0, le=10.0)
+    temperature: Float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: Float | None = Field(None, gt=0.0, le=1.0)
     top_k: Int | None = Field(None, ge=0, le=100_000)
     repetition_penalty: Float | None = Field(None, gt=0.0, le=10.0)
