@@ -18,8 +18,10 @@ pytestmark = pytest.mark.process  # every test runs genq as a subprocess
 
 
 def genq(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``genq ARGS`` with ``env`` over ours (a None value unsets that variable)."""
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+                          text=True, env=merged, timeout=timeout, cwd=ROOT)
 
 
 def test_client_imports_no_model_library():
@@ -133,9 +135,14 @@ def test_submit_status_result_cancel_job(redis_url, client, start_worker, tiny_m
 
 
 def test_expected_failures_are_one_or_two_lines_not_tracebacks(tmp_path, redis_url):
+    import socket
+
     from worker.stack import free_port
 
     nowhere = {"GENQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    taken = socket.create_server(("127.0.0.1", 0))
+    no_broker = {"GENQ_BROKER_URL": None, "GENQ_DATA_DIR": str(tmp_path / "data")}
+    up = ("up", "--gpus", "none", "--port", str(free_port()))
     cases = [(("submit", "hi"), nowhere, "cannot reach the broker"),
              (("status", "some-id"), nowhere, "cannot reach the broker"),
              (("result", "some-id"), nowhere, "cannot reach the broker"),
@@ -145,9 +152,14 @@ def test_expected_failures_are_one_or_two_lines_not_tracebacks(tmp_path, redis_u
              (("run", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
              (("generate", str(tmp_path / "missing.jsonl")), {}, "cannot read"),
              (("worker", "--gpu", "7"), {}, "--gpu 7"),
-             (("job",), {}, "Missing argument")]
-    for args, env, says in cases:
-        out = genq(*args, env=env, timeout=120)
+             (("job",), {}, "Missing argument"),
+             ((*up, "--redis-port", str(taken.getsockname()[1])), no_broker, "is taken"),
+             ((*up, "--redis-port", "99999"), no_broker, "65535"),
+             (("config",), {"GENQ_LOG_FORMAT": "xml"}, "GENQ_LOG_FORMAT takes auto, json, console"),
+             (("config",), {"GENQ_LOG_LEVEL": "loud"}, "GENQ_LOG_LEVEL takes DEBUG")]
+    with taken:
+        runs = [genq(*args, env=env, timeout=120) for args, env, _ in cases]
+    for (args, _, says), out in zip(cases, runs, strict=True):
         lines = [x for x in out.stderr.splitlines() if x.strip()]
         assert out.returncode == 2, (args, out.returncode, out.stderr[-500:])
         assert says in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-500:])

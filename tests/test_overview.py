@@ -20,9 +20,10 @@ pytestmark = pytest.mark.process
 
 
 def genq(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """``genq ARGS`` piped, as ``genq status | grep`` runs it: no COLUMNS, stdout not a TTY."""
+    plain = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, "COLUMNS": "200", **env}, timeout=120,
-                          cwd=ROOT)
+                          text=True, env={**plain, **env}, timeout=120, cwd=ROOT)
 
 
 def fail(client, request_id: str, code: str = "out_of_memory") -> None:
@@ -169,12 +170,25 @@ def test_genq_status_and_genq_jobs(client, redis_url):
     assert data["object"] == "overview" and [j["id"] for j in data["jobs"]] == ids[::-1]
     assert data["queues"]["bulk"]["queued"] == 6
     table = genq("status", env=env).stdout
-    assert "Workers" in table and "Queues" in table and ids[0] in table
-    assert "no worker alive" in table
+    assert "Workers" in table and "Queues" in table and "no worker alive" in table
+    # piped at the default width: every id whole on one line, so `genq status | grep ID` finds it
+    lines = table.splitlines()
+    assert all(any(i in line for line in lines) for i in ids), table
+    name = "cpu-2@a-rather-long-host-name.internal.example.com"
+    model = "Qwen/Qwen2.5-0.5B-Instruct-with-a-long-revision"
+    client.store.heartbeat(name, {"name": name, "model": model, "device": "cpu",
+                                  "adapters": ["an-adapter-named-at-length"]})
+    fail(client, client.submit(prompt="f", custom_id="c"))
+    lines = genq("status", env=env).stdout.splitlines()
+    failed = client.store.redis.zrange(overview.FAILURES_KEY, 0, -1)
+    for whole in (name, model, "an-adapter-named-at-length", *failed):
+        assert any(whole in line for line in lines), (whole, lines)
+    assert not any("…" in line for line in lines)
     jobs = json.loads(genq("jobs", "--limit", "2", "--json", env=env).stdout)
     assert [j["id"] for j in jobs["data"]] == ids[::-1][:2] and jobs["has_more"]
     listed = genq("jobs", "--limit", "2", env=env)
-    assert ids[2] in listed.stdout and f"--after {ids[1]}" in listed.stderr
+    assert ids[2] in listed.stdout and ids[1] in listed.stdout and "…" not in listed.stdout
+    assert f"--after {ids[1]}" in listed.stderr
     rid = client.submit(prompt="one")
     assert json.loads(genq("status", rid, "--json", env=env).stdout) == {"id": rid,
                                                                         "status": "queued"}

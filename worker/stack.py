@@ -86,7 +86,13 @@ def export_line(server: EmbeddedRedis, show_password: bool = False) -> str:
     return (f'export GENQ_BROKER_URL="redis://:$(cat {secret})@127.0.0.1:{server.port}/0"')
 
 
+class StackError(RuntimeError):
+    """The stack cannot start for a reason the user fixes (a port taken, no redis-server):
+    ``genq up`` and ``genq run`` say it in one line."""
+
+
 def port_taken(port: int) -> bool:
+    """Whether ``port`` (1-65535) on 127.0.0.1 is in use."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -138,7 +144,7 @@ class EmbeddedRedis:
         """Start it and wait until it answers."""
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
+            raise StackError("redis-server is not on PATH (Debian: apt-get install redis-server)")
         self.config = self._write_config()
         self.proc = subprocess.Popen(
             [binary, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -148,7 +154,7 @@ class EmbeddedRedis:
         while not broker_answers(self.url, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
+                raise StackError(f"redis-server did not start; see {self.dir / 'redis.log'}")
             time.sleep(0.05)
         log.info("embedded_redis_started", port=self.port, dir=str(self.dir))
         return self
@@ -174,8 +180,8 @@ def embedded_broker(port: int | None = None) -> Iterator[EmbeddedRedis]:
     from worker.ops.settings import get_settings
 
     if port is not None and port_taken(port):
-        raise RuntimeError(f"port {port} on 127.0.0.1 is taken: choose another with "
-                           "--redis-port (or leave it out for a free one)")
+        raise StackError(f"port {port} on 127.0.0.1 is taken: choose another with "
+                         "--redis-port (or leave it out for a free one)")
     server = EmbeddedRedis(data_dir() / "redis", port).start()
     os.environ["GENQ_BROKER_URL"] = server.url
     get_settings.cache_clear()

@@ -39,6 +39,10 @@ def explain(exc: BaseException) -> str | None:
                 "start Redis (or `genq up`), or point GENQ_BROKER_URL at one")
     if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
         return f"the broker refused: {exc}"
+    from worker.stack import StackError
+
+    if isinstance(exc, StackError):  # a port taken, no redis-server
+        return str(exc)
     if type(exc).__name__ == "ModelUnavailable":  # worker.engine.loading (not imported here)
         return str(exc)
     if isinstance(exc, OSError) and getattr(exc, "filename", None):

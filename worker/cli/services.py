@@ -35,7 +35,8 @@ def notifier(name: Annotated[str | None, typer.Option(help="Worker name.")] = No
 
 @app.command()
 def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
+        port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000
+        ) -> None:
     """Run the HTTP gateway alone."""
     from worker.api import serve
 
@@ -45,7 +46,7 @@ def api(host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1
 @app.command()
 def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list like 0,1.")] = "all",
        workers: Annotated[int, typer.Option(min=1, help="Workers per GPU (or on the CPU).")] = 1,
-       port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+       port: Annotated[int, typer.Option(min=1, max=65535, help="Gateway port.")] = 8000,
        host: Annotated[str, typer.Option(
            help="Gateway address: this machine only by default; 0.0.0.0 for every interface."
        )] = "127.0.0.1",
@@ -54,7 +55,7 @@ def up(gpus: Annotated[str, typer.Option(help="'all', 'none' (CPU) or a list lik
                                     "set (by default a GENQ_BROKER_URL that does not answer "
                                     "is an error).")] = False,
        redis_port: Annotated[int | None, typer.Option(
-           help="Port of the embedded Redis (default: a free one).")] = None,
+           min=1, max=65535, help="Port of the embedded Redis (default: a free one).")] = None,
        show_password: Annotated[bool, typer.Option(
            "--show-password", help="Print the embedded Redis's password in the export line "
                                    "(by default it is read from its file).")] = False,

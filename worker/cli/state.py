@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, app, console, errors, get_client, show
+from worker.cli.common import (
+    JsonOpt,
+    app,
+    console,
+    errors,
+    get_client,
+    id_column,
+    out_console,
+    show,
+)
 
 
 @app.command()
@@ -41,7 +50,7 @@ def status(request_id: Annotated[str | None, typer.Argument(
                     return
                 time.sleep(interval)
         if not watch:
-            Console().print(_overview_view(build_overview(client)))
+            out_console().print(_overview_view(build_overview(client)))
             return
         from rich.live import Live
 
@@ -91,8 +100,9 @@ def _overview_view(data: dict):
 
 
 def _workers_table(rows: list[dict]) -> Table:
-    workers = Table("name", "device", "model", "backend", "adapters", "running", "waiting",
-                    "tokens/s", "heartbeat", "self-check",
+    workers = Table(id_column("name"), "device", id_column("model"), "backend",
+                    id_column("adapters"), "running", "waiting", "tokens/s", "heartbeat",
+                    "self-check",
                     title=f"Workers ({len(rows)})", title_justify="left")
     for w in rows:
         check = w.get("self_check") or {}
@@ -119,14 +129,14 @@ def _queues_table(q: dict) -> Table:
 
 
 def _owners_table(rows: list[dict]) -> Table:
-    owners = Table("owner", "not finished", "bulk queued", title="Owners", title_justify="left")
+    owners = Table(id_column("owner"), "not finished", "bulk queued", title="Owners", title_justify="left")
     for o in rows:
         owners.add_row(o["owner"], str(o["pending"]), str(o["bulk_queued"]))
     return owners
 
 
 def _jobs_table(rows: list[dict]) -> Table:
-    jobs = Table("job", "status", "progress", "counts", "rate", "ETA", title="Jobs",
+    jobs = Table(id_column("job"), "status", "progress", "counts", "rate", "ETA", title="Jobs",
                  title_justify="left")
     for j in rows:
         c = j["counts"]
@@ -138,7 +148,7 @@ def _jobs_table(rows: list[dict]) -> Table:
 
 
 def _batches_table(rows: list[dict]) -> Table:
-    batches = Table("batch", "status", "progress", "completed", "failed", "rate", "ETA",
+    batches = Table(id_column("batch"), "status", "progress", "completed", "failed", "rate", "ETA",
                     title="Batches", title_justify="left")
     for b in rows:
         c = b.get("request_counts") or {"total": 0, "completed": 0, "failed": 0}
@@ -150,7 +160,8 @@ def _batches_table(rows: list[dict]) -> Table:
 
 
 def _failures_table(rows: list[dict], now: float) -> Table:
-    failures = Table("when", "code", "message", "request", "job", "worker",
+    failures = Table("when", "code", "message", id_column("request"), id_column("job"),
+                     id_column("worker"),
                      title="Recent failures", title_justify="left")
     for f in rows:
         failures.add_row(f"{_ago(now - f['at'])} ago", f.get("code") or "-",
@@ -171,7 +182,7 @@ def jobs(limit: Annotated[int, typer.Option(min=1, max=100, help="Jobs per page.
     if as_json:
         typer.echo(json.dumps(page, ensure_ascii=False))
         return
-    table = Table("job", "status", "progress", "counts", "created", "rate", "ETA")
+    table = Table(id_column("job"), "status", "progress", "counts", "created", "rate", "ETA")
     for j in page["data"]:
         c = j["counts"]
         done = c["total"] - c["queued"] - c["running"]
@@ -179,7 +190,7 @@ def jobs(limit: Annotated[int, typer.Option(min=1, max=100, help="Jobs per page.
         table.add_row(j["id"], j["status"], f"{_bar(j['progress'], 12)} {done}/{c['total']}",
                       _job_counts(c), created, f"{j['rate']:.2f}/s" if j.get("rate") else "-",
                       _ago(j.get("eta_s")))
-    Console().print(table)
+    out_console().print(table)
     if page["has_more"]:
         console.print(f"more: genq jobs --after {page['last_id']}")
 
