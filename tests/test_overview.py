@@ -67,6 +67,33 @@ def test_jobs_index_is_per_owner_newest_first_and_pages_like_batches(client):
     assert done["status"] == "cancelled" and done["progress"] == 1.0
 
 
+def test_rates_are_over_the_last_minute_not_since_creation(client):
+    """A job created long ago (resumed after a pause) reads its present speed; a young one its
+    speed since it started; nothing known at the first look or once stalled for the window;
+    the samples bounded and expiring."""
+    redis, t0 = client.store.redis, 1_000_000.0
+    old, young = "job-old", "job-young"
+    rates = overview.moving_rates
+    assert rates(redis, [(old, 100, t0 - 3600), (young, 5, t0 - 10)], t0) == [None, 0.5]
+    assert rates(redis, [(old, 120, t0 - 3600)], t0 + 10) == [2.0]  # not 120 / 3610 s
+    assert rates(redis, [(old, 150, t0 - 3600)], t0 + 40) == [50 / 40]
+    assert rates(redis, [(old, 150, t0 - 3600)], t0 + 70) == [30 / 60]  # t0 left the window
+    assert rates(redis, [(old, 150, t0 - 3600)], t0 + 200) == [None]  # stalled a whole window
+    for k in range(3 * overview.RATE_SAMPLES):
+        rates(redis, [(old, 150 + k, t0 - 3600)], t0 + 201 + k / 10)
+    assert redis.zcard("genq:rate:job-old") == overview.RATE_SAMPLES
+    assert 0 < redis.ttl("genq:rate:job-old") <= 2 * overview.RATE_WINDOW_S
+
+    job = client.submit_many([{"prompt": "a"}, {"prompt": "b"}])
+    assert overview.list_jobs(client)["data"][0]["rate"] is None  # nothing finished
+    first = next(iter(client.store.job_ids(job)))[0]
+    time.sleep(1.0)  # a rate needs a second of history
+    client.store.finish([{"id": first, "status": "succeeded",
+                          "job_id": job, "worker": "w1", "text": "x"}])
+    [listed] = overview.list_jobs(client)["data"]
+    assert listed["rate"] > 0 and listed["eta_s"] == pytest.approx(1 / listed["rate"])
+
+
 def test_overview_workers_queues_and_failures(client):
     store = client.store
     store.heartbeat("w1@test", {"name": "w1@test", "model": "demo", "backend": "vllm",

@@ -10,6 +10,11 @@ Two small indexes are written for it (both idempotent, so a replayed write chang
 - ``genq:failures``: sorted set, request id -> when a worker stored it ``failed``
   (``note_failures``), the newest ``FAILURES_KEPT`` kept. The result record is read back when
   the overview is built, so an entry whose request ended otherwise (a cancel won) is skipped.
+- ``genq:rate:<job or batch id>``: sorted set of ``<time>:<finished>`` samples (score: the
+  time) of an open job or batch, added each time it is listed (``moving_rates``), those of the
+  last ``RATE_WINDOW_S`` kept (at most ``RATE_SAMPLES``), expiring soon after: its ``rate`` is
+  requests finished per second over that window, so a job resumed after a pause, or one that
+  sped up, reads its present speed, not its average since creation.
 
 Visibility follows the API: a client with an owner (an API key) sees its own jobs, batches,
 failures and pending count; an admin (or a client without owner) sees everything. Workers and
@@ -28,6 +33,8 @@ FAILURES_KEPT = 1000
 JOB_FINAL = ("completed", "cancelled", "failed")  # a job's statuses once every request ended
 BATCH_FINAL = ("failed", "completed", "expired", "cancelled")  # an OpenAI batch's final ones
 MAX_LIMIT = 100
+RATE_WINDOW_S = 60.0
+RATE_SAMPLES = 64
 
 
 def jobs_key(owner: str | None) -> str:
@@ -62,16 +69,40 @@ def _scope(view) -> str | None:
     return None if view.admin or view.owner is None else view.owner
 
 
-def job_summary(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """A job as listed: id, status, counts, created, progress (0-1), finished requests per
-    second since it was created and the seconds left at that rate (None when unknown)."""
-    now = time.time() if now is None else now
+def moving_rates(redis, items: list[tuple[str, int, float]], now: float) -> list[float | None]:
+    """Per ``(id, finished, started)`` of an open job or batch: requests finished per second
+    over the last ``RATE_WINDOW_S`` (since ``started`` when younger), from the samples this
+    and earlier listings added; None when unknown (its first look) or nothing finished."""
+    if not items:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for item_id, finished, _ in items:
+        key = f"genq:rate:{item_id}"
+        pipe.zadd(key, {f"{now!r}:{finished}": now})
+        pipe.zremrangebyscore(key, "-inf", f"({now - RATE_WINDOW_S}")
+        pipe.zremrangebyrank(key, 0, -RATE_SAMPLES - 1)
+        pipe.expire(key, int(RATE_WINDOW_S * 2))
+        pipe.zrange(key, 0, 0, withscores=True)
+    oldest = pipe.execute()[4::5]
+    rates: list[float | None] = []
+    for (_, finished, started), first in zip(items, oldest, strict=True):
+        if now - started <= RATE_WINDOW_S:
+            span, done = now - started, finished
+        else:  # the oldest sample of the window (the one just added at the least)
+            member, at = first[0]
+            span, done = now - at, finished - int(member.rsplit(":", 1)[1])
+        rates.append(done / span if done > 0 and span >= 1.0 else None)
+    return rates
+
+
+def job_summary(info: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
+    """A job as listed: id, status, counts, created, progress (0-1), ``rate`` (finished
+    requests per second, from ``moving_rates``; None once it ended) and the seconds left at
+    that rate (None when unknown)."""
     counts = info["counts"]
     total = counts["total"]
-    finished = sum(counts[k] for k in ("succeeded", "failed", "cancelled", "expired"))
-    elapsed = max(now - float(info.get("created") or now), 1e-3)
-    open_ = info["status"] not in JOB_FINAL
-    rate = finished / elapsed if open_ and finished else None
+    finished = job_finished(info)
+    rate = rate if info["status"] not in JOB_FINAL else None
     eta = (total - finished) / rate if rate else None
     out = {"id": info["id"], "object": "job", "status": info["status"], "counts": counts,
            "created": info.get("created"), "progress": finished / total if total else 1.0,
@@ -81,6 +112,11 @@ def job_summary(info: dict[str, Any], now: float | None = None) -> dict[str, Any
     if info.get("error"):
         out["error"] = info["error"]
     return out
+
+
+def job_finished(info: dict[str, Any]) -> int:
+    """How many of a job's requests ended."""
+    return sum(info["counts"][k] for k in ("succeeded", "failed", "cancelled", "expired"))
 
 
 def list_jobs(view, after: str | None = None, limit: int = 20) -> dict[str, Any]:
@@ -100,7 +136,6 @@ def list_jobs(view, after: str | None = None, limit: int = 20) -> dict[str, Any]
                     "has_more": False}
         start = rank + 1
     found: list[dict[str, Any]] = []
-    now = time.time()
     while len(found) <= limit:
         ids = redis.zrevrange(key, start, start + limit)
         if not ids:
@@ -113,11 +148,16 @@ def list_jobs(view, after: str | None = None, limit: int = 20) -> dict[str, Any]
             except NotFound:
                 gone.append(job_id)
                 continue
-            found.append(job_summary(info, now))
+            found.append(info)
         if gone:
             redis.zrem(key, *gone)
             start -= len(gone)
-    data = found[:limit]
+    now = time.time()
+    open_ = [i for i in found[:limit] if i["status"] not in JOB_FINAL]
+    rates = dict(zip((i["id"] for i in open_), moving_rates(
+        redis, [(i["id"], job_finished(i), float(i.get("created") or now)) for i in open_], now),
+        strict=True))
+    data = [job_summary(info, rates.get(info["id"])) for info in found[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(found) > limit}
 
@@ -138,7 +178,6 @@ def list_batches(view, limit: int = 20) -> list[dict[str, Any]]:
         return []
     reader = Batches(view, view.settings, None)
     out = []
-    now = time.time()
     for raw in redis.mget([batch_key(i) for i in ids]):
         if raw is None:
             continue
@@ -146,17 +185,21 @@ def list_batches(view, limit: int = 20) -> list[dict[str, Any]]:
         if record["status"] not in ("validating", *BATCH_FINAL):
             record = reader.refresh(record, finalize=False)
         batch = public(record)
-        counts = batch.get("request_counts") or {}
-        total, finished = counts.get("total") or 0, (counts.get("completed") or 0) + (
-            counts.get("failed") or 0)
-        open_ = batch["status"] not in BATCH_FINAL
-        started = batch.get("in_progress_at") or batch.get("created_at") or now
-        rate = finished / max(now - started, 1e-3) if open_ and finished else None
-        batch.update(progress=finished / total if total else (0.0 if open_ else 1.0), rate=rate,
-                     eta_s=(total - finished) / rate if rate else None)
         if view.admin or view.owner is None:
             batch["owner"] = record.get("owner")
         out.append(batch)
+    now = time.time()
+    finished = {b["id"]: (b.get("request_counts") or {}).get("completed", 0)
+                + (b.get("request_counts") or {}).get("failed", 0) for b in out}
+    open_ = [b for b in out if b["status"] not in BATCH_FINAL]
+    rates = dict(zip((b["id"] for b in open_), moving_rates(redis, [
+        (b["id"], finished[b["id"]], b.get("in_progress_at") or b.get("created_at") or now)
+        for b in open_], now), strict=True))
+    for batch in out:
+        total, done, rate = ((batch.get("request_counts") or {}).get("total") or 0,
+                             finished[batch["id"]], rates.get(batch["id"]))
+        batch.update(progress=done / total if total else 0.0 if batch["id"] in rates else 1.0,
+                     rate=rate, eta_s=(total - done) / rate if rate else None)
     return out
 
 

@@ -92,8 +92,8 @@ def list_jobs(request: Request, after: str | None = Query(None, max_length=128),
               limit: int = Query(20, ge=1, le=100)) -> dict:
     """The caller's jobs, newest first, paged like ``/v1/batches`` (``after``: the
     ``last_id`` of the page before); admins see every job. Each job has its status,
-    counts, ``created``, ``progress`` (0-1), ``rate`` (requests finished per second) and
-    ``eta_s``."""
+    counts, ``created``, ``progress`` (0-1), ``rate`` (requests finished per second over the
+    last minute) and ``eta_s``."""
     return overview.list_jobs(request.state.client, after, limit)
 
 
