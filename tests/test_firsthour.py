@@ -8,9 +8,12 @@ import io
 import json
 import logging
 import os
+import http.server
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -131,6 +134,50 @@ def test_generate_with_a_model_that_cannot_load_says_what_to_do_in_two_lines(tmp
     assert says in lines[1] and "Traceback" not in out.stderr
 
 
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's answers to a HEAD of ``<org>/<name>/resolve/main/config.json``: ``gated/*``
+    gated, anything else an unknown repository (huggingface_hub reads ``X-Error-Code``)."""
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        gated = self.path.startswith("/gated/")
+        self.send_response(401 if gated else 404)
+        self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+        self.send_header("X-Error-Message", "Access to this model is restricted" if gated
+                         else "Repository not found")
+        self.end_headers()
+
+    def log_message(self, *_):
+        pass
+
+
+@pytest.mark.parametrize(("model", "hub", "says", "fix"), [
+    ("someorg/some-model", "closed", "cannot be reached", "local folder"),
+    ("gated/llama", "fake", "gated model", "HF_TOKEN"),
+    ("someorg/no-such-model", "fake", "not a model on the Hugging Face hub", "HF_TOKEN")])
+def test_a_hub_model_that_cannot_be_had_is_two_lines_at_once(tmp_path, model, hub, says, fix):
+    """Not offline: a hub that cannot be reached (no retries, none of huggingface_hub's own
+    log lines), a gated model, an unknown id: ``genq generate`` ends in two lines within
+    seconds."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1] if hub == "fake" else free_port()
+    jobs = tmp_path / "in.jsonl"
+    jobs.write_text('{"prompt": "hi", "max_new_tokens": 2}\n')
+    env = {"GENQ_MODEL": model, "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HOME": str(tmp_path / "hf"), "GENQ_LOG_FORMAT": "json"}
+    started = time.monotonic()
+    try:
+        out = genq("generate", str(jobs), env=env, timeout=120,
+                   drop=("GENQ_BROKER_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    finally:
+        server.shutdown()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-3000:]
+    assert len(lines) == 3 and lines[0].startswith("loading model"), out.stderr  # + 2 lines
+    assert model in lines[1] and says in lines[1] and fix in lines[2], out.stderr
+    assert time.monotonic() - started < 15 + 30 * under_load(), out.stderr
+
+
 def test_genq_run_and_up_stop_when_the_worker_cannot_load_its_model(tmp_path):
     """The embedded worker exits with the two lines in its note; `genq run` prints them and
     exits 2 instead of waiting; `genq up` prints the exact export line (password read from
@@ -208,3 +255,30 @@ def test_native_errors_have_one_shape_and_openai_routes_speak_openai(gateway):
         assert error["message"].startswith(f"{max_field}: 5000") and "max_new" not in error["message"]
     r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5000})
     assert r.json()["error"]["param"] == "max_tokens"
+
+    # each surface's name told on the other: OpenAI's max_tokens on every native path (here
+    # /v1/jobs; genq run and the client in test_schema), genqueue's on the OpenAI routes
+    r = http.post("/v1/jobs", json=[{"prompt": "x", "max_tokens": 5}])
+    assert r.status_code == 422 and "takes max_new_tokens" in r.json()["detail"][0]["msg"], r.text
+    for url, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                      ("/v1/completions", {"prompt": "hi"})):
+        error = http.post(url, json={**body, "max_new_tokens": 5}).json()["error"]
+        assert error["param"] == "max_new_tokens", error
+        assert error["message"] == ("max_new_tokens: max_new_tokens is genqueue's native name; "
+                                    "the OpenAI routes take max_tokens"), error
+
+    # no content type: JSON on every route that takes a JSON object (an OpenAI route refuses
+    # another type in its own shape); a /v1/jobs body that starts with [ is a JSON list
+    r = http.post("/v1/jobs", content=b' [{"prompt": "x", "max_new_tokens": 2}]')
+    assert r.status_code == 202 and r.json()["counts"]["total"] == 1, r.text
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    upload = http.post("/v1/files", data={"purpose": "batch"},
+                       files={"file": ("in.jsonl", json.dumps(line) + "\n")}).json()
+    r = http.post("/v1/batches", content=json.dumps({
+        "input_file_id": upload["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).encode())
+    assert r.status_code == 200 and r.json()["input_file_id"] == upload["id"], r.text
+    r = http.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                  headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text

@@ -21,6 +21,8 @@ from worker.schema import validate_request
         ({"prompt": "a", "stop": [""]}, "non-empty"),
         ({"prompt": "a", "priority": "urgent"}, "priority"),
         ({"prompt": "a", "surprise": 1}, "surprise"),
+        ({"prompt": "a", "max_tokens": 5}, "max_tokens: OpenAI's name: genqueue's request takes "
+                                           "max_new_tokens"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"prompt": "\ud800"}, "unicode"),
         ({"prompt": "a", "metadata": {"k": "v" * 20000}}, "metadata"),

@@ -215,11 +215,24 @@ class GenerationRequest(BaseModel):
         return self.temperature >= GREEDY_BELOW
 
 
+# OpenAI's names sent to genqueue's request: its message names genqueue's
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+
+
+def error_message(err: dict[str, Any], loc: tuple | list) -> str:
+    """A validation error's message, ``loc`` its place in the request: OpenAI's
+    ``max_tokens`` is told genqueue's name (every native path: HTTP, ``genq``, the client)."""
+    if err.get("type") == "extra_forbidden" and len(loc) == 1 and loc[0] in OPENAI_NAMES:
+        return (f"OpenAI's name: genqueue's request takes {OPENAI_NAMES[loc[0]]} (the OpenAI "
+                f"routes, /v1/chat/completions and /v1/completions, take {loc[0]})")
+    return str(err.get("msg")).removeprefix("Value error, ")
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "request"
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        parts.append(f"{loc}: {error_message(err, err['loc'])}")
     return "; ".join(parts)
 
 

@@ -20,13 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from worker.compat import chat as compat_chat
 from worker.compat.shapes import openai_error
 from worker.errors import GenqError, IdempotencyConflict, InvalidRequest, NotFound, QueueFull
-from worker.schema import GenerationRequest
+from worker.schema import GenerationRequest, error_message
 
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
 OPENAI_ROUTES = ("/v1/files", "/v1/batches", "/v1/chat/", "/v1/completions", "/v1/models")
 REQUEST_FIELDS = set(GenerationRequest.model_fields)
-# OpenAI's names given to a native route: the hint names genqueue's
-NATIVE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 
 
 def is_openai_route(path: str) -> bool:
@@ -53,17 +51,14 @@ def native_error(message: str, code: str | None) -> dict[str, Any]:
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """Field-level validation errors without the offending input (it may be huge); OpenAI's
-    ``max_tokens`` given here is told genqueue's name."""
+    """Field-level validation errors without the offending input (it may be huge), the
+    request's as ``worker.schema.error_message`` words them (OpenAI's ``max_tokens`` is told
+    genqueue's name)."""
     out = []
     for e in exc.errors():
         loc = list(e.get("loc", ()))
-        msg = str(e.get("msg")).removeprefix("Value error, ")
-        if e.get("type") == "extra_forbidden" and loc and loc[-1] in NATIVE_NAMES and len(loc) == 2:
-            msg = (f"{loc[-1]} is OpenAI's name: genqueue's routes take "
-                   f"{NATIVE_NAMES[loc[-1]]} (the OpenAI routes, /v1/chat/completions and "
-                   f"/v1/completions, take {loc[-1]})")
-        elif e.get("type") == "model_attributes_type" and loc == ["body"]:
+        msg = error_message(e, loc[1:] if loc[:1] == ["body"] else loc)
+        if e.get("type") == "model_attributes_type" and loc == ["body"]:
             msg = f"{msg}: the body must be a JSON object (content-type: application/json)"
         out.append({"loc": loc, "msg": msg, "type": e.get("type")})
     return out

@@ -1,5 +1,6 @@
 """What the gateway takes as a body: how many bytes per route (counted as they arrive, chunked
-uploads included) and, on ``POST /v1/generations``, JSON whatever the content type says."""
+uploads included) and, on the routes that take one JSON object, JSON when no content type (or
+curl ``-d``'s form type) says otherwise."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # one JSONL batch upload, streamed to a sp
 MAX_JSON_LIST_BYTES = 32 * 1024 * 1024  # a JSON-list upload is parsed whole: send JSONL for more
 MAX_UPLOAD_LINES = 200_000
 # a POST body without a content type (or curl -d's default form type) is read as JSON there
-JSON_BODY_ROUTES = ("/v1/generations",)
+# (``/v1/jobs`` tells a JSON list from JSONL by its first byte; ``/v1/files`` is a form)
+JSON_BODY_ROUTES = ("/v1/generations", "/v1/batches", "/v1/chat/completions", "/v1/completions")
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -90,9 +92,10 @@ def _too_large(limit: int, path: str = "") -> JSONResponse:
 
 
 class JsonByDefault:
-    """ASGI middleware: ``POST /v1/generations`` takes JSON. A body sent with no content type,
-    or with curl ``-d``'s default ``application/x-www-form-urlencoded``, is read as JSON;
-    any other non-JSON type is refused with 415 naming the one to send."""
+    """ASGI middleware: a POST to one of ``JSON_BODY_ROUTES`` takes JSON. A body sent with no
+    content type, or with curl ``-d``'s default ``application/x-www-form-urlencoded``, is read
+    as JSON; any other non-JSON type is refused with 415 (in the route's error shape) naming
+    the one to send."""
 
     def __init__(self, app):
         self.app = app
@@ -108,8 +111,10 @@ class JsonByDefault:
         if kind in ("", FORM):
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         elif kind != "application/json" and not kind.endswith("+json"):
-            return await JSONResponse(native_error(
-                f"content-type {kind!r} is not taken here: send the request as JSON "
-                "(content-type: application/json)", "unsupported_media_type"),
-                status_code=415)(scope, receive, send)
+            message = (f"content-type {kind!r} is not taken here: send the request as JSON "
+                       "(content-type: application/json)")
+            refusal = (openai_error(415, message, "unsupported_media_type")
+                       if is_openai_route(scope["path"]) else JSONResponse(
+                           native_error(message, "unsupported_media_type"), status_code=415))
+            return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)

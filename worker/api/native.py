@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from worker import overview
-from worker.api.limits import MAX_UPLOAD_LINES, is_json_list
+from worker.api.limits import MAX_JSON_LIST_BYTES, MAX_UPLOAD_LINES, is_json_list
 from worker.errors import InvalidRequest
 from worker.schema import GenerationRequest, Result
 from worker.submission.lines import Line, json_list, read_items, read_lines
@@ -74,7 +74,8 @@ def cancel_generation(request_id: str, request: Request) -> Cancelled:
                  "application/jsonl": {"schema": {"type": "string"}}}, "required": True}})
 async def create_job(request: Request, webhook_url: str | None = None) -> dict:
     """Queue a bulk job: JSONL (request objects or OpenAI Batch lines, streamed to a spool
-    file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB). With
+    file, up to 512 MB) or a JSON list (parsed whole, so capped at 32 MB; a body whose first
+    byte is ``[`` is one whatever its content type says: no JSONL line is a list). With
     ``?webhook_url=``, the job's ``batch.*`` event is posted there when it ends."""
     owner = request.state.client
     content_type = request.headers.get("content-type", "")
@@ -135,8 +136,11 @@ def _upload_lines(spool, content_type: str) -> Iterator[Line]:
     """The upload's items as ``Line``s, each parsed once: a JSON list's items (named by index),
     or JSONL's non-blank lines (by line number); ``InvalidRequest`` when it holds none or more
     than ``MAX_UPLOAD_LINES``."""
-    spool.seek(0)
-    if is_json_list(content_type):
+    if _json_list_upload(spool, content_type):
+        if spool.seek(0, 2) > MAX_JSON_LIST_BYTES:
+            raise InvalidRequest(f"a JSON list is parsed whole: at most {MAX_JSON_LIST_BYTES} "
+                                 "bytes; send JSONL (one request per line) for more")
+        spool.seek(0)
         items = json_list(spool)
         if len(items) > MAX_UPLOAD_LINES:
             raise InvalidRequest(f"more than {MAX_UPLOAD_LINES} requests in one batch")
@@ -149,3 +153,17 @@ def _upload_lines(spool, content_type: str) -> Iterator[Line]:
         yield line
     if empty:
         raise InvalidRequest("the batch is empty")
+
+
+def _json_list_upload(spool, content_type: str) -> bool:
+    """Whether a ``/v1/jobs`` upload is a JSON list: its content type says so, or its first
+    non-blank byte is ``[`` (a JSONL line is an object); the spool is left at its start."""
+    spool.seek(0)
+    found = is_json_list(content_type)
+    while not found and (chunk := spool.read(64 * 1024)):
+        head = chunk.lstrip()
+        if head:
+            found = head.startswith(b"[")
+            break
+    spool.seek(0)
+    return found

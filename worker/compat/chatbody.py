@@ -28,12 +28,13 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 def openai_names(body: dict[str, Any], url: str) -> dict[str, str]:
-    """genqueue's field names -> the OpenAI names this body used, for its error messages."""
+    """genqueue's field names -> the OpenAI names this body used, for its error messages; a
+    native name the body itself sent (``max_new_tokens``, refused by name) stays as sent."""
     names = {"max_new_tokens": "max_completion_tokens" if body.get("max_completion_tokens")
              is not None and body.get("max_tokens") is None and url == CHAT_URL else "max_tokens"}
     if url == COMPLETIONS_URL:
         names["top_logprobs"] = "logprobs"
-    return names
+    return {ours: theirs for ours, theirs in names.items() if ours not in body}
 
 
 def openai_message(message: str, names: dict[str, str]) -> tuple[str, str | None]:

@@ -90,7 +90,12 @@ def _line_body(line: dict[str, Any]) -> dict[str, Any]:
 
 def _fields(body: dict[str, Any], prefix: str, fields: dict[str, str],
             neutral: dict[str, tuple]) -> dict[str, Any]:
-    """The body's fields under genqueue's names; any other refused by name."""
+    """The body's fields under genqueue's names; any other refused by name (genqueue's own
+    name of an OpenAI field told OpenAI's)."""
+    native: dict[str, str] = {}  # genqueue's name -> OpenAI's, where they differ
+    for theirs, ours in fields.items():
+        if ours not in fields:
+            native.setdefault(ours, theirs)
     request: dict[str, Any] = {}
     for key, value in body.items():
         if key in fields:
@@ -106,6 +111,9 @@ def _fields(body: dict[str, Any], prefix: str, fields: dict[str, str],
                     neutral[key][0], bool) or value not in neutral[key]):
                 raise InvalidRequest(f"{prefix}{key}: {json.dumps(value)[:40]} is not supported "
                                      f"(only {json.dumps(neutral[key][0])})")
+        elif key in native:
+            raise InvalidRequest(f"{prefix}{key}: {key} is genqueue's native name; the OpenAI "
+                                 f"routes take {native[key]}")
         elif key not in OPENAI_IGNORED:
             raise InvalidRequest(f"{prefix}{key}: not supported")
     return request
