@@ -165,3 +165,19 @@ def test_status_page_shows_a_worker_and_a_job_moving_without_and_with_keys(
     wait_for(lambda: "API key" in browser.find_element("id", "state").text, what="key forgotten")
     assert keyed_http.delete(f"/v1/jobs/{job}",
                              headers={"Authorization": "Bearer ka"}).status_code == 200
+
+
+def test_the_page_says_why_the_overview_cannot_be_read(gateway, browser):
+    """A 503 (Redis down) shows its message (genqueue's ``detail`` is a list of ``msg``), not
+    ``[object Object]``; the page says it was not updated."""
+    http = gateway()
+    browser.get(str(http.base_url) + "/ui")
+    wait_for(lambda: "live" in browser.find_element("id", "state").text, what="a first overview")
+    browser.execute_script("""
+        window.fetch = async () => new Response(JSON.stringify({code: "unavailable", detail: [
+            {loc: [], msg: "Redis is unavailable: retry later", type: "unavailable"}]}),
+            {status: 503, headers: {"content-type": "application/json"}});
+        refresh();""")
+    shown = wait_for(lambda: browser.find_element("id", "error").text, what="the error")
+    assert shown == "cannot read the overview: HTTP 503: Redis is unavailable: retry later"
+    assert browser.find_element("id", "state").text == "not updated"

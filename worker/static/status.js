@@ -59,9 +59,18 @@ function fill(id, rows, empty, columns) {
     : [el("tr", {}, el("td", { class: "empty", colspan: columns }, empty))]));
 }
 
+// "HTTP 503: why" from a failed answer: genqueue's {"detail": [{"msg"}, ...]} (or a string),
+// or OpenAI's {"error": {"message"}}
+async function failure(r) {
+  const body = await r.json().catch(() => ({}));
+  const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ")
+    : body.detail || (body.error && body.error.message) || "";
+  return "HTTP " + r.status + (detail ? ": " + detail : "");
+}
+
 async function download(path, filename) {
   const r = await fetch(path, { headers: headers() });
-  if (!r.ok) { showError(path + ": HTTP " + r.status); return; }
+  if (!r.ok) { showError(path + ": " + await failure(r)); return; }
   const url = URL.createObjectURL(await r.blob());
   const a = el("a", { href: url, download: filename });
   document.body.append(a);
@@ -82,7 +91,7 @@ function cancelButton(method, path) {
     }
     button.disabled = true;
     const r = await fetch(path, { method, headers: headers() });
-    if (!r.ok) showError(path + ": HTTP " + r.status);
+    if (!r.ok) showError(path + ": " + await failure(r));
     refresh();
   });
   return button;
@@ -215,10 +224,7 @@ async function refresh() {
       document.getElementById("key").focus();
       return;
     }
-    if (!r.ok) {
-      const body = await r.json().catch(() => ({}));
-      throw new Error("HTTP " + r.status + (body.detail ? ": " + body.detail : ""));
-    }
+    if (!r.ok) throw new Error(await failure(r));
     const data = await r.json();
     draw(data);
     showError("");
