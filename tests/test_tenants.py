@@ -14,6 +14,7 @@ from worker.ops.keys import KeyRing, key_id
 from worker.ops.settings import Settings
 from worker.queue.app import BULK_QUEUE, INTERACTIVE_QUEUE, transport_options
 from worker.queue.delivery import Inbox
+from worker.queue.rediskeys import OPEN_JOBS_KEY, job_key
 
 
 def test_owners_see_only_their_own_and_admins_see_all(client):
@@ -222,25 +223,68 @@ def test_unknown_adapters_and_limits_come_from_the_workers(client):
 
 def test_a_slow_submitter_whose_job_was_reaped_stops_and_the_job_ends(client, monkeypatch):
     """The reaper fails a job whose submitter looked dead, but the submitter was only slow:
-    its next chunk finds the job reaped, cancels what it just wrote and raises; the job
-    stays ``failed`` (never back to ``queued``), no count goes negative, ``wait_job`` returns
-    and the owner's quota is whole again."""
+    its next chunk finds the job reaped and writes nothing, and it raises; the job stays
+    ``failed`` (never back to ``queued``), counts exactly what was queued, ``wait_job``
+    returns, and the owner's quota counts exactly its other pending requests."""
     a = client.as_owner("team-slow")
+    others = [a.submit(prompt=f"other {i}", max_new_tokens=2) for i in range(10)]
     publish, published = type(a)._publish, []
 
     def slow(self, items, job_id):  # the reaper runs between chunks 1 and 2
         publish(self, items, job_id)
-        published.append(len(items))
-        if len(published) == 1:
+        published.extend(rid for rid, _ in items)
+        if len(published) == 2:
             self.store.reap(stale_s=0)
 
     monkeypatch.setattr(type(a), "_publish", slow)
     source = lambda: ({"prompt": f"slow {i}", "max_new_tokens": 2} for i in range(6))  # noqa: E731
     with pytest.raises(JobReaped, match="GENQ_JOB_SUBMIT_TIMEOUT_S") as caught:
         a.submit_stream(source, chunk=2)
-    info = a.wait_job(caught.value.job_id, timeout=5)
+    job_id = caught.value.job_id
+    info = a.wait_job(job_id, timeout=5)
     assert info["status"] == "failed"
-    assert all(v >= 0 for v in info["counts"].values())
-    assert a.store.pending("team-slow") == 0
-    records = [r for k in a.store.redis.keys("genq:r:*") if (r := a.store.get(k[7:]))]
-    assert records and all(r["status"] == "cancelled" for r in records)
+    assert info["counts"] == {"total": 2, "queued": 0, "running": 0, "succeeded": 0,
+                              "failed": 0, "cancelled": 2, "expired": 0}
+    assert [i for ids in a.store.job_ids(job_id) for i in ids] == published
+    assert a.store.pending("team-slow") == 10
+    records = {k[7:]: a.store.get(k[7:]) for k in a.store.redis.keys("genq:r:*")}
+    assert set(records) == {*others, *published}  # the refused chunk wrote no record
+    assert all(records[rid]["status"] == "cancelled" for rid in published)
+    assert all(records[rid]["status"] == "queued" for rid in others)
+
+
+def test_the_reaper_claims_and_rewrites_in_one_step_that_a_replay_or_a_dead_reaper_finishes(
+        client):
+    """``reap.lua`` replayed (a lost reply retried) gives the quota back once; a reaper that
+    died after the claim leaves the job listed, and the next run cancels what was queued.
+    A job seen alive, a batch's job (unlisted) and a job that expired are left alone."""
+    a = client.as_owner("team-a")
+    store = a.store
+    pipe = store.redis.pipeline(transaction=False)
+    for job_id in ("job-orphan", "job-alive", "job-batch", "job-gone"):
+        store.create_job(job_id, 10, pipe, owner="team-a")
+    store.add_job_ids("job-orphan", ["r1", "r2"], pipe)
+    store.record_queued([("r1", {"prompt": "a"}), ("r2", {"prompt": "b"})], job_id="job-orphan",
+                        pipe=pipe, owner="team-a")
+    pipe.zrem(OPEN_JOBS_KEY, "job-batch")
+    pipe.delete(job_key("job-gone"))
+    pipe.execute()
+    store.reserve("team-a", 12, None)  # the orphan's 10, two others
+    cutoff = time.time() - 1
+    store.redis.zadd(OPEN_JOBS_KEY, {"job-orphan": 0, "job-gone": 0})
+
+    def claim(job_id):
+        return store._reap(keys=[job_key(job_id), f"{job_key(job_id)}:ids", OPEN_JOBS_KEY],
+                           args=[job_id, cutoff, "gone", "failed"])
+
+    assert claim("job-orphan") == 1 and claim("job-orphan") == 1  # the replay: the same answer
+    assert store.pending("team-a") == 4  # the 8 never queued given back once
+    assert a.job("job-orphan")["status"] == "failed" and a.job("job-orphan")["counts"]["total"] == 2
+    assert [claim(j) for j in ("job-alive", "job-batch", "job-gone")] == [0, 0, 0]
+    assert not store.redis.exists(job_key("job-gone"))  # never resurrected
+    assert store.redis.zrange(OPEN_JOBS_KEY, 0, -1) == ["job-orphan", "job-alive"]
+    # the reaper died before cancelling: the next run finishes the job
+    assert store.reap(stale_s=60) == ["job-orphan"] and store.reap(stale_s=60) == []
+    assert a.job("job-orphan")["counts"]["cancelled"] == 2
+    assert store.pending("team-a") == 2
+    assert a.job("job-alive")["status"] == "validating" and a.job("job-batch")["status"] == "validating"

@@ -11,7 +11,20 @@ from typing import Any
 
 from worker.errors import NotFound
 from worker.lifecycle import FINAL, job_counts, job_status
-from worker.queue.rediskeys import OPEN_JOBS_KEY, job_key, result_key
+from worker.queue.rediskeys import OPEN_JOBS_KEY, dumps, job_key, owner_key, result_key
+from worker.schema import result_record
+
+REAPED = "the submitter stopped before every request was queued"
+
+
+def queued_record(request_id: str, request: dict[str, Any], job_id: str | None,
+                  now: float) -> dict[str, Any]:
+    """A request's ``queued`` record; it keeps the request's deadline (``expires_at``) so a
+    reader can expire it."""
+    record = result_record(request_id, "queued", request, job_id=job_id)
+    if request.get("expires_in_s"):
+        record["expires_at"] = now + float(request["expires_in_s"])
+    return record
 
 
 class JobBook:
@@ -23,11 +36,14 @@ class JobBook:
     _link: Any
     _append_ids: Any
     _submitted: Any
+    _job_chunk: Any
+    _reap: Any
 
     def create_job(self, job_id: str, total: int, pipe, owner: str | None = None,
                    webhook_url: str | None = None) -> None:
         """Add the job (``validating`` until ``job_submitted``) to ``pipe``; its ids follow
-        with ``add_job_ids``. A job whose submitter dies before that is reaped (``reap``)."""
+        with ``queue_chunk`` (a batch's: ``add_job_ids``). A job whose submitter dies before
+        that is reaped (``reap``)."""
         key = job_key(job_id)
         now = time.time()
         pipe.hset(key, mapping={"total": total, "created": now, **dict.fromkeys(FINAL, 0),
@@ -37,11 +53,27 @@ class JobBook:
         pipe.expire(key, self.ttl)
         pipe.zadd(OPEN_JOBS_KEY, {job_id: now})
 
-    def touch_job(self, job_id: str, pipe) -> None:
-        """The submitter is alive: keep the job from being reaped. The pipe's last reply is
-        None if it was reaped already (the submitter must stop)."""
-        pipe.zadd(OPEN_JOBS_KEY, {job_id: time.time()}, xx=True)
-        pipe.zscore(OPEN_JOBS_KEY, job_id)
+    def queue_chunk(self, job_id: str, ids: list[str], fresh: list[tuple[str, dict[str, Any]]],
+                    owner: str | None, pipe) -> None:
+        """Queue on ``pipe`` the next part of a job being submitted: ``ids`` appended in order,
+        a ``queued`` record (its owner, its ``webhook_url``) per ``fresh`` (id, request), and
+        the submitter seen alive; all of it only while the job is ``validating``. The pipe's
+        last reply: 1 written, 0 nothing written (reaped meanwhile), -1 nothing written (the
+        job expired). Replayed after a lost reply, it writes nothing twice."""
+        base = [job_key(job_id), f"{job_key(job_id)}:ids", f"{job_key(job_id)}:chunks",
+                OPEN_JOBS_KEY]
+        now = time.time()
+        new = dict(fresh)
+        for start in range(0, max(len(ids), 1), 1000):  # per 1000 ids; all or none (MULTI)
+            part = ids[start:start + 1000]
+            keys, args = list(base), [job_id, self.ttl, uuid.uuid4().hex, now, len(part), *part]
+            for request_id in (i for i in part if i in new):
+                request = new[request_id]
+                keys += [result_key(request_id), owner_key(request_id),
+                         f"genq:hook:{request_id}"]
+                args += [dumps(queued_record(request_id, request, job_id, now)), owner or "",
+                         request.get("webhook_url") or ""]
+            self._job_chunk(keys=keys, args=args, client=pipe)
 
     def job_submitted(self, job_id: str) -> None:
         """Every request of the job is queued: it leaves ``validating`` (and, if every request
@@ -50,23 +82,19 @@ class JobBook:
 
     def reap(self, stale_s: float = 60.0) -> list[str]:
         """Fail jobs whose submitter stopped showing life ``stale_s`` ago while queueing (a
-        gateway or client killed mid-upload): what was queued is cancelled, what was not is
-        given back to the owner's quota, the job ends ``failed``. Safe to run anywhere, often."""
+        gateway or client killed mid-upload): claimed and rewritten in one step
+        (``reap.lua``: the job ends ``failed``, what was never queued is given back to the
+        owner's quota), then what was queued is cancelled and the job unlisted. A reaper
+        killed or a reply lost in between leaves it listed: the next run finishes it. Safe
+        to run anywhere, often."""
         reaped = []
         for job_id in self.redis.zrangebyscore(OPEN_JOBS_KEY, 0, time.time() - stale_s):
-            if not self.redis.zrem(OPEN_JOBS_KEY, job_id):
-                continue  # another reaper took it
-            fields = self.redis.hgetall(job_key(job_id))
-            ids = self.redis.lrange(f"{job_key(job_id)}:ids", 0, -1)
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(job_key(job_id), mapping={
-                "total": len(ids), "state": "failed",
-                "error": "the submitter stopped before every request was queued"})
-            pipe.execute()
-            for start in range(0, len(ids), 1000):
-                self.cancel(ids[start:start + 1000])
-            if fields.get("owner"):
-                self.unreserve(fields["owner"], int(fields.get("total", 0)) - len(ids))
+            if not self._reap(keys=[job_key(job_id), f"{job_key(job_id)}:ids", OPEN_JOBS_KEY],
+                              args=[job_id, time.time() - stale_s, REAPED, "failed"]):
+                continue  # alive, submitted or gone
+            for ids in self.job_ids(job_id):
+                self.cancel(ids)
+            self.redis.zrem(OPEN_JOBS_KEY, job_id)
             reaped.append(job_id)
         return reaped
 

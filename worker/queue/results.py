@@ -22,7 +22,7 @@ from worker.ops.redisconn import connect
 from worker.ops.settings import Settings
 from worker.queue.celerymeta import celery_meta, meta_key
 from worker.queue.heartbeats import HeartbeatBook
-from worker.queue.jobs import JobBook
+from worker.queue.jobs import JobBook, queued_record
 from worker.queue.quotas import QuotaBook
 from worker.queue.rediskeys import (
     attempts_key,
@@ -33,7 +33,6 @@ from worker.queue.rediskeys import (
     starts_key,
 )
 from worker.queue.scripts import register
-from worker.schema import result_record
 
 
 class ResultStore(JobBook, QuotaBook, HeartbeatBook):
@@ -51,22 +50,22 @@ class ResultStore(JobBook, QuotaBook, HeartbeatBook):
         self._release = register(self.redis, "release")
         self._append_ids = register(self.redis, "append_ids")
         self._submitted = register(self.redis, "submitted")
+        self._job_chunk = register(self.redis, "job_chunk")
+        self._reap = register(self.redis, "reap")
 
     # -- producers --------------------------------------------------------------------
 
     def record_queued(self, items: Iterable[tuple[str, dict[str, Any]]],
                       job_id: str | None = None, pipe=None, owner: str | None = None,
                       only_new: bool = False) -> None:
-        """Write a ``queued`` record per (id, request), its owner and its ``webhook_url``, in
-        one round trip. The record keeps the request's deadline (``expires_at``) so a reader
-        can expire it. ``only_new``: never over a record that exists (a late replay)."""
+        """Write a ``queued`` record per (id, request) (``jobs.queued_record``), its owner and
+        its ``webhook_url``, in one round trip. ``only_new``: never over a record that exists
+        (a late replay)."""
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         now = time.time()
         for request_id, request in items:
-            record = result_record(request_id, "queued", request, job_id=job_id)
-            if request.get("expires_in_s"):
-                record["expires_at"] = now + float(request["expires_in_s"])
+            record = queued_record(request_id, request, job_id, now)
             pipe.set(result_key(request_id), dumps(record), ex=self.ttl, nx=only_new)
             if owner:
                 pipe.set(owner_key(request_id), owner, ex=self.ttl)

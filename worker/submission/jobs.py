@@ -1,6 +1,6 @@
 """A bulk job from checked lines: every line checked once (all or nothing for the client and
-``/v1/jobs``), then written chunk by chunk, each chunk one MULTI/EXEC (ids, records,
-idempotency claims) followed by its messages."""
+``/v1/jobs``), then written chunk by chunk, each chunk one MULTI/EXEC (ids and records, only
+while the job is still open) followed by its messages."""
 
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ def check_job(client, lines: Iterable[Line], keep: Callable[[Line], None]) -> in
 def enqueue_job(client, chunks: Iterable[list[dict[str, Any]]], total: int, priority: str,
                 webhook_url: str | None = None) -> str:
     """Queue checked requests, given ``chunks`` at a time, as one job of ``total``; its id.
-    Each chunk is one MULTI/EXEC: a submitter killed while sending one leaves none of it
-    (never ids without records, which nobody could end). A request whose idempotency key
-    was claimed before joins the job under its earlier id and is not generated again."""
+    Each chunk is one MULTI/EXEC (``queue_chunk``): a submitter killed while sending one
+    leaves none of it (never ids without records, which nobody could end), and a chunk that
+    finds the job reaped writes nothing (the reaper gave back the places of everything not
+    queued; this submitter gives back nothing twice). A request whose idempotency key was
+    claimed before joins the job under its earlier id and is not generated again."""
     if not total:
         raise InvalidRequest("submit_many needs at least one request")
     client._check_capacity(total)
@@ -76,20 +78,22 @@ def enqueue_job(client, chunks: Iterable[list[dict[str, Any]]], total: int, prio
     pipe = store.redis.pipeline(transaction=True)
     store.create_job(job_id, total, pipe, owner=client.owner, webhook_url=webhook_url)
     index_job(pipe, job_id, client.owner, time.time(), settings.result_ttl_s)  # genq jobs
+    queued = 0
     for requests in chunks:
         checked = [(str(uuid.uuid4()), {**r, "priority": r.get("priority", priority)})
                    for r in requests]
         earlier = idempotency.claim(store.redis, client.owner, checked, settings.result_ttl_s)
-        store.add_job_ids(job_id, [twin or rid for (rid, _), twin
-                                   in zip(checked, earlier, strict=True)], pipe)
         fresh = [item for item, twin in zip(checked, earlier, strict=True) if twin is None]
-        store.record_queued(fresh, job_id=job_id, pipe=pipe, owner=client.owner)
-        store.touch_job(job_id, pipe)
-        if pipe.execute()[-1] is None:  # reaped meanwhile: this submitter was too slow
-            store.cancel([rid for rid, _ in fresh])
-            client._unreserve(len(checked) - len(fresh))
+        store.queue_chunk(job_id, [twin or rid for (rid, _), twin
+                                   in zip(checked, earlier, strict=True)], fresh, client.owner, pipe)
+        written = pipe.execute()[-1]
+        if written != 1:  # reaped meanwhile (this submitter was too slow): nothing written
+            idempotency.release(store.redis, client.owner, [req for _, req in fresh])
+            if written < 0:  # the job expired: no reaper gave back its places
+                client._unreserve(total - queued)
             raise JobReaped(f"job {job_id} failed: its submitter queued nothing for "
                             f"GENQ_JOB_SUBMIT_TIMEOUT_S={settings.job_submit_timeout_s}", job_id)
+        queued += len(checked)
         # requests submitted before with the same key join this job instead of running again
         store.link([twin for twin in earlier if twin is not None], job_id)
         client._unreserve(len(checked) - len(fresh))
