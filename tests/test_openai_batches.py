@@ -563,3 +563,66 @@ def test_a_batch_cancelled_while_validating_runs_nothing(surface, redis_url):
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     records = [json.loads(r.get(k)) for k in r.scan_iter("genq:r:*")]
     assert len(records) == counts.total and all(x["status"] == "cancelled" for x in records)
+
+
+def test_a_batch_that_ends_while_validating_sends_one_webhook_event(surface, redis_url):
+    """A file-level fault fails the batch before it has a job: with ``GENQ_WEBHOOK_URL`` set,
+    the transaction that fails it pushes one ``batch.failed`` event naming the batch, as the
+    finalizer's would; pushing it again (a replay) adds none."""
+    from worker.queue.results import ResultStore
+    from worker.queue.webhooks import EVENTS_KEY, GLOBAL_KEY, batch_ended, build_event
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.set(GLOBAL_KEY, 1)
+    s = surface()
+    file_id = s.upload([chat_line("a", "x"), chat_line("a", "duplicate custom_id")])
+    batch = s.wait(s.oai.batches.create(input_file_id=file_id, endpoint=CHAT,
+                                        completion_window="24h").id, timeout=30)
+    assert batch.status == "failed"
+    [raw] = r.lrange(EVENTS_KEY, 0, -1)
+    _, payload, own = build_event(raw, ResultStore(redis_url, 60))
+    assert payload["type"] == "batch.failed" and own is None
+    assert payload["data"]["id"] == batch.id and payload["data"]["status"] == "failed"
+    assert payload["data"]["counts"]["total"] == 0
+    job_id = json.loads(r.get(f"genq:batch:{batch.id}"))["job_id"]
+    pipe = r.pipeline(transaction=True)
+    batch_ended(pipe, batch.id, job_id, 60)
+    assert pipe.execute() == [0] and r.llen(EVENTS_KEY) == 1
+
+
+def test_a_batch_given_up_sends_one_event_and_counts_its_starts_once_per_start(client, tmp_path):
+    """Past ``MAX_STARTS`` starts a batch fails and cancels what it queued: one
+    ``batch.failed`` event with its job's counts (the job, never submitted, sends none of its
+    own). A start counted again after a lost reply (the same token) counts once."""
+    from worker.compat.batch_queueing import MAX_STARTS, progress_key
+    from worker.compat.batches import Batches
+    from worker.compat.storage import FileStore
+    from worker.queue.webhooks import EVENTS_KEY, GLOBAL_KEY, build_event
+
+    r = client.store.redis
+    r.set(GLOBAL_KEY, 1)
+    batches = Batches(client, client.settings, FileStore(str(tmp_path), 1 << 20))
+    submitter = batches.submitter
+    record = {"id": "batch_x", "status": "validating", "job_id": "job-x", "errors": None,
+              "created_ns": time.time_ns(), "owner": None}
+    batches.save_new(record)
+    pipe = r.pipeline(transaction=True)
+    client.store.create_job("job-x", 2, pipe)
+    client.store.add_job_ids("job-x", ["q1", "q2"], pipe)
+    client.store.record_queued([("q1", {"prompt": "a"}), ("q2", {"prompt": "b"})],
+                               job_id="job-x", pipe=pipe)
+    pipe.hset(progress_key("batch_x"), "job", 1)
+    pipe.execute()
+
+    for n in range(MAX_STARTS):  # each start counted, replayed twice
+        assert submitter._count_start("batch_x", f"start-{n}") == n + 1
+        assert submitter._count_start("batch_x", f"start-{n}") == n + 1
+    assert submitter._count_start("batch_x", "one-too-many") > MAX_STARTS
+    submitter._give_up(record)
+    submitter._give_up(record)  # a second gateway giving up too
+    assert batches.load_any("batch_x")["status"] == "failed"
+    assert client.job("job-x")["counts"]["cancelled"] == 2
+    [raw] = r.lrange(EVENTS_KEY, 0, -1)
+    _, payload, _ = build_event(raw, client.store)
+    assert payload["type"] == "batch.failed" and payload["data"]["id"] == "batch_x"
+    assert payload["data"]["counts"]["cancelled"] == 2

@@ -35,6 +35,7 @@ from worker.compat.batch_input import Fault, entries, fault
 from worker.compat.lease import Lease
 from worker.errors import NotFound, QueueFull
 from worker.queue.rediskeys import OPEN_JOBS_KEY, job_key, owner_key, pending_key
+from worker.queue.webhooks import batch_ended
 from worker.schema import result_record
 from worker.submission.checker import Checker, OpenAIRoute
 from worker.submission.lines import Line
@@ -57,6 +58,10 @@ def lease_key(batch_id: str) -> str:
 
 def progress_key(batch_id: str) -> str:
     return f"genq:batch:{batch_id}:submit"
+
+
+def starts_key(batch_id: str) -> str:
+    return f"genq:batch:{batch_id}:starts"
 
 
 def request_id(batch_id: str, number: int) -> str:
@@ -85,10 +90,7 @@ class Submitter:
             record = self.batches.load_any(batch_id)
             if record["status"] != "validating":
                 return
-            progress = progress_key(batch_id)
-            starts = self.redis.hincrby(progress, "starts", 1)
-            self.redis.expire(progress, self.batches.ttl)
-            if starts > MAX_STARTS:
+            if self._count_start(batch_id, uuid.uuid4().hex) > MAX_STARTS:
                 self._give_up(record)
             else:
                 self._submit(record, lease)
@@ -96,6 +98,16 @@ class Submitter:
             log.exception("batch_submission_stopped", batch_id=batch_id)
         finally:
             lease.release()
+
+    def _count_start(self, batch_id: str, token: str) -> int:
+        """Count this start (``token``) of the batch's submission; how many there were. A
+        call replayed after a lost reply counts nothing twice (a set of start tokens)."""
+        key = starts_key(batch_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(key, token)
+        pipe.expire(key, self.batches.ttl)
+        pipe.scard(key)
+        return pipe.execute()[-1]
 
     def _submit(self, record: dict[str, Any], lease: Lease) -> None:
         batch_id, progress = record["id"], progress_key(record["id"])
@@ -232,11 +244,13 @@ class Submitter:
                     continue
 
     def _end(self, batch_id: str, status: str, errors: list[dict] | None = None) -> None:
-        """End a batch still ``validating`` as ``failed`` (with ``errors``) or ``cancelled``."""
+        """End a batch still ``validating`` as ``failed`` (with ``errors``) or ``cancelled``,
+        its webhook event pushed in the same transaction (as the finalizer's would be)."""
         now = int(time.time())
         self.batches.update(batch_id, lambda cur: None if cur["status"] != "validating" else {
             **cur, "status": status, f"{status}_at": now,
-            "errors": {"object": "list", "data": errors} if errors else cur["errors"]})
+            "errors": {"object": "list", "data": errors} if errors else cur["errors"]},
+            also=lambda pipe, new: batch_ended(pipe, batch_id, new["job_id"], self.batches.ttl))
 
     def _give_up(self, record: dict[str, Any]) -> None:
         if int(self.redis.hget(progress_key(record["id"]), "job") or 0):

@@ -92,9 +92,11 @@ class BatchRecords:
                 except WatchError:
                     continue
 
-    def update(self, batch_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
+    def update(self, batch_id: str, change: Callable[[dict], dict | None],
+               also: Callable[[Any, dict], None] | None = None) -> dict[str, Any]:
         """Apply ``change`` to the stored record atomically (optimistic: WATCH and retry);
-        ``change`` returns the new record, or None to leave it. The record as stored."""
+        ``change`` returns the new record, or None to leave it; ``also(pipe, new)`` queues
+        more writes in the same transaction when it changes. The record as stored."""
         key = batch_key(batch_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -110,6 +112,8 @@ class BatchRecords:
                         return current
                     pipe.multi()
                     pipe.set(key, json.dumps(new), keepttl=True)
+                    if also is not None:
+                        also(pipe, new)
                     pipe.execute()
                     return new
                 except WatchError:

@@ -3,12 +3,13 @@
 Events are written atomically with the state change that causes them: the result store's
 finish script pushes ``generation`` events (a request with a ``webhook_url``, or any request
 outside a job while ``GENQ_WEBHOOK_URL`` is set) and ``job`` events (a job whose last request
-just ended) onto the Redis list ``genq:events``. The notifier moves each event to a pending
-list, turns it into one Celery task per target URL on the light ``genq.webhooks`` queue, and
-only then drops it (a notifier killed in between re-reads the pending list at start: at least
-once). The task signs the body per the Standard Webhooks spec (``webhook-id``,
-``webhook-timestamp``, ``webhook-signature``; the id is stable across retries, so receivers
-can drop duplicates) and POSTs it, retrying with exponential backoff for up to
+just ended) onto the Redis list ``genq:events``, and an OpenAI batch that ends while
+``validating`` pushes a ``batch`` event in the transaction that ends it (``batch_ended``).
+The notifier moves each event to a pending list, turns it into one Celery task per target URL
+on the light ``genq.webhooks`` queue, and only then drops it (a notifier killed in between
+re-reads the pending list at start: at least once). The task signs the body per the Standard
+Webhooks spec (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``; the id is stable
+across retries, so receivers can drop duplicates) and POSTs it, retrying with exponential backoff for up to
 ``GENQ_WEBHOOK_MAX_AGE_S``. The GPU worker's loop never delivers anything.
 
 SSRF guard: only http(s) URLs whose host resolves to public addresses, unless
@@ -38,9 +39,10 @@ import structlog
 from standardwebhooks.webhooks import Webhook
 
 from worker.errors import NotFound
-from worker.lifecycle import BATCH_FINAL, batch_status, job_event, request_event
+from worker.lifecycle import BATCH_FINAL, batch_status, job_counts, job_event, request_event
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
+from worker.queue.scripts import source
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +117,8 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
         data = {k: v for k, v in record.items() if k not in ("job_id", "expires_at")}
         return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, \
             note.get("url") or None
+    if note["type"] == "batch":
+        return _batch_event(note["id"], store, now)
     try:
         job = store.job(note["id"])
     except NotFound:  # expired before its event was sent
@@ -126,6 +130,36 @@ def build_event(raw: str, store) -> tuple[str, dict[str, Any], str | None] | Non
                 "job_id": job["id"], "counts": job["counts"]}
     kind = job_event(data["status"])
     return event_id(kind, note["id"]), {"type": kind, "timestamp": now, "data": data}, hook
+
+
+def _batch_event(batch_id: str, store, now: str) -> tuple[str, dict[str, Any], None] | None:
+    """The event of a batch that ended while ``validating``: the payload and id the job's
+    event would have (no job, or one that never left ``validating``: zero counts or its own)."""
+    from worker.compat.batch_records import batch_key
+
+    raw = store.redis.get(batch_key(batch_id))
+    if raw is None:  # expired before its event was sent
+        return None
+    record = json.loads(raw)
+    try:
+        counts = store.job(record["job_id"])["counts"]
+    except NotFound:  # failed before its job was made
+        counts = job_counts({}, 0)
+    kind = job_event(record["status"])
+    data = {"id": batch_id, "object": "batch", "status": record["status"],
+            "job_id": record["job_id"], "counts": counts}
+    return event_id(kind, record["job_id"]), {"type": kind, "timestamp": now, "data": data}, None
+
+
+def batch_ended(pipe, batch_id: str, job_id: str, ttl_s: int) -> None:
+    """Queue on ``pipe``, in the transaction that ends a batch still ``validating``, its
+    webhook event (once per batch: ``lua/batch_ended.lua``)."""
+    from worker.compat.batch_records import batch_key
+    from worker.queue.rediskeys import job_key
+
+    pipe.register_script(source("batch_ended"))(
+        keys=[f"{batch_key(batch_id)}:notified", job_key(job_id)], args=[batch_id, ttl_s],
+        client=pipe)
 
 
 def ended_batch_status(redis, batch_id: str, job: dict[str, Any]) -> str:
