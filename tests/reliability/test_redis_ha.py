@@ -207,6 +207,36 @@ def test_sentinel_failover_mid_job(tmp_path, start_worker, tiny_model_dir):
                 proc.wait()
 
 
+def test_every_connection_has_timeouts_keepalive_and_health_checks():
+    """Built, never connected: the connections to the sentinels (ours, kombu's and the result
+    backend's) and the result backend's own carry a read and a connect timeout, TCP keepalive
+    and health checks, so a frozen sentinel or Redis host raises within seconds."""
+    from worker.ops.redisconn import CONNECT_TIMEOUT_S, HEALTH_CHECK_S, SOCKET_TIMEOUT_S, connect
+    from worker.ops.settings import Settings
+    from worker.queue.app import make_app, transport_options
+
+    url = f"sentinel://:{PASSWORD}@127.0.0.1:1;sentinel://127.0.0.1:2/0"
+    settings = Settings(broker_url=url)
+    want = {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_keepalive": True,
+            "health_check_interval": HEALTH_CHECK_S}
+
+    def sentinel_connections(sentinel) -> list[dict]:
+        return [node.connection_pool.connection_kwargs for node in sentinel.sentinels]
+
+    client = connect(url, settings)
+    backend = make_app(settings).backend
+    for kwargs in (*sentinel_connections(client.connection_pool.sentinel_manager),
+                   *sentinel_connections(backend._get_sentinel_instance(**backend.connparams)),
+                   transport_options(settings)["sentinel_kwargs"]):  # what kombu gives Sentinel
+        assert want.items() <= kwargs.items() and kwargs["socket_timeout"] == CONNECT_TIMEOUT_S
+        assert kwargs["password"] == PASSWORD
+    want["socket_timeout"] = SOCKET_TIMEOUT_S
+    assert want.items() <= client.connection_pool.connection_kwargs.items()
+    assert want.items() <= backend.connparams.items()
+    plain = make_app(Settings(broker_url="redis://127.0.0.1:1/0")).backend.connparams
+    assert want.items() <= plain.items()
+
+
 @pytest.mark.process
 def test_a_primary_refusing_writes_is_a_503(tmp_path):
     """A primary without an in-sync replica (``min-replicas-to-write``) answers NOREPLICAS:

@@ -27,6 +27,18 @@ CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10  # a connection idle this long is PINGed before use
 
 
+def sentinel_kwargs(settings: Settings, password: str | None) -> dict[str, Any]:
+    """redis-py's keyword arguments for the connections to the sentinels themselves: the
+    password, TLS where ``GENQ_REDIS_SENTINEL_TLS`` asks for it, and the timeouts, keepalive
+    and health checks every other connection has (a frozen sentinel raises within seconds)."""
+    tls = tls_options(settings) if settings.redis_sentinel_tls else {}
+    if tls:
+        tls["ssl"] = True
+    return {"password": password, **tls, "socket_timeout": CONNECT_TIMEOUT_S,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_keepalive": True,
+            "health_check_interval": HEALTH_CHECK_S}
+
+
 def tls_options(settings: Settings) -> dict[str, Any]:
     """redis-py's TLS keyword arguments (empty without ``GENQ_REDIS_CA_FILE``)."""
     if not settings.redis_ca_file:
@@ -66,8 +78,7 @@ def connect(url: str, settings: Settings | None = None, **kwargs: Any) -> redis.
         tls = tls_options(settings) if settings.redis_sentinel_tls else {}
         if tls:
             tls["ssl"] = True
-        sentinel = Sentinel(nodes, sentinel_kwargs={"password": password, **tls,
-                                                    "socket_timeout": 5},
+        sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs(settings, password),
                             password=password, db=db, **tls)
         return sentinel.master_for(settings.redis_sentinel_master, **kwargs)
     if url.startswith("rediss://"):
@@ -88,12 +99,10 @@ def celery_options(settings: Settings) -> dict[str, Any]:
     if broker.startswith("sentinel://") or settings.result_backend_url.startswith("sentinel://"):
         _, password, _ = sentinel_nodes(broker if broker.startswith("sentinel://")
                                         else settings.result_backend_url)
-        sentinel_kwargs: dict[str, Any] = {"password": password}
         if settings.redis_sentinel_tls and tls:
-            sentinel_kwargs.update({**tls, "ssl": True})
             out["broker_use_ssl"] = ssl_conf  # the data nodes speak TLS too
         sentinel = {"master_name": settings.redis_sentinel_master,
-                    "sentinel_kwargs": sentinel_kwargs}
+                    "sentinel_kwargs": sentinel_kwargs(settings, password)}
         if settings.result_backend_url.startswith("sentinel://"):
             out["result_backend_transport_options"] = sentinel
             if settings.redis_sentinel_tls and tls:

@@ -131,8 +131,10 @@ def make_app(settings: Settings | None = None, batch_publish: bool = False) -> C
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         result_expires=settings.result_ttl_s,
-        redis_socket_timeout=SOCKET_TIMEOUT_S,
+        redis_socket_timeout=SOCKET_TIMEOUT_S,  # the result backend's: as every connection's
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        redis_socket_keepalive=True,
+        redis_backend_health_check_interval=HEALTH_CHECK_S,
         broker_transport_options=transport_options(settings, batch_publish),
         result_backend_transport_options={"retry_policy": {"timeout": 5.0},
                                           **extra.pop("result_backend_transport_options", {})},
