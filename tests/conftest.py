@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "fork_server",
                     "gateway", "start_up", "browser"}
 # ... or loads the real demo model, vLLM or Unsloth.
-MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "short_unsloth", "vllm_engine",
-                  "adapter_engine"}
+MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "dora_dir", "short_unsloth",
+                  "vllm_engine", "adapter_engine"}
 # The tests that load Unsloth in this process (test_queue_unsloth's worker imports its own).
 UNSLOTH_TESTS = ROOT / "tests" / "test_engine_unsloth.py"
 
@@ -207,17 +207,27 @@ def unsloth_engine(cache_dir):
 def lora_dir(cache_dir, tmp_path_factory) -> Path:
     """A LoRA adapter for the demo model made here (q/v projections, rank 8, random non-zero
     weights, seed 0), saved as PEFT saves one (an Unsloth-trained adapter has this shape)."""
+    return _demo_adapter(cache_dir, tmp_path_factory.mktemp("lora-a"))
+
+
+@pytest.fixture(scope="session")
+def dora_dir(cache_dir, tmp_path_factory) -> Path:
+    """The same adapter as DoRA (``use_dora=True``: a magnitude vector per module too), which
+    peft serves and vLLM does not."""
+    return _demo_adapter(cache_dir, tmp_path_factory.mktemp("dora"), use_dora=True)
+
+
+def _demo_adapter(cache_dir: Path, path: Path, **options) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from worker.engine.demo import demo_model_dir
 
-    path = tmp_path_factory.mktemp("lora-a")
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir(cache_dir), dtype=torch.float32)
     torch.manual_seed(0)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+                        init_lora_weights=False, task_type="CAUSAL_LM", **options)
     peft_model = get_peft_model(base, config)
     assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
     peft_model.save_pretrained(path)

@@ -189,3 +189,62 @@ def test_self_check_runs_on_vllm(vllm_engine):
     report = self_check(vllm_engine, "a")
     assert report.ok, report.problems
     assert vllm_engine.backend == "vllm" and vllm_engine.dtype == "float32"
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"use_dora": True}, "vLLM does not yet support DoRA."),
+    ({"modules_to_save": ["lm_head", "embed_tokens"]},  # Unsloth's continued pretraining
+     "Unsupported modules_to_save: ['lm_head', 'embed_tokens']"),
+    ({"r": 1024}, "LoRA rank 1024 is greater than max_lora_rank 512."),
+])
+def test_an_adapter_vllm_cannot_serve_is_refused_before_it_loads(cache_dir, lora_dir, tmp_path,
+                                                                 change, why):
+    """vLLM's own check of each adapter's PEFT config, before vLLM starts: ``auto`` has its
+    reason to use the step loop; GENQ_BACKEND=vllm stops (ModelUnavailable: the worker exits
+    EX_MODEL_UNAVAILABLE) naming the adapter and vLLM's reason."""
+    from shutil import copytree
+
+    from worker.engine import load_engine
+    from worker.engine.loading import ModelUnavailable
+    from worker.engine.vllm_engine import STEP_LOOP_FIX, vllm_unusable
+    from worker.ops.settings import Settings
+
+    adapter = copytree(lora_dir, tmp_path / "x")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    adapters = {"good": str(lora_dir), "x": str(adapter)}
+    reason = vllm_unusable(Settings(model="demo", cache_dir=cache_dir, adapters=adapters))
+    assert reason.startswith(f"vLLM cannot serve adapter 'x' ({adapter}): ValueError: ")
+    assert reason.endswith(why)
+    with pytest.raises(ModelUnavailable) as refused:
+        load_engine("demo", backend="vllm", dtype="float32", cache_dir=cache_dir, adapters=adapters)
+    assert refused.value.lines == [f"GENQ_BACKEND=vllm, but {reason}", STEP_LOOP_FIX]
+
+
+def test_an_adapter_vllm_refuses_in_a_step_fails_alone(vllm_engine, dora_dir, monkeypatch):
+    """An adapter vLLM refuses only when a step loads it (it passed the check at start; its
+    folder changed since): its request fails alone, ``invalid_request`` naming it; the rows of
+    that step restart and end as they do alone; its next request is refused at admission."""
+    from structlog.testing import capture_logs
+    from vllm.lora.request import LoRARequest
+
+    monkeypatch.setitem(vllm_engine.adapters, "d", str(dora_dir))
+    monkeypatch.setitem(vllm_engine.loras, "d", LoRARequest("d", 99, str(dora_dir)))
+    monkeypatch.setattr(vllm_engine, "refused", {})
+    monkeypatch.setattr(vllm_engine, "mixes_adapters", True)  # one step for all, as on a GPU
+    plain = example_requests(2, max_new_tokens=16)
+    alone = [texts(vllm_engine.generate([r]))[0] for r in plain]
+    tuned = {**plain[0], "id": "tuned", "adapter": "d"}
+    with capture_logs() as logs:
+        first = vllm_engine.generate([plain[0], tuned, plain[1]])
+    assert texts([first[0], first[2]]) == alone
+    assert first[1]["status"] == "failed" and first[1]["error"] == {
+        "code": "invalid_request",
+        "message": f"vLLM cannot serve adapter 'd' ({dora_dir}): ValueError: vLLM does not yet "
+                   "support DoRA."}
+    failures = [e for e in logs if e["event"] == "vllm_step_failed"]
+    assert [(e["failed"], len(e["restarted"])) for e in failures] == [(["tuned"], 2)]
+    with capture_logs() as logs:
+        again = vllm_engine.generate([tuned, plain[1]])
+    assert again[0]["error"] == first[1]["error"] and texts(again[1:]) == alone[1:]
+    assert not [e for e in logs if e["event"] == "vllm_step_failed"]

