@@ -35,7 +35,7 @@ from worker.engine.loading import (
 )
 from worker.engine.padding import apply_pad_token, eos_ids
 from worker.engine.sequence import Sequence
-from worker.errors import InvalidRequest
+from worker.errors import PromptTooLong
 from worker.schema import GenerationRequest
 from worker.structured import constraint
 
@@ -68,8 +68,10 @@ def vllm_unusable(config) -> str | None:
         archs = set(AutoConfig.from_pretrained(path).architectures or [])
     except Exception as exc:  # noqa: BLE001 - unreachable hub, gated model: the loader says more
         return f"the model's config cannot be read ({type(exc).__name__})"
-    from vllm import ModelRegistry
-
+    try:  # a broken install raises more than ImportError (a torchvision it cannot use: RuntimeError)
+        from vllm import ModelRegistry
+    except Exception as exc:  # noqa: BLE001 - whatever the import raises, auto moves on
+        return f"vllm cannot be imported: {type(exc).__name__}: {str(exc)[:300]}"
     if not archs & set(ModelRegistry.get_supported_archs()):
         return f"vLLM does not support the architecture {sorted(archs)}"
     return adapters_refused(config)
@@ -196,7 +198,9 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         except Exception as exc:  # noqa: BLE001 - whatever vLLM raises loading it
             raise ModelUnavailable(adapter_refusal(adapter, lora.lora_path, exc),
                                    STEP_LOOP_FIX) from None
-    log.info("backend_selected", backend="vllm", model=name, dtype=args["dtype"],
+    reason = ("GENQ_BACKEND=vllm" if config.backend == "vllm" else "auto: vLLM is installed and "
+              f"supports {'/'.join(hf_config.architectures or [])}")
+    log.info("backend_selected", backend="vllm", reason=reason, model=name, dtype=args["dtype"],
              kv_tokens=kv_tokens(llm), max_num_seqs=args["max_num_seqs"],
              prefix_caching=args["enable_prefix_caching"])
     return VllmEngine(
@@ -265,7 +269,7 @@ class VllmEngine(Engine):
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         super()._check_length(prompt_tokens, max_new_tokens)
         if prompt_tokens + max_new_tokens > self.kv_tokens:
-            raise InvalidRequest(
+            raise PromptTooLong(
                 f"prompt has {prompt_tokens} tokens + max_new_tokens {max_new_tokens} > the "
                 f"{self.kv_tokens} tokens of this worker's KV cache")
 
@@ -277,7 +281,10 @@ class VllmEngine(Engine):
         request = seq.request
         spec = request.grammar_spec
         return SamplingParams(
-            n=1, max_tokens=request.max_new_tokens, temperature=request.temperature,
+            n=1, max_tokens=request.max_new_tokens,
+            # greedy below GREEDY_BELOW, as on the step loop (vLLM raises a temperature under
+            # 0.01 to 0.01 and samples it)
+            temperature=request.temperature if request.samples else 0.0,
             top_p=request.top_p or 1.0, top_k=request.top_k or 0,
             repetition_penalty=request.repetition_penalty or 1.0,
             seed=None if request.seed is None else (request.seed + seq.sample) % 2**63,
