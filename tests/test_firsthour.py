@@ -4,11 +4,12 @@ the gateway's errors."""
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
 import io
 import json
 import logging
 import os
-import http.server
 import re
 import signal
 import subprocess
@@ -89,6 +90,33 @@ def test_logs_are_console_lines_on_a_terminal_and_json_elsewhere(monkeypatch):
     ops_logging.configure_logging("INFO")
 
 
+def test_a_worker_log_is_json_lines_from_start_to_shutdown(start_worker, tiny_model_dir):
+    """A worker's log (not a terminal) started and stopped with SIGTERM: every line is a JSON
+    object, Celery's shutdown note included; no banner, no blank line."""
+    worker = start_worker("w1@test", GENQ_MODEL=str(tiny_model_dir), GENQ_SELF_CHECK="off")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    lines = (start_worker.log_dir / "w1@test.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line, none blank
+    assert {"worker_ready", "worker: Warm shutdown (MainProcess)"} <= {e["event"] for e in events}
+
+
+@pytest.mark.model
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_genq_generate_on_vllm_prints_only_its_own_lines(tmp_path, cache_dir):
+    """vLLM's warnings (Triton, libtcmalloc, its settings) and torch's C++ NUMA note stay out
+    of a command's stderr: what loads, when it is ready, the progress."""
+    jobs = tmp_path / "in.jsonl"
+    jobs.write_text('{"prompt": "hi", "max_new_tokens": 2}\n')
+    out = genq("generate", str(jobs), env={"GENQ_BACKEND": "vllm",
+                                           "GENQ_CACHE_DIR": str(cache_dir)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["status"] == "succeeded", out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith("loading model") and lines[1].startswith("ready in"), out.stderr
+    assert all(line.startswith("generating") for line in lines[2:]), out.stderr
+
+
 # -- broker clarity ------------------------------------------------------------------------
 
 
@@ -164,7 +192,7 @@ def test_a_hub_model_that_cannot_be_had_is_two_lines_at_once(tmp_path, model, hu
     jobs = tmp_path / "in.jsonl"
     jobs.write_text('{"prompt": "hi", "max_new_tokens": 2}\n')
     env = {"GENQ_MODEL": model, "HF_ENDPOINT": f"http://127.0.0.1:{port}",
-           "HF_HOME": str(tmp_path / "hf"), "GENQ_LOG_FORMAT": "json"}
+           "HF_HOME": str(tmp_path / "hf")}
     started = time.monotonic()
     try:
         out = genq("generate", str(jobs), env=env, timeout=120,
@@ -175,7 +203,7 @@ def test_a_hub_model_that_cannot_be_had_is_two_lines_at_once(tmp_path, model, hu
     assert out.returncode == 2 and out.stdout == "", out.stderr[-3000:]
     assert len(lines) == 3 and lines[0].startswith("loading model"), out.stderr  # + 2 lines
     assert model in lines[1] and says in lines[1] and fix in lines[2], out.stderr
-    assert time.monotonic() - started < 15 + 30 * under_load(), out.stderr
+    assert time.monotonic() - started < 20, out.stderr  # huggingface_hub's retries sleep 23 s
 
 
 def test_genq_run_and_up_stop_when_the_worker_cannot_load_its_model(tmp_path):

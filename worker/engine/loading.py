@@ -7,10 +7,10 @@ try it first. On a machine without an accelerator Unsloth runs through its own C
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -52,8 +52,9 @@ class ModelUnavailable(RuntimeError):
 def check_model(model: str, cache_dir: Path) -> None:
     """Fail early and once, in two lines, when ``model`` cannot be had: a folder that is not
     there, a Hugging Face id that is unknown, gated without ``HF_TOKEN``, or not cached while
-    the hub cannot be reached. Reads only the model's ``config.json`` (a downloaded or cached
-    model is then loaded by the backend as usual)."""
+    the hub cannot be reached. A cached model passes; otherwise one HEAD request for its
+    ``config.json`` (no retries, ``HF_HUB_ETAG_TIMEOUT``) asks the hub, and the backend then
+    downloads and loads the model as usual."""
     if model == DEMO_NAME:
         return
     folder = Path(model).expanduser()
@@ -64,24 +65,36 @@ def check_model(model: str, cache_dir: Path) -> None:
                 "give a Hugging Face model folder (save_pretrained), a LoRA adapter folder, "
                 "or a Hugging Face id like HuggingFaceTB/SmolLM2-135M-Instruct")
         return
-    from huggingface_hub import hf_hub_download
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         HFValidationError,
-        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    from worker.ops.logging import adopt_library_loggers
+
+    adopt_library_loggers()
+    hub = urlsplit(constants.ENDPOINT).netloc
     try:
-        hf_hub_download(model, "config.json")
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return
+        if constants.is_offline_mode():
+            raise ModelUnavailable(
+                f"cannot load {model}: HF_HUB_OFFLINE is set and it is not in the local cache",
+                "unset HF_HUB_OFFLINE to download it once, or copy a downloaded "
+                "~/.cache/huggingface here, or give GENQ_MODEL a local folder")
+        get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except GatedRepoError:
         raise ModelUnavailable(
             f"{model} is a gated model: this machine has no token with access to it",
             f"accept its terms at https://huggingface.co/{model}, then set HF_TOKEN to a "
             "read token of that account (https://huggingface.co/settings/tokens)") from None
     except (RepositoryNotFoundError, HFValidationError):
-        if looks_local:
+        if model.startswith((".", "/", "~")) or model.count("/") > 1:  # meant as a folder
             raise ModelUnavailable(f"GENQ_MODEL={model}: no such folder",
                                    "give the path of a model folder, or a Hugging Face id like "
                                    "HuggingFaceTB/SmolLM2-135M-Instruct") from None
@@ -89,20 +102,18 @@ def check_model(model: str, cache_dir: Path) -> None:
             f"{model} is not a model on the Hugging Face hub (or it is private)",
             "check the id (org/name), give a local folder, or set HF_TOKEN for a private "
             "model") from None
-    except (LocalEntryNotFoundError, OSError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        if offline and isinstance(exc, LocalEntryNotFoundError):
-            raise ModelUnavailable(
-                f"cannot load {model}: HF_HUB_OFFLINE is set and it is not in the local cache",
-                "unset HF_HUB_OFFLINE to download it once, or copy a downloaded "
-                "~/.cache/huggingface here, or give GENQ_MODEL a local folder") from None
-        if isinstance(exc, LocalEntryNotFoundError) or "connect" in str(exc).lower():
-            raise ModelUnavailable(
-                f"cannot download {model}: huggingface.co cannot be reached from here and the "
-                "model is not in the local cache",
-                f"download it where the network works (`hf download {model}`, then copy "
-                "~/.cache/huggingface over) or give GENQ_MODEL a local folder") from None
-        raise
+    except RemoteEntryNotFoundError:
+        raise ModelUnavailable(
+            f"{model} has no config.json on the Hugging Face hub: not a transformers model",
+            "give the id of a transformers model (org/name), or a local model folder") from None
+    except (HfHubHTTPError, httpx.TransportError) as exc:  # 5xx, 429; DNS, refused, timeout
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = f"answered {status}" if status else f"cannot be reached from here ({exc})"
+        raise ModelUnavailable(
+            f"cannot download {model}: {hub} {reason}, and the model is not in the local cache",
+            f"download it where the network works (`hf download {model}`, then copy "
+            "~/.cache/huggingface over), give GENQ_MODEL a local folder, or set HTTPS_PROXY "
+            "if this network needs a proxy") from None
 
 
 def adapter_base(path: str) -> str | None:
@@ -162,14 +173,19 @@ def unsloth_available() -> bool:
 
 @contextmanager
 def quiet():
-    """What libraries print while they load (banners, progress bars) goes to the debug log."""
+    """What libraries print while they load (banners, progress bars) goes to the debug log;
+    their loggers go through ours (``adopt_library_loggers``) before and after."""
     from transformers.utils import logging as hf_logging
 
-    from worker.ops.logging import StdoutToLog
+    from worker.ops.logging import StdoutToLog, adopt_library_loggers
 
     hf_logging.disable_progress_bar()
-    with redirect_stdout(StdoutToLog(log)):
-        yield
+    adopt_library_loggers()
+    try:
+        with redirect_stdout(StdoutToLog(log)):
+            yield
+    finally:  # what loaded inside (vLLM, Unsloth, peft) set its loggers up as well
+        adopt_library_loggers()
 
 
 def load_model(model: str, backend: str, dtype: str | None, cache_dir: Path,

@@ -16,11 +16,11 @@ import structlog
 # libraries that print banners, deprecation notes and load warnings nobody can act on; their
 # records go to the log only at DEBUG (GENQ_LOG_LEVEL=DEBUG shows them)
 NOISY = ("py.warnings", "torchao", "torch.utils._pytree", "transformers", "huggingface_hub",
-         "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes",
-         "celery.redirected")
-# their warnings are for operators (a worker's log at INFO keeps them); a command run at the
-# CLI's WARNING level shows only their errors
+         "accelerate", "peft", "unsloth", "unsloth_zoo", "bitsandbytes")
+# their warnings are for operators (a worker's log at INFO keeps them, not their INFO lines); a
+# command run at the CLI's WARNING level shows only their errors
 CHATTY = ("vllm",)
+LIBRARY_LEVELS: dict[str, int] = {}  # theirs, by logger name (quiet_libraries)
 
 
 # the password in a URL's user info (up to its last ``@``), a URL (``;`` separates the nodes
@@ -171,18 +171,47 @@ def configure_logging(level: str = "INFO", fmt: str | None = None) -> None:
 
 def quiet_libraries(level: str) -> None:
     """Banners, progress bars and library warnings to the log at DEBUG only: set before
-    torch, transformers and Unsloth load (they read these at import)."""
+    torch, transformers, vLLM and Unsloth load (they read these at import)."""
+    debug = level.upper() == "DEBUG"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import (vLLM's loading bars)
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # no handler of its own: ours
+    # the level huggingface_hub and transformers set when they load, until adopt_library_loggers
+    for variable in ("HF_HUB_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "debug" if debug else "error")
+    if not debug:  # torch's C++ warnings (vLLM's NUMA binding) are raw lines on stderr
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logging.captureWarnings(True)
-    debug = level.upper() == "DEBUG"
-    for name in NOISY:
-        if name != "celery.redirected":  # Celery's stdout/stderr: tracebacks come that way too
-            logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
-    if logging.getLevelName(level.upper()) in (logging.WARNING, logging.ERROR, logging.CRITICAL):
-        for name in CHATTY:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    cli = logging.getLevelName(level.upper()) in (logging.WARNING, logging.ERROR, logging.CRITICAL)
+    LIBRARY_LEVELS.clear()
+    LIBRARY_LEVELS.update({name: logging.DEBUG if debug else logging.ERROR for name in NOISY})
+    LIBRARY_LEVELS.update({name: logging.DEBUG if debug else logging.ERROR if cli
+                           else logging.WARNING for name in CHATTY})
+    adopt_library_loggers()
+
+
+def adopt_library_loggers() -> None:
+    """Give the libraries' loggers back to genqueue's one handler: huggingface_hub and
+    transformers add a handler of their own when they load (a second, plain copy of each
+    line), transformers stops propagating, and they reset their level. Call again after
+    they are imported (``worker.engine.loading`` does); idempotent."""
+    for name, level in LIBRARY_LEVELS.items():
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(level)
+
+
+def say(message: str, _file=None) -> None:
+    """Celery's ``safe_say`` (the shutdown notes its signal handlers print to stdout, between
+    blank lines) as one log line in this process's format; written with ``os.write`` as
+    Celery's is, so a signal handler takes no lock."""
+    event = {"event": message.strip(), "logger": "celery.apps.worker"}
+    for processor in structlog.get_config()["processors"]:
+        event = processor(None, "info", event)
+    os.write(_stderr().fileno(), f"{event}\n".encode())
 
 
 class StdoutToLog:

@@ -24,9 +24,10 @@ from contextlib import contextmanager
 
 import structlog
 from celery import bootsteps
+from celery.apps import worker as celery_worker
 
 from worker.errors import EX_MODEL_UNAVAILABLE
-from worker.ops.logging import configure_logging
+from worker.ops.logging import configure_logging, say
 from worker.ops.settings import get_settings
 
 log = structlog.get_logger(__name__)
@@ -249,6 +250,7 @@ def run_worker(gpu: str | None = None, name: str | None = None, threads: int | N
     prefix = pin_device(gpu)
     settings = get_settings()
     configure_logging(settings.log_level)
+    celery_worker.safe_say = say  # its shutdown notes: log lines (JSON in a log file)
     if threads:
         import torch
 
