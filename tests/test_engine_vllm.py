@@ -5,7 +5,11 @@ option works or fails alone with our error codes, LoRA adapters batch together."
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -52,12 +56,21 @@ SCHEMA = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(cache_dir, lora_dir):
-    """The demo model on vLLM, float32, with one LoRA adapter (``a``)."""
+def vllm_loaded(cache_dir, lora_dir):
+    """The demo model on vLLM, float32, with one LoRA adapter (``a``), and what its load logged."""
+    from structlog.testing import capture_logs
+
     from worker.engine import load_engine
 
-    return load_engine("demo", backend="vllm", dtype="float32", cache_dir=cache_dir,
-                       adapters={"a": str(lora_dir)})
+    with capture_logs() as logs:
+        engine = load_engine("demo", backend="vllm", dtype="float32", cache_dir=cache_dir,
+                             adapters={"a": str(lora_dir)})
+    return engine, logs
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_loaded):
+    return vllm_loaded[0]
 
 
 def texts(results: list[dict]) -> list[str]:
@@ -101,7 +114,7 @@ def test_stop_strings_cut_the_text(vllm_engine, demo_engine):
     request = {"prompt": "1, 2, 3, 4,", "max_new_tokens": 24, "stop": [" 7", "nine"]}
     ours, theirs = demo_engine.generate([request])[0], vllm_engine.generate([request])[0]
     assert theirs["finish_reason"] == "stop_sequence" and " 7" not in theirs["text"]
-    assert theirs["text"] == ours["text"]
+    assert theirs["text"] == ours["text"] and theirs["usage"] == ours["usage"]
 
 
 def test_logprobs_match_the_step_loop(vllm_engine, demo_engine):
@@ -138,6 +151,88 @@ def test_structured_outputs_always_parse_and_validate(vllm_engine):
             jsonschema.validate(value, SCHEMA)
             assert set(value) <= set(SCHEMA["properties"])  # strict closes the object
     assert texts(results[len(requests):]) == texts(vllm_engine.generate(free))
+
+
+def test_a_temperature_below_1e5_is_greedy_as_on_the_step_loop(vllm_engine):
+    """vLLM raises a temperature under 0.01 to 0.01 and samples it; ours below 1e-5 is greedy:
+    the greedy text, and the greedy (unscaled) log-probabilities."""
+    greedy = {"messages": [{"role": "user", "content": "Name a colour."}], "max_new_tokens": 12,
+              "logprobs": True, "top_logprobs": 3}
+    expected = vllm_engine.generate([greedy])[0]
+    for temperature in (1e-7, 9.9e-6):
+        result = vllm_engine.generate([{**greedy, "temperature": temperature, "seed": 5}])[0]
+        assert result["text"] == expected["text"]
+        for a, b in zip(expected["logprobs"], result["logprobs"], strict=True):
+            assert a["token"] == b["token"] and b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
+            assert [t["logprob"] for t in b["top_logprobs"]] == pytest.approx(
+                [t["logprob"] for t in a["top_logprobs"]], abs=1e-4)
+
+
+def test_constrained_usage_and_finish_equal_the_step_loop(vllm_engine, demo_engine):
+    """The step loop ends a constrained row when its grammar is complete; vLLM generates the
+    EOS the grammar then forces (or runs out of budget before it): not counted, ``stop``."""
+    formats = [
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
+        {"type": "json_object"},
+        {"type": "regex", "pattern": "[A-Z][a-z]{2,8} [0-9]{1,3}"},
+    ]
+    requests = [{"messages": r["messages"], "max_new_tokens": 96, "response_format": f}
+                for f in formats for r in example_requests(2)]
+    requests.append({**requests[0], "n": 2})  # each of the two rows counted the same way
+    ours, theirs = demo_engine.generate(requests), vllm_engine.generate(requests)
+
+    def ends(results):
+        return [(r["text"], r["finish_reason"], r["usage"]) for r in results]
+
+    assert ends(theirs) == ends(ours)
+    complete = [(r, o) for r, o in zip(requests[:-1], ours, strict=False)
+                if o["finish_reason"] == "stop"]
+    assert len(complete) >= 4
+    # a budget the document fills exactly: the step loop ends it ``stop``; vLLM had no room
+    # left for the EOS it waits for
+    exact = [{**r, "max_new_tokens": o["usage"]["completion_tokens"]} for r, o in complete]
+    assert ends(vllm_engine.generate(exact)) == ends(demo_engine.generate(exact)) == \
+        ends(o for _, o in complete)
+
+
+def test_a_request_over_the_kv_cache_is_prompt_too_long(vllm_engine, monkeypatch):
+    """The demo model's 8,192 context fits in the 2 GiB CPU KV cache many times over: a
+    smaller cache stands in for a GPU's (or a long-context model's) limit."""
+    monkeypatch.setattr(vllm_engine, "kv_tokens", 64)
+    fits, over = vllm_engine.generate([{"prompt": "Hi", "max_new_tokens": 8},
+                                       {"prompt": "Hi there", "max_new_tokens": 64}])
+    assert fits["status"] == "succeeded"
+    assert over["status"] == "failed" and over["error"]["code"] == "prompt_too_long"
+    assert "64 tokens of this worker's KV cache" in over["error"]["message"]
+
+
+def test_the_backend_selected_log_says_why(vllm_loaded):
+    selected = [e for e in vllm_loaded[1] if e["event"] == "backend_selected"]
+    assert [(e["backend"], e["reason"]) for e in selected] == [("vllm", "GENQ_BACKEND=vllm")]
+
+
+def test_auto_falls_back_when_vllm_cannot_be_imported(tmp_path, tiny_model_dir, cache_dir):
+    """A vllm whose import raises (vLLM's CPU build beside a torchvision it cannot use raises
+    RuntimeError) is a reason to use the step loop, not a crash."""
+    fake = tmp_path / "vllm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    script = ("import json, sys\n"
+              "from worker.ops.logging import configure_logging\n"
+              "from worker.engine import load_engine\n"
+              "configure_logging(fmt='json')\n"
+              "engine = load_engine(sys.argv[1], backend='auto', dtype='float32', cache_dir=sys.argv[2])\n"
+              "print(json.dumps({'backend': engine.backend}))\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(cache_dir)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["backend"] in ("unsloth", "transformers")
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    not_used = [e["reason"] for e in events if e.get("event") == "vllm_not_used"]
+    assert not_used == ["vllm cannot be imported: RuntimeError: operator torchvision::nms does "
+                        "not exist"], proc.stderr[-3000:]
 
 
 def test_a_bad_request_fails_alone_with_our_codes(vllm_engine):

@@ -72,6 +72,7 @@ class VllmScheduler(StepLoop):
             if out.finished:
                 del self.inflight[out.request_id]
                 seq.finish_reason = _finish_reason(completion)
+                self._grammar_end(seq)
                 if seq.finish_reason == "error":
                     seq.error = {"code": "internal",
                                  "message": f"vLLM ended the request: {completion.finish_reason}"}
@@ -186,6 +187,20 @@ class VllmScheduler(StepLoop):
                 seq.logprobs.append((token, entry[token].logprob,
                                      [(t, lp.logprob) for t, lp in top]))
         seq.tokens.extend(new)
+
+    def _grammar_end(self, seq: Sequence) -> None:
+        """End a constrained row where the step loop ends it: as soon as its grammar is
+        complete. vLLM goes on to generate the EOS the grammar then forces (or runs out of
+        ``max_tokens`` before it), a token the step loop never samples: it is not counted and
+        the row ends ``stop``, so ``usage`` and ``finish_reason`` agree between backends."""
+        spec = seq.request.grammar_spec
+        if spec is None or seq.finish_reason not in ("stop", "length"):
+            return
+        body = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.engine.eos_ids else seq.tokens
+        matcher = self.engine.grammars.matcher(spec)
+        if matcher.consume_tokens(body) and matcher.is_stopped():
+            del seq.tokens[len(body):]
+            seq.finish_reason = "stop"
 
     def _stop_running(self, ids: set[str]) -> list[Sequence]:
         aborted = {rid: s for rid, s in self.inflight.items() if s.id in ids and not s.done}
