@@ -11,7 +11,8 @@ is disabled anyway), so every row generates exactly its max_new_tokens.
    engine with its static scheduler vs its continuous scheduler (same requests, one process),
    vs transformers' continuous batching with the same per-request max_new_tokens, vs
    genqueue's vLLM backend (vLLM's engine stepped in this process, our admission policy; the
-   model saved to a temporary folder first; skipped with a note when vLLM is not installed).
+   model saved to a temporary folder first, then freed with everything the torch runs held on
+   the GPU; skipped with a note when vLLM is not installed).
 
 ``--cpu-smoke`` runs the same code paths with a tiny model on the CPU in seconds.
 """
@@ -19,7 +20,10 @@ is disabled anyway), so every row generates exactly its max_new_tokens.
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import random
+import tempfile
 import time
 
 import torch
@@ -217,9 +221,9 @@ def uniform_part(model, prompts: list[list[int]], args, pad: int, report: Report
 
 
 def mixed_part(model, prompts: list[list[int]], args, pad: int, eos: int, dtype: torch.dtype,
-               report: Report) -> None:
+               report: Report) -> list[dict]:
     """genqueue static vs continuous scheduler vs transformers' continuous batching, each
-    prompt with its own max_new_tokens (drawn from args.mixed_tokens, seeded)."""
+    prompt with its own max_new_tokens (drawn from args.mixed_tokens, seeded); the requests."""
     rng = random.Random(1)
     choices = [int(c) for c in args.mixed_tokens.split(",")]
     news = [rng.choice(choices) for _ in prompts]
@@ -253,25 +257,17 @@ def mixed_part(model, prompts: list[list[int]], args, pad: int, eos: int, dtype:
     except Exception as exc:  # report, do not hide
         report.row("transformers continuous batching (per-request max)", None,
                    f"unavailable: {type(exc).__name__}: {exc}"[:160])
-    vllm_part(model, requests, args, pad, eos, report)
+    return requests
 
 
-def vllm_part(model, requests: list[dict], args, pad: int, eos: int, report: Report) -> None:
-    """The mixed requests on genqueue's vLLM backend, at each of ``args.mixed_sizes``."""
-    import importlib.util
-    import tempfile
-
-    if importlib.util.find_spec("vllm") is None:
-        report.row("genqueue vLLM backend", None, "unavailable: vllm is not installed")
-        return
+def vllm_part(folder: str, dtype: torch.dtype, requests: list[dict], args, report: Report) -> None:
+    """The mixed requests on genqueue's vLLM backend (the model saved in ``folder``), at each
+    of ``args.mixed_sizes``."""
     from worker.engine import load_engine
 
-    folder = tempfile.mkdtemp(prefix="random-llama3-")
-    model.save_pretrained(folder)
-    id_tokenizer(model.config.vocab_size, pad, eos).save_pretrained(folder)
     sizes = list(map(int, args.mixed_sizes.split(",")))
-    try:  # the torch model stays on the GPU: vLLM gets half of its memory
-        engine = load_engine(folder, backend="vllm", dtype=str(model.dtype).removeprefix("torch."),
+    try:  # half of the GPU: room for what CUDA and torch still hold after the runs above
+        engine = load_engine(folder, backend="vllm", dtype=str(dtype).removeprefix("torch."),
                              max_batch_size=max(sizes), max_batch_tokens=10**9,
                              vllm_options={"gpu_memory_utilization": 0.5} if not args.cpu_smoke else {})
     except Exception as exc:  # report, do not hide
@@ -303,7 +299,18 @@ def main() -> None:
           f"{str(dtype).removeprefix('torch.')}", flush=True)
     report = Report()
     uniform_part(model, prompts, args, config.pad_token_id, report)
-    mixed_part(model, prompts, args, config.pad_token_id, config.eos_token_id, dtype, report)
+    requests = mixed_part(model, prompts, args, config.pad_token_id, config.eos_token_id, dtype,
+                          report)
+    if importlib.util.find_spec("vllm") is None:
+        report.row("genqueue vLLM backend", None, "unavailable: vllm is not installed")
+        return
+    with tempfile.TemporaryDirectory(prefix="random-llama3-") as folder:
+        model.save_pretrained(folder)
+        id_tokenizer(config.vocab_size, config.pad_token_id, config.eos_token_id).save_pretrained(folder)
+        del model  # the last reference (the step-loop engine ended with mixed_part)
+        gc.collect()
+        torch.cuda.empty_cache()  # vLLM checks the GPU's free memory when it starts
+        vllm_part(folder, dtype, requests, args, report)
 
 
 if __name__ == "__main__":
