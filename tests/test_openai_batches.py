@@ -626,3 +626,30 @@ def test_a_batch_given_up_sends_one_event_and_counts_its_starts_once_per_start(c
     _, payload, _ = build_event(raw, client.store)
     assert payload["type"] == "batch.failed" and payload["data"]["id"] == "batch_x"
     assert payload["data"]["counts"]["cancelled"] == 2
+
+
+def test_a_validating_batch_nobody_reads_is_resumed_by_the_gateways_sweep(
+        surface, client, redis_url, tmp_path, monkeypatch):
+    """A batch saved ``validating`` whose submitter never ran (its gateway killed at once) and
+    that nobody reads: the running gateway's sweep queues it within ``LEASE_S``."""
+    from worker.compat.batch_queueing import LEASE_S, Submitter
+    from worker.compat.batch_records import VALIDATING_KEY
+    from worker.compat.batches import Batches, CreateBatch
+
+    s = surface()  # its sweep runs every LEASE_S
+    file_id = s.upload([chat_line(f"r{i}", f"count {i}", model=None) for i in range(3)])
+    monkeypatch.setattr(Submitter, "start", lambda self, record: False)  # the killed gateway
+    dead = Batches(client, client.settings, s.store)
+    batch_id = dead.create(client, CreateBatch(input_file_id=file_id, endpoint=CHAT,
+                                               completion_window="24h"))["id"]
+    monkeypatch.undo()
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + 3 * LEASE_S
+    while json.loads(r.get(f"genq:batch:{batch_id}"))["status"] == "validating":
+        assert time.monotonic() < deadline, "the sweep did not resume the batch"
+        time.sleep(0.2)
+    record = json.loads(r.get(f"genq:batch:{batch_id}"))
+    assert record["status"] == "in_progress" and record["request_counts"]["total"] == 3
+    assert len(r.lrange(f"genq:job:{record['job_id']}:ids", 0, -1)) == 3
+    dead.sweep()  # a sweep after it left validating unlists it
+    assert not r.zscore(VALIDATING_KEY, batch_id)

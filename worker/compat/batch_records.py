@@ -2,7 +2,8 @@
 
 A batch is ``genq:batch:<id>`` (JSON: OpenAI's batch object plus genqueue's bookkeeping),
 listed newest first from the sorted sets ``genq:batches`` (every batch) and
-``genq:batches:by:<owner>``; all expire after ``GENQ_RESULT_TTL_S``. An ``Idempotency-Key``
+``genq:batches:by:<owner>`` (and, until the sweep sees them leave ``validating``,
+``genq:batches:validating``); all expire after ``GENQ_RESULT_TTL_S``. An ``Idempotency-Key``
 claim is ``genq:batch-idem:<scope>``, saved in the same transaction as the batch it made.
 """
 
@@ -30,6 +31,9 @@ def batch_key(batch_id: str) -> str:
 def index_key(owner: str | None) -> str:
     """The sorted set listing ``owner``'s batches (every batch for None)."""
     return f"genq:batches:by:{owner}" if owner else "genq:batches"
+
+
+VALIDATING_KEY = "genq:batches:validating"  # batches saved validating (swept, see ``Batches``)
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ class BatchRecords:
                         pipe.set(idem, json.dumps({"id": record["id"], "fp": fingerprint}),
                                  ex=self.ttl)
                     pipe.set(batch_key(record["id"]), json.dumps(record), ex=self.ttl)
-                    for key in {index_key(None), index_key(record.get("owner"))}:
+                    for key in {index_key(None), index_key(record.get("owner")), VALIDATING_KEY}:
                         pipe.zadd(key, {record["id"]: score})
                         pipe.expire(key, self.ttl)
                     pipe.execute()

@@ -18,24 +18,32 @@ queued: ``in_progress`` while requests are open; past ``expires_at`` the rest ar
 (``finalizing``, then ``expired``); ``POST /v1/batches/{id}/cancel`` cancels the rest
 (``cancelling``, then ``cancelled``). Once every request is final, the first read that sees it
 writes the output and error files and ends the batch (``worker.compat.batch_finalizing``).
+A batch left ``validating`` by a gateway killed mid-batch resumes on its next read, or within
+``LEASE_S`` after its lease lapsed: each gateway sweeps the validating batches that often.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
+import threading
 import time
 import uuid
 from typing import Any, Literal
 
+import structlog
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.compat.batch_finalizing import Finalizer
-from worker.compat.batch_queueing import Submitter
-from worker.compat.batch_records import BatchRecords, public
+from worker.compat.batch_queueing import LEASE_S, Submitter
+from worker.compat.batch_records import VALIDATING_KEY, BatchRecords, batch_key, public
 from worker.errors import InvalidRequest, NotFound
 from worker.lifecycle import BATCH_FINAL, JOB_ENDED
+
+log = structlog.get_logger(__name__)
 
 MAX_WINDOW_S = 30 * 24 * 3600
 WINDOW = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
@@ -154,6 +162,30 @@ class Batches(BatchRecords):
             status = "finalizing"
         return {**record, "status": status, "request_counts": _counts(job["counts"])}
 
+    def sweep(self) -> list[str]:
+        """Resume every batch still ``validating`` whose submitter stopped (its lease lapsed: a
+        gateway killed mid-batch) without waiting for someone to read it; unlist the batches
+        that left ``validating``. The ids resumed."""
+        resumed = []
+        for batch_id in self.redis.zrange(VALIDATING_KEY, 0, -1):
+            raw = self.redis.get(batch_key(batch_id))
+            record = json.loads(raw) if raw else None
+            if record is None or record["status"] != "validating":
+                self.redis.zrem(VALIDATING_KEY, batch_id)
+            elif self.submitter.start(record):
+                resumed.append(batch_id)
+        return resumed
+
+    def sweep_every(self, every_s: float, stop: threading.Event) -> None:
+        """``sweep`` every ``every_s`` seconds until ``stop`` (the gateway's thread)."""
+        while not stop.wait(every_s):
+            try:
+                for batch_id in self.sweep():
+                    log.warning("batch_resumed", batch_id=batch_id,
+                                reason="its submitter stopped while it was validating")
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next sweep tries again
+                log.warning("batch_sweep_failed", error=repr(exc)[:200])
+
     @staticmethod
     def _done(job: dict[str, Any]) -> bool:
         return job["status"] in JOB_ENDED
@@ -196,8 +228,19 @@ def _counts(counts: dict[str, int]) -> dict[str, int]:
 
 def router(client, settings, files) -> APIRouter:
     """The routes of this part of the OpenAI surface: ``/v1/batches``."""
-    api = APIRouter(tags=["openai"])
     batches = Batches(client, settings, files)
+
+    @contextlib.asynccontextmanager
+    async def sweeping(_app):  # while the gateway runs, stale validating batches resume
+        stop = threading.Event()
+        threading.Thread(target=batches.sweep_every, args=(LEASE_S, stop), daemon=True,
+                         name="batch sweep").start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    api = APIRouter(tags=["openai"], lifespan=sweeping)
 
     @api.post("/v1/batches")
     def create_batch(body: CreateBatch, request: Request) -> dict:
