@@ -30,6 +30,14 @@ SCHEMAS = {
     "readings": {"type": "object", "required": ["unit", "values"], "properties": {
         "unit": {"enum": ["cm", "kg"]}, "values": {"type": "array", "minItems": 2,
                                                  "items": {"type": "number"}}}},
+    # strings whose first allowed character repeats forever: the closer searches
+    "contact": {"type": "object", "required": ["email", "site"], "properties": {
+        "email": {"type": "string", "format": "email"}, "site": {"type": "string", "format": "uri"}}},
+    "event": {"type": "object", "required": ["at", "by"], "properties": {
+        "at": {"type": "string", "format": "date-time"},
+        "by": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}}},
+    "colors": {"type": "object", "required": ["colors"], "properties": {
+        "colors": {"type": "array", "minItems": 2, "items": {"enum": ["red", "green", "blue"]}}}},
 }
 SHORTEST = {
     "tags": '{"tags":[""]}',
@@ -37,6 +45,9 @@ SHORTEST = {
     "nested": '{"user":{"name":"","address":{"city":"","zip":"00000"}},"score":0}',
     "review": '{"summary":"aaa","label":"bad","rating":1}',
     "readings": '{"unit":"cm","values":[0,0]}',
+    "contact": '{"email":"a@a","site":"a:"}',
+    "event": '{"at":"0000-01-01t00:00:00z","by":"a@a.com"}',
+    "colors": '{"colors":["blue","blue"]}',
     "object": "{}",
 }
 # valid documents whose every cut is closed below: escapes, multi-byte characters, numbers
@@ -49,7 +60,15 @@ DOCUMENTS = [
     ("review", '{"summary":"Fine, mostly.","label":"mixed","rating":4,"notes":["slow","warm"]}'),
     ("readings", '{"unit":"kg","values":[1.25,-0.5,3e2,17]}'),
     ("object", '{"a":[1,{"b":null}],"c":"d e","f":true,"g":{}}'),
+    ("contact", '{"email":"ada.lovelace@example.org","site":"https://example.org/a?b=c#d"}'),
+    ("event", '{"at":"2024-01-02T03:04:05.678+01:00","by":"ada@example.com"}'),
+    ("colors", '{"colors":["red","green","blue","red"]}'),
 ]
+# formats the grammar enforces that jsonschema leaves unchecked without extra packages
+FORMATS = jsonschema.FormatChecker()
+FORMATS.checks("uri")(lambda value: re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", value) is not None)
+FORMATS.checks("date-time")(lambda value: re.fullmatch(
+    r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", value) is not None)
 
 
 def json_format(name: str, strict: bool = True) -> dict:
@@ -60,8 +79,8 @@ def json_format(name: str, strict: bool = True) -> dict:
 
 
 def check_json(fmt: dict, text: str) -> None:
-    """``text`` parses and is valid for the schema the grammar enforces."""
-    jsonschema.validate(json.loads(text), constraint(fmt)[1])
+    """``text`` parses and is valid for the schema the grammar enforces, formats too."""
+    jsonschema.validate(json.loads(text), constraint(fmt)[1], format_checker=FORMATS)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +145,32 @@ def test_regex_formats_close_too(grammars):
     tokens = grammars.tokenizer.tokenize_str("(555) 12")
     keep, closing = closer.fit(tokens, len(tokens) + 8)
     assert grammars.tokenizer.decode_bytes(tokens[:keep] + closing) == b"(555) 120-0000"
+
+
+@pytest.mark.parametrize("pattern, text", [
+    (r"[a-z]+@[a-z]+\.com", "someone@example.com"),  # the first allowed letter repeats forever
+    (r"(ab)+c", "abababababc"),
+    (r"https?://[a-z]+(\.[a-z]+)+/?", "https://www.example.org/"),
+    (r"[0-9]{2}(-[0-9]{2})*:[A-Z]", "12-34-56:Q"),
+])
+def test_regexes_whose_first_choice_loops_close_at_every_cut(grammars, pattern, text):
+    closer = closer_of(grammars, {"type": "regex", "pattern": pattern})
+    tokens = grammars.tokenizer.tokenize_str(text)
+    for cut in range(len(tokens) + 1):
+        for budget in range(max(cut, closer.shortest), cut + 4):
+            keep, closing = closer.fit(tokens[:cut], budget)
+            out = grammars.tokenizer.decode_bytes(tokens[:keep] + closing).decode()
+            assert keep + len(closing) <= budget and re.fullmatch(pattern, out), (cut, budget, out)
+
+
+def test_a_format_with_no_document_in_reach_is_refused(grammars):
+    fmt = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+        "type": "object", "required": ["s"], "properties": {"s": {"type": "string",
+                                                                   "minLength": 5000}}}}}
+    grammars.compiled(fmt)
+    with pytest.raises(InvalidRequest, match="^response_format: no valid document of at most "
+                                             "4096 bytes"):
+        grammars.closer(fmt, 100_000)
 
 
 def test_a_cut_row_closes_once_and_a_running_one_shows_only_what_stays(grammars):
@@ -202,9 +247,10 @@ def test_sixty_cut_rows_end_valid_on_the_step_loop(demo_engine):
     results = demo_engine.generate(requests)
     check_cut_rows(requests, results)
     too_small = {**requests[0], "max_new_tokens": 4}  # below {"tags":[""]}: refused by name
-    refused = demo_engine.generate([too_small])[0]
+    refused, beside = demo_engine.generate([too_small, requests[1]])
     assert refused["status"] == "failed" and refused["error"]["code"] == "invalid_request"
     assert "max_new_tokens: 4 tokens cannot hold" in refused["error"]["message"]
+    assert beside["status"] == "succeeded"  # it fails alone
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 import llguidance
 import torch
 
-from worker.engine.closing import Closer
+from worker.engine.closing import SHORTEST_BYTES, Closer
 from worker.errors import InvalidRequest
 from worker.structured import constraint, format_key, grammar_for
 
@@ -59,19 +59,25 @@ class Grammars:
 
     def closer(self, spec: dict[str, Any], budget: int) -> Closer:
         """The closer of a format (its grammar as ``compiled`` cached it; not counted as a hit);
-        ``InvalidRequest`` if ``budget`` tokens cannot hold the shortest valid document."""
+        ``InvalidRequest`` if ``budget`` tokens cannot hold the shortest valid document, or
+        the closer finds none (a row it could not close would end invalid)."""
         entry = self._compiled.get(format_key(spec)) or self._compile(spec)
-        if entry.shortest is not None and budget < entry.shortest:
+        if entry.shortest is None:
+            raise InvalidRequest(
+                f"response_format: no valid document of at most {SHORTEST_BYTES} bytes was "
+                "found, so a row cut by max_new_tokens could not end valid")
+        if budget < entry.shortest:
             raise InvalidRequest(
                 f"max_new_tokens: {budget} tokens cannot hold a document valid for "
                 f"response_format (the shortest takes {entry.shortest})")
         return entry
 
     def _compile(self, spec: dict[str, Any]) -> Closer:
-        template = llguidance.LLMatcher(self.tokenizer, grammar_for(spec))
+        grammar = grammar_for(spec)
+        template = llguidance.LLMatcher(self.tokenizer, grammar)
         if template.is_error():
             raise InvalidRequest(f"response_format: {template.get_error()}")
-        return Closer(self.tokenizer, template, json=constraint(spec)[0] == "json")
+        return Closer(self.tokenizer, template, grammar, json=constraint(spec)[0] == "json")
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a special token's text for special tokens)."""
