@@ -356,3 +356,13 @@ def test_a_suspect_runs_alone_after_the_running_rows_end():
     assert view(_Loop([fresh, later, suspect, sample], [])) == [suspect.handle, sample.handle]
     assert view(_Loop([fresh, later], [suspect])) == []  # nothing joins a running suspect
     assert view(_Loop([fresh], [row(9)])) == [fresh.handle]
+
+
+def test_suspects_with_fewer_deaths_alone_run_first():
+    """A suspect a random kill already hit while it ran alone waits for the others, so the
+    next kill is unlikely to hit it alone again."""
+    hit, other = row(1, suspect=True), row(2, suspect=True)
+    hit.deaths_alone = 1
+    view = lambda loop: [w.id for w in loop._waiting_view()]  # noqa: E731
+    assert view(_Loop([hit, other], [])) == [other.handle]
+    assert view(_Loop([hit], [])) == [hit.handle]

@@ -70,8 +70,28 @@ def test_redis_stopped_mid_batch_on_a_quiet_system(client, start_worker, tiny_mo
                       "ran_twice": 0, "all_stored_s_after_redis_back": round(settled_s, 1)}))
 
 
-def test_a_request_that_kills_workers_ends_worker_lost(client, start_worker, tiny_model_dir,
-                                                       redis_url):
+def charged(r: redis.Redis, result: dict) -> list[str]:
+    """Workers that died while this finished request ran alone there (its starts marked alone
+    by any worker but the one that finished it)."""
+    starts = {k.decode(): v.decode() for k, v in r.hgetall(f"genq:starts:{result['id']}").items()}
+    return sorted(t.split(":")[0] for t, alone in starts.items()
+                  if alone == "1" and t.split(":")[0] != result["worker"])
+
+
+def run_until(done, start_worker, env: dict[str, str]) -> list:
+    """Start a worker, and a new one whenever the last died, until ``done()``; the workers
+    started."""
+    started = []
+    while not done():
+        if not started or started[-1].poll() is not None:
+            assert len(started) < 5, "a fifth worker died: the attempt limit did not hold"
+            started.append(start_worker(f"victim{len(started)}@test", wait_ready=False, **env))
+        time.sleep(0.2)
+    return started
+
+
+def test_a_request_that_kills_workers_in_a_batch_ends_worker_lost(client, start_worker,
+                                                                  tiny_model_dir, redis_url):
     """A request whose forward pass kills the process fails ``worker_lost`` once
     GENQ_MAX_ATTEMPTS (2) workers died while it ran alone: the first death happens in a batch
     (evidence against nobody: every row there becomes a suspect), then it runs alone twice.
@@ -80,12 +100,8 @@ def test_a_request_that_kills_workers_ends_worker_lost(client, start_worker, tin
     good = [{"prompt": f"good request {i}", "max_new_tokens": 24} for i in range(10)]
     job = client.submit_many([*good[:5], {"prompt": POISON, "max_new_tokens": 24}, *good[5:]],
                              priority="interactive")
-    started = []
-    while client.job(job)["counts"]["queued"] + client.job(job)["counts"]["running"]:
-        if not started or started[-1].poll() is not None:
-            assert len(started) < 5, "a fourth worker died: the attempt limit did not hold"
-            started.append(start_worker(f"victim{len(started)}@test", wait_ready=False, **env))
-        time.sleep(0.2)
+    started = run_until(lambda: not (client.job(job)["counts"]["queued"]
+                                     + client.job(job)["counts"]["running"]), start_worker, env)
     results = list(client.job_results(job))
     poison = results[5]
     assert poison["status"] == "failed" and poison["error"]["code"] == "worker_lost"
@@ -93,40 +109,87 @@ def test_a_request_that_kills_workers_ends_worker_lost(client, start_worker, tin
     assert [p.poll() for p in started[:3]] == [134] * 3 and started[3].poll() is None
     r = redis.Redis.from_url(redis_url)
     assert list(r.hgetall(f"genq:starts:{poison['id']}").values()).count(b"1") == 2
+    assert [charged(r, res) for res in results[:5] + results[6:]] == [[]] * 10
     print(json.dumps({"scenario": "poison request (kills its worker)", "workers_killed": 3,
                       "killed_while_alone": 2, "poison": "worker_lost", "others_succeeded": 10}))
+
+
+def test_a_request_that_kills_workers_alone_ends_worker_lost_after_max_attempts_deaths(
+        client, start_worker, tiny_model_dir, redis_url):
+    """A poison request that runs alone from its first start is charged for every death:
+    with GENQ_MAX_ATTEMPTS=N it ends ``worker_lost`` after N dead workers, not N + 1. A request
+    that joins it later makes the start shared again (not charged): here the poison dies in
+    its first forward pass, before anything can join."""
+    env = fault_env(tiny_model_dir, "exit", GENQ_MAX_ATTEMPTS="3")
+    rid = client.submit(prompt=POISON, max_new_tokens=24)
+    started = run_until(lambda: client.get(rid)["status"] == "failed", start_worker, env)
+    assert client.get(rid)["error"]["code"] == "worker_lost"
+    assert [p.poll() for p in started[:3]] == [134] * 3 and len(started) == 4
+    r = redis.Redis.from_url(redis_url)
+    assert list(r.hgetall(f"genq:starts:{rid}").values()) == [b"1"] * 3
+    after = client.wait(client.submit(prompt="after the poison", max_new_tokens=4), timeout=60)
+    assert after["status"] == "succeeded" and started[3].poll() is None
+    print(json.dumps({"scenario": "poison request alone from its first start",
+                      "max_attempts": 3, "workers_killed": 3, "poison": "worker_lost"}))
+
+
+def running_suspect(r: redis.Redis, job: str, worker: str) -> str | None:
+    """A request of ``job`` that ``worker`` runs as a suspect (started before): it runs alone."""
+    for rid in sorted(m.decode() for m in r.smembers(f"genq:job:{job}:running")):
+        record = json.loads(r.get(f"genq:r:{rid}") or "null")
+        if (record and record["status"] == "running" and record["worker"] == worker
+                and int(r.get(f"genq:attempts:{rid}") or 0) > 1):
+            return rid
+    return None
 
 
 def test_three_sigkills_at_random_moments_fail_nobody(client, start_worker, tiny_model_dir,
                                                       redis_url):
     """Random deaths are not evidence: with the default GENQ_MAX_ATTEMPTS (2), three SIGKILLs
-    at random moments during a 100-request job end with 100/100 succeeded, each counted once
-    (the suspects of each death ran alone afterwards and finished)."""
-    requests = [{"prompt": f"request {i}: " + "lorem " * (i % 30), "max_new_tokens": 200}
+    during a 100-request job, the first mid-batch and the next two at a random moment while a
+    suspect of the one before runs alone (so they are charged to innocents), end with 100/100
+    succeeded, each start counted once. The suspect charged by the second kill runs after
+    the uncharged ones, so the third kill charges another one."""
+    requests = [{"prompt": f"request {i}: " + "lorem " * (i % 30), "max_new_tokens": 32}
                 for i in range(100)]
     job = client.submit_many(requests)
     rng = random.Random()
     env = tiny_env(tiny_model_dir, GENQ_BATCH_WAIT_MS="20")
-    worker = start_worker("random0@test", **env)
-    kills = []
+    r = redis.Redis.from_url(redis_url)
+    name = "random0@test"
+    worker = start_worker(name, **env)
+    wait_until(lambda: client.job(job)["counts"]["running"], 60, "nothing ran")
+    time.sleep(rng.uniform(0.2, 2.0))
+    hit = [client.job(job)["counts"]["running"]]
     for k in range(1, 4):
-        time.sleep(rng.uniform(0.5, 4.0))
-        kills.append(client.job(job)["counts"])
         worker.kill()
         worker.wait()
-        worker = start_worker(f"random{k}@test", **env)
+        if k == 3:
+            break
+        name = f"random{k}@test"
+        worker = start_worker(name, **env)
+        hit.append(wait_until(lambda n=name: running_suspect(r, job, n), 300, "no suspect ran"))
+        time.sleep(rng.uniform(0.0, 0.05))  # a suspect's run: prefill and 31 decode steps
+    start_worker("random3@test", **env)
     info = client.wait_job(job, timeout=600)
     assert info["counts"] == {"total": 100, "queued": 0, "running": 0, "succeeded": 100,
                               "failed": 0, "cancelled": 0, "expired": 0}
-    r = redis.Redis.from_url(redis_url)
     results = list(client.job_results(job))
-    assert any(k["running"] for k in kills)  # a kill hit running rows
     assert len({res["id"] for res in results}) == 100
     assert r.scard(f"genq:job:{job}:done") == 100 and r.hlen("genq:unacked") == 0
+    killed = {"random0@test", "random1@test", "random2@test"}
+    for res in results:  # one counted start per worker that started it, all but one killed
+        starters = [t.decode().split(":")[0] for t in r.hkeys(f"genq:starts:{res['id']}")]
+        assert int(r.get(f"genq:attempts:{res['id']}")) == len(starters) == len(set(starters))
+        assert res["worker"] in starters and set(starters) - {res["worker"]} <= killed
+    charges = {res["id"]: charged(r, res) for res in results if charged(r, res)}
+    assert hit[0] and all(len(c) == 1 for c in charges.values()), charges
+    assert set().union(*charges.values()) >= {"random1@test", "random2@test"}  # hit alone runs
     restarted = sum(int(r.get(f"genq:attempts:{res['id']}")) > 1 for res in results)
-    print(json.dumps({"scenario": "3 random SIGKILLs, 100 requests, GENQ_MAX_ATTEMPTS=2",
-                      "counts_at_kills": kills, "lost": 0, "failed": 0,
-                      "requests_restarted": restarted}))
+    print(json.dumps({"scenario": "3 SIGKILLs (mid-batch, then twice mid-suspect), 100 "
+                      "requests, GENQ_MAX_ATTEMPTS=2", "running_at_first_kill": hit[0],
+                      "lost": 0, "failed": 0, "requests_restarted": restarted,
+                      "charged_once": len(charges)}))
 
 
 def test_rolling_restarts_never_count_as_attempts(client, start_worker, tiny_model_dir,

@@ -104,9 +104,10 @@ class StepLoop:
         A *suspect* (it was running on a worker that died) runs alone, so that a worker death
         while it runs is evidence against it and no other request's: while one runs nothing
         joins it; while one waits nothing new is admitted until the running rows are done,
-        then it alone (with its other samples)."""
+        then it alone (with its other samples). Suspects with fewer deaths while alone go
+        first, so that random kills spread over them rather than hit one request again."""
         ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
-        suspects = [s for s in ordered if s.suspect]
+        suspects = sorted((s for s in ordered if s.suspect), key=lambda s: s.deaths_alone)
         if any(s.suspect for s in self.running):
             return []
         if suspects:

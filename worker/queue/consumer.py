@@ -5,8 +5,9 @@ One thread runs this loop (torch); the ``Link`` thread does every Redis call, so
 never blocks on the broker. Per turn: take what arrived, apply cancels and deadlines, let the
 scheduler serve one lane (admit joiners, one decode step), hand finished results and progress
 snapshots to the link. A request's running record, which counts its attempt, is written before
-its first forward pass (``Link.started``), so a request that kills workers ends ``worker_lost``
-after ``GENQ_MAX_ATTEMPTS`` instead of killing the next worker.
+its first forward pass (``Link.started``), marked *alone* when no other request's rows run
+beside it, so a request that kills workers ends ``worker_lost`` after ``GENQ_MAX_ATTEMPTS``
+deaths while it ran alone instead of killing the next worker (RELIABILITY.md).
 
 Why not celery-batches: it flushes in arrival order on a timer that cuts batches short, cannot
 choose among pending requests by length or priority, and needs workarounds for revoke, acks
@@ -80,6 +81,7 @@ class Consumer:
         self.arrivals: dict[str, Arrival] = {}  # held requests: waiting or running
         self.received: dict[str, float] = {}
         self.announced: set[str] = set()  # running record written (attempt counted)
+        self.alone: str | None = None  # started with no other request's rows, none joined since
         self.snapshots: dict[str, tuple[int, float]] = {}
         self._stop = threading.Event()
 
@@ -209,20 +211,30 @@ class Consumer:
             self._store([result])
             return
         seq.owner, seq.job, seq.weight = env.owner, env.job_id, env.weight
+        seq.deaths_alone = arrival.deaths_alone
         self.arrivals[env.id] = arrival
         self.received[env.id] = time.monotonic()
         self.loop.add(seq)
 
     def _before_admit(self, joiners: list[Sequence]) -> list[Sequence]:
         """Write the running records (counting attempts) before the first forward pass;
-        drop duplicates of requests that are already final."""
+        drop duplicates of requests that are already final.
+
+        A request that starts with no other request's rows running (a suspect always does)
+        is charged for a worker death until another request's rows join it: the start is
+        marked alone, and unmarked before the joiners' first forward pass."""
+        batch = {s.id for s in self.loop.running} | {s.id for s in joiners}
+        shared = [self.alone] if self.alone is not None and batch != {self.alone} else []
         fresh = list({s.id: s for s in joiners if s.id not in self.announced}.values())
-        if not fresh:
+        if not fresh and not shared:
             return joiners
-        attempts = self.link.started([self._running_record(s) for s in fresh],
-                                     alone={s.id for s in fresh if s.suspect})
+        alone = {s.id for s in fresh} if len(batch) == 1 else set()
+        attempts = self.link.started([self._running_record(s) for s in fresh], alone=alone,
+                                     shared=shared)
         self.announced.update(s.id for s in fresh)
         duplicates = {s.id for s in fresh if attempts.get(s.id) == 0}
+        if shared or alone - duplicates:
+            self.alone = next(iter(alone - duplicates), None)
         if duplicates:
             self.link.drop(sorted(duplicates))
             self.loop.forget(duplicates)  # other samples of them still waiting
@@ -260,6 +272,8 @@ class Consumer:
             self.metrics.observe_results(results)
 
     def _forget(self, request_id: str) -> None:
+        if self.alone == request_id:
+            self.alone = None
         self.arrivals.pop(request_id, None)
         self.received.pop(request_id, None)
         self.announced.discard(request_id)

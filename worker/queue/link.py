@@ -45,6 +45,7 @@ from worker.queue.canvas import Follower
 from worker.queue.delivery import Delivery, Doorbell, Inbox
 from worker.queue.link_admit import Admission, Arrival
 from worker.queue.link_health import Health
+from worker.queue.rediskeys import starts_key
 from worker.queue.results import ResultStore
 from worker.queue.tasklog import TaskEvents, TaskLog
 
@@ -64,6 +65,7 @@ class _Op:
     records: list[dict[str, Any]] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     starts: list[tuple[str, str, bool]] = field(default_factory=list)  # (id, token, alone)
+    shared: list[tuple[str, str]] = field(default_factory=list)  # (id, token): no longer alone
     done: threading.Event = field(default_factory=threading.Event)
     result: list[int] | None = None
 
@@ -161,9 +163,11 @@ class Link(Admission, TaskLog, Health):
             out, self._cancelled = self._cancelled, set()
         return out
 
-    def started(self, records: list[dict[str, Any]], alone: set[str]) -> dict[str, int]:
+    def started(self, records: list[dict[str, Any]], alone: set[str],
+                shared: list[str] | None = None) -> dict[str, int]:
         """Store running records and count the attempts before the first forward pass (the
-        ids in ``alone`` run with no other row: a death now is charged to them).
+        ids in ``alone`` run with no other row: a death now is charged to them; the ids in
+        ``shared`` started alone here and other rows join them now: a death no longer is).
 
         Returns the attempt number per id (0: already final, a duplicate); ids missing from
         the answer are unknown (Redis did not answer in time: run them anyway)."""
@@ -171,7 +175,8 @@ class Link(Admission, TaskLog, Health):
             for r in records:
                 self._tokens.setdefault(r["id"], f"{self.name}:{uuid.uuid4().hex[:12]}")
             starts = [(r["id"], self._tokens[r["id"]], r["id"] in alone) for r in records]
-        op = _Op("start", records, starts=starts)
+            joined = [(i, self._tokens[i]) for i in shared or () if i in self._tokens]
+        op = _Op("start", records, starts=starts, shared=joined)
         self._push(op)
         if self.healthy and op.done.wait(START_WAIT_S) and op.result is not None:
             return {r["id"]: n for r, n in zip(records, op.result, strict=True)}
@@ -293,6 +298,9 @@ class Link(Admission, TaskLog, Health):
                 starts.append((op, len(records.command_stack)))
                 self.store.start(op.records, [t for _, t, _ in op.starts],
                                  [a for _, _, a in op.starts], pipe=records)
+                for request_id, token in op.shared:  # batch-mates join: no longer alone
+                    records.hset(starts_key(request_id), token, "0")
+                    records.expire(starts_key(request_id), self.store.ttl)
             elif op.kind == "finish":
                 finishes.append((op, len(records.command_stack)))
                 self.store.finish(op.records, pipe=records)

@@ -29,6 +29,7 @@ class Arrival:
 
     envelope: Envelope
     suspect: bool  # started on a worker that died before finishing it
+    deaths_alone: int = 0  # workers that died while it ran alone
 
 
 class Admission:
@@ -97,7 +98,7 @@ class Admission:
             elif deaths_alone >= self.max_attempts:
                 lost.append(envelope)
             else:
-                arrivals.append(Arrival(envelope, suspect=attempts > 0))
+                arrivals.append(Arrival(envelope, suspect=attempts > 0, deaths_alone=deaths_alone))
         if done:
             self.inbox.ack(done)
             if self.metrics is not None:
