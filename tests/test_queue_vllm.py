@@ -19,6 +19,11 @@ pytestmark = pytest.mark.slow
 VLLM = {"GENQ_BACKEND": "vllm"}
 
 
+def _events(log_file) -> list[dict]:
+    """A worker's JSON log lines."""
+    return [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+
+
 def test_the_queue_end_to_end_on_vllm(client, start_worker, demo_engine, lora_dir):
     from worker.queue.app import TASK_NAME
 
@@ -130,3 +135,35 @@ def test_openai_streams_from_a_vllm_worker(gateway, start_worker, demo_engine):
     assert len(deltas) >= 3  # it streamed as it grew
     assert "".join(deltas) == expected["text"]
     assert chunks[-1].usage.completion_tokens == expected["usage"]["completion_tokens"]
+
+
+def test_a_vllm_worker_refuses_at_start_an_adapter_vllm_cannot_serve(start_worker, dora_dir):
+    """GENQ_BACKEND=vllm with a DoRA adapter: the worker exits at start, before vLLM loads,
+    with the code ``genq up`` does not restart, its log naming the adapter and vLLM's reason."""
+    from worker.errors import EX_MODEL_UNAVAILABLE
+
+    proc = start_worker(**VLLM, GENQ_ADAPTERS=f"d={dora_dir}", wait_ready=False)
+    assert proc.wait(timeout=300) == EX_MODEL_UNAVAILABLE
+    events = _events(start_worker.log_dir / "w1@test.log")
+    assert [e["error"] for e in events if e.get("event") == "model_unavailable"] == [
+        f"GENQ_BACKEND=vllm, but vLLM cannot serve adapter 'd' ({dora_dir}): ValueError: vLLM "
+        "does not yet support DoRA."]
+
+
+def test_auto_serves_an_adapter_vllm_cannot_serve_on_the_step_loop(client, start_worker, dora_dir):
+    """GENQ_BACKEND=auto with a DoRA adapter: vLLM is not used, the log says why, and the step
+    loop serves the adapter."""
+    # not the self-check: its canary, with a DoRA adapter on Unsloth's CPU backend, takes 40 s
+    # on a quiet machine and ran past the 120 s start limit on a loaded one
+    start_worker(GENQ_BACKEND="auto", GENQ_ADAPTERS=f"d={dora_dir}", GENQ_SELF_CHECK="off")
+    heartbeat = next(w for w in client.store.workers() if w["name"] == "w1@test")
+    assert heartbeat["backend"] in ("unsloth", "transformers") and heartbeat["adapters"] == ["d"]
+    events = _events(start_worker.log_dir / "w1@test.log")
+    assert [e["reason"] for e in events if e.get("event") == "vllm_not_used"] == [
+        f"vLLM cannot serve adapter 'd' ({dora_dir}): ValueError: vLLM does not yet support DoRA."]
+    request = {"messages": [{"role": "user", "content": "Describe a lighthouse."}],
+               "max_new_tokens": 24}
+    base, tuned = (client.wait(client.submit(**r), timeout=120)
+                   for r in (request, {**request, "adapter": "d"}))
+    assert base["status"] == tuned["status"] == "succeeded" and tuned["adapter"] == "d"
+    assert tuned["text"] != base["text"]
