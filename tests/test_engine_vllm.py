@@ -343,3 +343,30 @@ def test_an_adapter_vllm_refuses_in_a_step_fails_alone(vllm_engine, dora_dir, mo
         again = vllm_engine.generate([tuned, plain[1]])
     assert again[0]["error"] == first[1]["error"] and texts(again[1:]) == alone[1:]
     assert not [e for e in logs if e["event"] == "vllm_step_failed"]
+
+
+def test_a_value_error_in_a_step_is_narrowed_to_its_request(vllm_engine, monkeypatch):
+    """vLLM raising a ValueError in a step of several requests (none with an adapter): they
+    restart and run one request at a time, so the request it raises for fails alone and the
+    others end as they do alone."""
+    from structlog.testing import capture_logs
+
+    llm = vllm_engine.model
+    step = llm.step
+
+    def step_refusing_a_request():  # stands for a refusal that only shows in a step
+        if any(s.max_tokens_param == 13 for s in llm.output_processor.request_states.values()):
+            raise ValueError("cannot take this request")
+        return step()
+
+    plain = example_requests(2, max_new_tokens=16)
+    alone = [texts(vllm_engine.generate([r]))[0] for r in plain]
+    monkeypatch.setattr(llm, "step", step_refusing_a_request)
+    with capture_logs() as logs:
+        results = vllm_engine.generate([plain[0], {"id": "odd", "prompt": "Hi", "max_new_tokens": 13},
+                                        plain[1]])
+    assert texts([results[0], results[2]]) == alone
+    assert results[1]["error"] == {"code": "invalid_request",
+                                   "message": "vLLM refused it: cannot take this request"}
+    failures = [(e["failed"], len(e["restarted"])) for e in logs if e["event"] == "vllm_step_failed"]
+    assert failures == [([], 3), (["odd"], 0)]
