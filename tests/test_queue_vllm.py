@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import example_requests
-from tests.test_engine_vllm import SCHEMA
+from tests.test_engine_vllm import OTHER_PROMPTS, SCHEMA
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,9 @@ def test_the_queue_end_to_end_on_vllm(client, start_worker, demo_engine, lora_di
     log = (start_worker.log_dir / "w1@test.log").read_text()
     assert "it/s]" not in log  # no progress bars in the JSON log
 
-    plain = example_requests(24, max_new_tokens=32)
+    # the 64 example prompts and 24 others, through the queue, against the step loop's texts
+    plain = [*example_requests(max_new_tokens=48),
+             *({**r, "max_new_tokens": 48} for r in OTHER_PROMPTS)]
     job = client.submit_many(plain)
     interactive = [client.submit(**r) for r in example_requests(4, max_new_tokens=16)]
     adapter = client.submit(**{**plain[0], "adapter": "a"})
@@ -46,7 +48,7 @@ def test_the_queue_end_to_end_on_vllm(client, start_worker, demo_engine, lora_di
                          task_id="too-long", queue="genq.bulk")
 
     info = client.wait_job(job, timeout=600)
-    assert info["counts"]["succeeded"] == 24
+    assert info["counts"]["succeeded"] == 88
     results, expected = list(client.job_results(job)), demo_engine.generate(plain)
     assert [r["text"] for r in results] == [e["text"] for e in expected]
     assert all(r["worker"] == "w1@test" and r["model"] == "SmolLM2-135M-Instruct" for r in results)
