@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -168,7 +167,6 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
 
     for key, value in VLLM_ENV.items():
         os.environ.setdefault(key, value)
-    logging.getLogger("vllm").setLevel(logging.WARNING)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)

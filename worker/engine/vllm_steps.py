@@ -82,6 +82,8 @@ class VllmScheduler(StepLoop):
 
     def _admit(self) -> list[Sequence]:
         """Add the rows the policy admits to vLLM; rows vLLM refuses fail alone."""
+        from vllm.inputs import tokens_input  # our token ids, as vLLM's renderer would pass them
+
         decision = admit_paged(self._waiting_view(), self._view(self.inflight.values()),
                                self.limits.max_rows, self.headroom,
                                max_bulk_prefill=self.limits.max_bulk_prefill_tokens,
@@ -99,7 +101,7 @@ class VllmScheduler(StepLoop):
             if why is None:
                 try:
                     self.llm.add_request(
-                        request_id, {"prompt_token_ids": seq.prompt_ids},
+                        request_id, tokens_input(seq.prompt_ids),
                         self.engine.sampling_params(seq),
                         lora_request=self.engine.lora_request(seq.adapter),
                         priority=PRIORITY[seq.priority], arrival_time=seq.submitted_at)
