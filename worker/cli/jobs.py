@@ -58,7 +58,8 @@ def run(input_path: Annotated[Path, typer.Argument(help="JSONL: requests or Open
             try:
                 results.update(_run_job(client, todo, timeout, stack) if todo else {})
             except _WorkerFailed as exc:
-                console.print(f"[red]error[/red]: {exc}", highlight=False)
+                if str(exc):  # else the worker's own failure was printed as it came
+                    console.print(f"[red]error[/red]: {exc}", highlight=False)
                 stack["interrupted"] = True
                 raise typer.Exit(2) from None
             except _Interrupted as stop:
@@ -137,7 +138,8 @@ def _report_bad(lines, errors_path: Path) -> None:
     console.print(f"{len(bad)} bad line(s) written to {errors_path}; the other lines run")
 
 class _WorkerFailed(Exception):
-    """The embedded worker exited before it was ready; ``str()`` says why and what to do."""
+    """The embedded worker exited before it was ready; ``str()`` says why and what to do
+    (empty when the worker's own note, already printed, did)."""
 
 
 def _admit(client, todo) -> None:
@@ -172,7 +174,7 @@ def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
             def update(info):
                 for line in startup.poll():
                     progress.console.print(line, highlight=False)
-                _check_worker(stack, startup)
+                _check_worker(stack, startup, progress.console.print)
                 c = info["counts"]
                 finished = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
                 waiting = startup.waiting() if finished < len(todo) else None
@@ -191,15 +193,16 @@ def _run_job(client, todo, timeout, stack=None) -> dict[int, dict]:
             for ln, res in zip(todo, client.job_results(job_id), strict=True)}
 
 
-def _check_worker(stack: dict, startup) -> None:
-    """Raise ``_WorkerFailed`` when the worker ``genq run`` started has exited."""
+def _check_worker(stack: dict, startup, say) -> None:
+    """Raise ``_WorkerFailed`` when the worker ``genq run`` started has exited; the reason it
+    noted (said once, through ``say``, as every startup line) or where its log is."""
     proc = stack.get("proc")
     if proc is None or proc.poll() is None:
         return
-    startup.poll(every_s=0)
-    failure = next(iter(startup.failures.values()), None)
-    if failure:
-        raise _WorkerFailed("\n".join(failure))
+    for line in startup.poll(every_s=0):
+        say(line, highlight=False)
+    if startup.failures:
+        raise _WorkerFailed
     raise _WorkerFailed(f"the worker exited (code {proc.returncode}); its log says why: "
                         f"{stack.get('log')}")
 
