@@ -211,6 +211,10 @@ def test_genq_status_and_genq_jobs(client, redis_url):
     for whole in (name, model, "an-adapter-named-at-length", *failed):
         assert any(whole in line for line in lines), (whole, lines)
     assert not any("…" in line for line in lines)
+    workers = genq("workers", env=env).stdout
+    assert name in workers and model in workers and "an-adapter-named-at-length" in workers
+    [listed_worker] = json.loads(genq("workers", "--json", env=env).stdout)
+    assert listed_worker["name"] == name and listed_worker["device"] == "cpu"
     jobs = json.loads(genq("jobs", "--limit", "2", "--json", env=env).stdout)
     assert [j["id"] for j in jobs["data"]] == ids[::-1][:2] and jobs["has_more"]
     listed = genq("jobs", "--limit", "2", env=env)

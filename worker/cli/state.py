@@ -1,5 +1,5 @@
 """Reading state: ``genq status`` (a request, or the overview of the queue), ``jobs``,
-``result``, ``cancel``, ``job`` and ``config``."""
+``workers``, ``result``, ``cancel``, ``job`` and ``config``."""
 
 from __future__ import annotations
 
@@ -193,6 +193,19 @@ def jobs(limit: Annotated[int, typer.Option(min=1, max=100, help="Jobs per page.
     out_console().print(table)
     if page["has_more"]:
         console.print(f"more: genq jobs --after {page['last_id']}")
+
+
+@app.command()
+def workers(as_json: JsonOpt = False) -> None:
+    """List the live workers: name, device, model, backend, adapters, rows, tokens/s, last
+    heartbeat and self-check (the first table of ``genq status``)."""
+    from worker.overview import build_overview
+
+    rows = build_overview(get_client())["workers"]
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    out_console().print(_workers_table(rows))
 
 
 @app.command()
