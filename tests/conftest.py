@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FIXTURES = {"redis_server", "redis_url", "client", "start_worker", "fork_server",
                     "gateway", "start_up", "browser"}
 # ... or loads the real demo model, vLLM or Unsloth.
-MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "dora_dir", "short_unsloth",
+MODEL_FIXTURES = {"demo_engine", "unsloth_engine", "lora_dir", "dora_dir", "saves_dir", "short_unsloth",
                   "vllm_engine", "adapter_engine"}
 # The tests that load Unsloth in this process (test_queue_unsloth's worker imports its own).
 UNSLOTH_TESTS = ROOT / "tests" / "test_engine_unsloth.py"
@@ -217,6 +217,14 @@ def dora_dir(cache_dir, tmp_path_factory) -> Path:
     return _demo_adapter(cache_dir, tmp_path_factory.mktemp("dora"), use_dora=True)
 
 
+@pytest.fixture(scope="session")
+def saves_dir(cache_dir, tmp_path_factory) -> Path:
+    """The same adapter with trained copies of ``lm_head`` and ``embed_tokens``
+    (``modules_to_save``, as Unsloth's continued pretraining saves them)."""
+    return _demo_adapter(cache_dir, tmp_path_factory.mktemp("saves"),
+                         modules_to_save=["lm_head", "embed_tokens"])
+
+
 def _demo_adapter(cache_dir: Path, path: Path, **options) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -230,8 +238,31 @@ def _demo_adapter(cache_dir: Path, path: Path, **options) -> Path:
                         init_lora_weights=False, task_type="CAUSAL_LM", **options)
     peft_model = get_peft_model(base, config)
     assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():  # trained: DoRA magnitudes and saved copies move off their initial values
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                param.mul_(1 + 0.1 * torch.randn_like(param))
     peft_model.save_pretrained(path)
     return path
+
+
+def peft_text(cache_dir: Path, adapter: Path, messages: list[dict], max_new_tokens: int) -> str:
+    """The greedy text of ``PeftModel.from_pretrained(demo model, adapter)`` for a chat."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.engine.demo import demo_model_dir
+
+    folder = demo_model_dir(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="session")

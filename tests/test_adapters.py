@@ -6,18 +6,18 @@ import time
 
 import pytest
 
-from tests.conftest import example_requests
+from tests.conftest import example_requests, peft_text
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def adapter_engine(cache_dir, lora_dir):
-    """The demo model with one LoRA adapter made here (random, non-zero weights)."""
+def adapter_engine(cache_dir, lora_dir, dora_dir, saves_dir):
+    """The demo model with the LoRA, DoRA and ``modules_to_save`` adapters made here."""
     from worker.engine import load_engine
 
     return load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
-                       adapters={"a": str(lora_dir)})
+                       adapters={"a": str(lora_dir), "d": str(dora_dir), "s": str(saves_dir)})
 
 
 def test_adapter_changes_output_and_batched_equals_alone(adapter_engine):
@@ -38,6 +38,55 @@ def test_base_rows_match_an_engine_without_adapters(adapter_engine, demo_engine)
     reqs = example_requests(4, max_new_tokens=16)
     assert ([r["text"] for r in adapter_engine.generate(reqs)]
             == [r["text"] for r in demo_engine.generate(reqs)])
+
+
+def test_each_adapter_gives_peft_models_text(adapter_engine, cache_dir, lora_dir, dora_dir,
+                                             saves_dir):
+    """Every tensor of each adapter is loaded (transformers alone leaves DoRA magnitudes and
+    ``modules_to_save`` copies at their initial values): greedy text == PeftModel's, with
+    the adapters taking turns and the base model between them."""
+    folders = {"a": lora_dir, "d": dora_dir, "s": saves_dir}
+    messages = [{"role": "user", "content": "Describe a lighthouse."}]
+    reqs = [{"messages": messages, "max_new_tokens": 24, **({"adapter": a} if a else {})}
+            for a in ("a", None, "d", "s", "a")]
+    texts = [r["text"] for r in adapter_engine.generate(reqs)]
+    expected = {a: peft_text(cache_dir, folder, messages, 24) for a, folder in folders.items()}
+    assert texts == [expected["a"], texts[1], expected["d"], expected["s"], expected["a"]]
+    assert len({texts[1], *expected.values()}) == 4  # each adapter, and the base, differ
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected"])
+def test_an_adapter_whose_file_does_not_match_its_modules_is_refused_at_load(
+        cache_dir, lora_dir, dora_dir, tmp_path, damage):
+    """A tensor missing from the file (here a DoRA magnitude), or one no module takes: the
+    engine does not load (ModelUnavailable: the worker exits EX_MODEL_UNAVAILABLE), naming the
+    adapter and a key."""
+    from shutil import copytree
+
+    from safetensors.torch import load_file, save_file
+
+    from worker.engine import load_engine
+    from worker.engine.loading import ADAPTER_FIX, ModelUnavailable
+
+    broken = copytree(dora_dir, tmp_path / "broken")
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.3.self_attn.v_proj.lora_magnitude_vector"
+    if damage == "missing":
+        del weights[key]
+        what = "1 of its tensors missing from its file"
+    else:
+        weights[key.replace("v_proj", "k_proj")] = weights[key].clone()
+        what = "1 tensors in its file that fit none of its modules"
+    save_file(weights, broken / "adapter_model.safetensors")
+    with pytest.raises(ModelUnavailable) as refused:
+        load_engine("demo", backend="transformers", dtype="float32", cache_dir=cache_dir,
+                    adapters={"good": str(lora_dir), "broken": str(broken)})
+    shown = key.removeprefix("base_model.model.")
+    if damage == "unexpected":
+        shown = shown.replace("v_proj", "k_proj")
+    assert refused.value.lines == [
+        f"adapter 'broken' ({broken}) does not match the model: {what} (e.g. {shown})",
+        ADAPTER_FIX]
 
 
 @pytest.fixture(scope="module")

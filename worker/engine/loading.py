@@ -252,20 +252,57 @@ def _load_transformers(path, name, torch_dtype) -> Loaded:
 
 
 def load_adapters(model, adapters: dict[str, str]) -> None:
-    """Load each named LoRA adapter once (transformers' PEFT integration, both backends)."""
-    for adapter_name, adapter_path in adapters.items():
-        model.load_adapter(adapter_path, adapter_name=adapter_name)
-        log.info("adapter_loaded", adapter=adapter_name, path=adapter_path)
+    """Load each named LoRA adapter once (transformers' PEFT integration, both backends), then
+    every tensor of its file through peft, as ``PeftModel.from_pretrained`` does: transformers
+    alone leaves some (DoRA's magnitudes, ``modules_to_save`` copies) at their initial values.
+    An adapter whose file and modules do not match key for key is refused (ModelUnavailable)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    for name, path in adapters.items():
+        try:
+            model.load_adapter(path, adapter_name=name)
+            weights = {key.removeprefix("base_model.model."): value  # PeftModel's prefix
+                       for key, value in load_peft_weights(path, device=str(model.device)).items()}
+            expected = set(get_peft_model_state_dict(model, adapter_name=name))
+            given = set(weights)
+            if expected == given:
+                set_peft_model_state_dict(model, weights, adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - whatever transformers or peft raise loading it
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ModelUnavailable(f"adapter {name!r} ({path}) cannot load: {why}"[:500],
+                                   ADAPTER_FIX) from None
+        if expected != given:
+            raise ModelUnavailable(f"adapter {name!r} ({path}) does not match the model: " + "; ".join(
+                f"{len(keys)} {what} (e.g. {min(keys)})" for keys, what in (
+                    (expected - given, "of its tensors missing from its file"),
+                    (given - expected, "tensors in its file that fit none of its modules")) if keys),
+                ADAPTER_FIX)
+        log.info("adapter_loaded", adapter=name, path=path)
     if adapters:
         model.disable_adapters()
 
 
+ADAPTER_FIX = ("give GENQ_ADAPTERS a complete PEFT adapter folder (adapter_config.json and "
+               "adapter_model.safetensors, from save_pretrained) trained on this GENQ_MODEL")
+
+
 def select_adapter(model, adapter: str | None, loaded: bool) -> None:
-    """Make ``adapter`` (or the base model, for None) the active weights for the next batch."""
+    """Make ``adapter`` (or the base model, for None) the active weights for the next batch:
+    its LoRA layers and its ``modules_to_save`` copies, while modules other adapters wrap pass
+    through to the base module (transformers' ``set_adapter`` raises on those instead)."""
     if not loaded:
         return
-    if adapter is None:
-        model.disable_adapters()
-    else:
-        model.set_adapter(adapter)
-        model.enable_adapters()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            own = adapter is not None and module.check_set_adapter([adapter]) is not None
+            if own:
+                module.set_adapter(adapter, inference_mode=True)
+            module.enable_adapters(own)
+        elif isinstance(module, BaseTunerLayer):
+            if adapter is not None:
+                module.set_adapter(adapter)
+            module.enable_adapters(adapter is not None)
