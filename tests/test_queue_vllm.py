@@ -11,7 +11,7 @@ import time
 import jsonschema
 import pytest
 
-from tests.conftest import example_requests
+from tests.conftest import example_requests, peft_text
 from tests.test_engine_vllm import OTHER_PROMPTS, SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -152,9 +152,10 @@ def test_a_vllm_worker_refuses_at_start_an_adapter_vllm_cannot_serve(start_worke
         "does not yet support DoRA."]
 
 
-def test_auto_serves_an_adapter_vllm_cannot_serve_on_the_step_loop(client, start_worker, dora_dir):
+def test_auto_serves_an_adapter_vllm_cannot_serve_on_the_step_loop(client, start_worker, dora_dir,
+                                                                   cache_dir):
     """GENQ_BACKEND=auto with a DoRA adapter: vLLM is not used, the log says why, and the step
-    loop serves the adapter."""
+    loop serves the adapter: PeftModel's text."""
     # not the self-check: its canary, with a DoRA adapter on Unsloth's CPU backend, takes 40 s
     # on a quiet machine and ran past the 120 s start limit on a loaded one
     start_worker(GENQ_BACKEND="auto", GENQ_ADAPTERS=f"d={dora_dir}", GENQ_SELF_CHECK="off")
@@ -169,3 +170,4 @@ def test_auto_serves_an_adapter_vllm_cannot_serve_on_the_step_loop(client, start
                    for r in (request, {**request, "adapter": "d"}))
     assert base["status"] == tuned["status"] == "succeeded" and tuned["adapter"] == "d"
     assert tuned["text"] != base["text"]
+    assert tuned["text"] == peft_text(cache_dir, dora_dir, request["messages"], 24)
