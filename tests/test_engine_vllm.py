@@ -211,6 +211,21 @@ def test_the_backend_selected_log_says_why(vllm_loaded):
     assert [(e["backend"], e["reason"]) for e in selected] == [("vllm", "GENQ_BACKEND=vllm")]
 
 
+def test_bulk_joins_a_step_by_at_most_256_prompt_tokens_on_a_cpu(vllm_engine, demo_engine,
+                                                                   monkeypatch):
+    """vLLM's CPU default: a shorter bulk prefill bounds how long a step holds up an
+    interactive request arriving during it; the step loop keeps 512; the setting wins."""
+    from worker.engine.engine import engine_settings
+    from worker.ops.settings import Settings
+
+    assert (vllm_engine.max_bulk_prefill_tokens, demo_engine.max_bulk_prefill_tokens) == (256, 512)
+    assert vllm_engine.limits().max_bulk_prefill_tokens == 256
+    monkeypatch.setenv("GENQ_MAX_BULK_PREFILL_TOKENS", "300")
+    assert engine_settings(Settings())["max_bulk_prefill_tokens"] == 300
+    monkeypatch.delenv("GENQ_MAX_BULK_PREFILL_TOKENS")
+    assert "max_bulk_prefill_tokens" not in engine_settings(Settings())
+
+
 def test_auto_falls_back_when_vllm_cannot_be_imported(tmp_path, tiny_model_dir, cache_dir):
     """A vllm whose import raises (vLLM's CPU build beside a torchvision it cannot use raises
     RuntimeError) is a reason to use the step loop, not a crash."""

@@ -233,8 +233,9 @@ def generation_eos(generation_config) -> set[int]:
 
 
 def engine_settings(config) -> dict[str, Any]:
-    """The admission settings every backend's ``Engine`` takes from ``Settings``."""
-    return config.model_dump(include={
+    """The admission settings every backend's ``Engine`` takes from ``Settings`` (a setting
+    left unset keeps the ``Engine``'s default, or the one its backend gives)."""
+    return config.model_dump(exclude_none=True, include={
         "max_batch_size", "max_batch_tokens", "max_prompt_tokens", "max_new_tokens_limit",
         "max_prefill_tokens", "max_bulk_prefill_tokens", "max_bulk_pause_ms",
         "max_wait_ms_for_bucket", "grammar_cache_size"})

@@ -47,6 +47,9 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0"
 CPU_KV_CACHE_GIB = "2"
 # GENQ_MAX_BATCH_SIZE's default on vLLM: a row costs its own KV blocks, no padding
 VLLM_ROWS = {"cpu": 64, "cuda": 256}
+# bulk prompt tokens joining in one step on a CPU, where a step of 512 held an interactive
+# request arriving during it long enough to double its time to result (BENCHMARKS.md §10)
+VLLM_CPU_BULK_PREFILL = 256
 # the second line of a GENQ_BACKEND=vllm worker's exit when vLLM cannot serve what it was given
 STEP_LOOP_FIX = "GENQ_BACKEND=auto serves it on Unsloth or transformers (adapters through peft)"
 
@@ -207,7 +210,8 @@ def load_vllm_engine(config, worker_name: str | None = None) -> VllmEngine:
         eos_ids=frozenset(eos_ids(tokenizer, hf_config) | eos_extra),
         vocab_size=int(hf_config.vocab_size), adapters=config.adapters,
         scheduler=config.scheduler, worker_name=worker_name,
-        **{**engine_settings(config), "max_batch_size": vllm_rows(config, cuda)})
+        **{"max_bulk_prefill_tokens": 512 if cuda else VLLM_CPU_BULK_PREFILL,
+           **engine_settings(config), "max_batch_size": vllm_rows(config, cuda)})
 
 
 def kv_tokens(llm) -> int:

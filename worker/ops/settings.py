@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     max_wait_ms_for_bucket: int = Field(30_000, ge=0)
     scheduler: Literal["continuous", "static"] = "continuous"
     max_prefill_tokens: int = Field(8192, ge=1)
-    max_bulk_prefill_tokens: int = Field(512, ge=1)
+    # None: the backend's (engine.max_bulk_prefill_tokens: 512; vLLM on a CPU: 256)
+    max_bulk_prefill_tokens: int | None = Field(None, ge=1)
     max_bulk_pause_ms: int = Field(1000, ge=0)
     stall_timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(2, ge=1)
@@ -158,6 +159,8 @@ class Settings(BaseSettings):
         # the value each default resolves to, rather than null
         data["max_batch_size"] = self.max_batch_size or ("32 (step loop); vLLM: 64 on a CPU, "
                                                          "256 on a GPU")
+        data["max_bulk_prefill_tokens"] = self.max_bulk_prefill_tokens or ("512; vLLM on a CPU: "
+                                                                           "256")
         data["pool_size"] = self.pool_size or "the batch size"
         data["max_prompt_tokens"] = self.max_prompt_tokens or "the model's context length"
         data["max_seq_length"] = self.max_seq_length or "the model's context length"
