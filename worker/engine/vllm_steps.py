@@ -195,11 +195,10 @@ class VllmScheduler(StepLoop):
         complete. vLLM goes on to generate the EOS the grammar then forces (or runs out of
         ``max_tokens`` before it), a token the step loop never samples: it is not counted and
         the row ends ``stop``, so ``usage`` and ``finish_reason`` agree between backends."""
-        spec = seq.request.grammar_spec
-        if spec is None or seq.finish_reason not in ("stop", "length"):
+        if seq.closer is None or seq.finish_reason not in ("stop", "length"):
             return
         body = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.engine.eos_ids else seq.tokens
-        matcher = self.engine.grammars.matcher(spec)
+        matcher = seq.closer.template.deep_copy()  # the row's own grammar: no cache lookup
         if matcher.consume_tokens(body) and matcher.is_stopped():
             del seq.tokens[len(body):]
             seq.finish_reason = "stop"
