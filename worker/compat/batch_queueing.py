@@ -60,7 +60,7 @@ def progress_key(batch_id: str) -> str:
     return f"genq:batch:{batch_id}:submit"
 
 
-def starts_key(batch_id: str) -> str:
+def batch_starts_key(batch_id: str) -> str:
     return f"genq:batch:{batch_id}:starts"
 
 
@@ -102,7 +102,7 @@ class Submitter:
     def _count_start(self, batch_id: str, token: str) -> int:
         """Count this start (``token``) of the batch's submission; how many there were. A
         call replayed after a lost reply counts nothing twice (a set of start tokens)."""
-        key = starts_key(batch_id)
+        key = batch_starts_key(batch_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.sadd(key, token)
         pipe.expire(key, self.batches.ttl)
