@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass, replace
 
 from hypothesis import given, settings
@@ -366,3 +367,16 @@ def test_suspects_with_fewer_deaths_alone_run_first():
     view = lambda loop: [w.id for w in loop._waiting_view()]  # noqa: E731
     assert view(_Loop([hit, other], [])) == [other.handle]
     assert view(_Loop([hit], [])) == [hit.handle]
+
+
+def test_a_charged_suspect_sits_out_until_its_not_before_without_holding_others_up():
+    """The suspects its dead worker held come back with it but may arrive a fetch later: until
+    ``not_before`` a charged suspect neither runs nor stops fresh rows from being admitted."""
+    hit, fresh, late = row(1, suspect=True), row(2), row(3, suspect=True)
+    hit.deaths_alone, hit.not_before = 1, time.monotonic() + 60
+    view = lambda loop: [w.id for w in loop._waiting_view()]  # noqa: E731
+    assert view(_Loop([hit, fresh], [])) == [fresh.handle]
+    assert view(_Loop([hit, fresh], [row(9)])) == [fresh.handle]
+    assert view(_Loop([hit, fresh, late], [])) == [late.handle]  # an uncharged one arrived
+    hit.not_before = time.monotonic() - 1
+    assert view(_Loop([hit, fresh], [])) == [hit.handle]

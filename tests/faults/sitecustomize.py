@@ -4,19 +4,21 @@ tests put this folder on the worker's PYTHONPATH; never shipped, never imported 
 When the model embeds a token batch containing ``GENQ_FAULT_TOKEN`` (so: inside a real forward
 pass over a prompt that holds it), ``GENQ_FAULT_MODE`` decides what happens:
 ``exit`` kills the process (a device assert), ``hang`` blocks that forward pass forever (a hung
-device).
+device). ``GENQ_FAULT_STEP_S`` makes every forward pass that long at least (a slower device),
+so that a test can aim a kill at a moment inside a request's run.
 """
 
 import os
 
-if os.environ.get("GENQ_FAULT_TOKEN"):
+if os.environ.get("GENQ_FAULT_TOKEN") or os.environ.get("GENQ_FAULT_STEP_S"):
     import time
 
     import torch
     import torch.nn.functional as F
 
-    _token = int(os.environ["GENQ_FAULT_TOKEN"])
+    _token = int(os.environ.get("GENQ_FAULT_TOKEN") or -1)
     _mode = os.environ.get("GENQ_FAULT_MODE", "exit")
+    _step_s = float(os.environ.get("GENQ_FAULT_STEP_S") or 0)
     _embedding = F.embedding
 
     def embedding(input, weight, *args, **kwargs):  # noqa: A002 - torch's own signature
@@ -26,6 +28,7 @@ if os.environ.get("GENQ_FAULT_TOKEN"):
                 while True:
                     time.sleep(3600)
             os._exit(134)
+        time.sleep(_step_s)
         return _embedding(input, weight, *args, **kwargs)
 
     F.embedding = embedding

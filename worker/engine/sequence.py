@@ -33,6 +33,7 @@ class Sequence:
     expires_at: float | None = None  # wall clock deadline (``expires_in_s``)
     suspect: bool = False  # was running on a worker that died: runs alone (waiting.py)
     deaths_alone: int = 0  # workers that died while it ran alone: fewest first among suspects
+    not_before: float = 0.0  # monotonic time before which a charged suspect does not start
     owner: str | None = None  # who submitted it, and its job: bulk admission takes turns
     job: str | None = None
     weight: int = 1  # the owner's share of bulk admission

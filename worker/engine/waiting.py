@@ -105,8 +105,14 @@ class StepLoop:
         while it runs is evidence against it and no other request's: while one runs nothing
         joins it; while one waits nothing new is admitted until the running rows are done,
         then it alone (with its other samples). Suspects with fewer deaths while alone go
-        first, so that random kills spread over them rather than hit one request again."""
-        ordered = sorted(self.waiting.values(), key=lambda s: (s.submitted_at, int(s.handle)))
+        first, so that random kills spread over them rather than hit one request again; one
+        already charged sits out until its ``not_before`` (it neither runs nor holds others
+        up meanwhile), so that the suspects its dead worker held, which come back with it
+        but may reach this worker a fetch later, go before it."""
+        now = time.monotonic()
+        ordered = [s for s in sorted(self.waiting.values(),
+                                     key=lambda s: (s.submitted_at, int(s.handle)))
+                   if not (s.suspect and s.not_before > now)]
         suspects = sorted((s for s in ordered if s.suspect), key=lambda s: s.deaths_alone)
         if any(s.suspect for s in self.running):
             return []

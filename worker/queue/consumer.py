@@ -212,6 +212,8 @@ class Consumer:
             return
         seq.owner, seq.job, seq.weight = env.owner, env.job_id, env.weight
         seq.deaths_alone = arrival.deaths_alone
+        if arrival.deaths_alone:  # the rest of what its dead worker held comes back by then
+            seq.not_before = time.monotonic() + self.settings.visibility_timeout_s
         self.arrivals[env.id] = arrival
         self.received[env.id] = time.monotonic()
         self.loop.add(seq)
