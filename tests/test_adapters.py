@@ -145,20 +145,34 @@ def test_adapter_requests_at_volume_run_only_where_the_adapter_is(
 def test_a_request_for_an_adapter_no_worker_serves_waits_until_its_deadline(
         client, start_worker, tiny_model_dir, redis_url):
     """Its worker stopped after it was queued: the request is not failed by a worker without
-    the adapter; it waits, then ends ``expired`` at its deadline."""
+    the adapter; it waits, then ends ``expired`` at its deadline. The worker without the
+    adapter then drops it, and one cancelled while it waited, from the set-aside list, so
+    the queue depth (``/demand``) goes back to 0."""
     import redis
 
-    from worker.queue.app import PARKED_KEY
+    from worker.queue.app import PARKED_KEY, pending_by_queue
 
     start_worker("plain@test", **_tiny(tiny_model_dir))
     client.store.heartbeat("gone@test", {"adapters": ["ghost"]}, ttl_s=3)  # stops at once
     queued_at = time.time()
     rid = client.submit(prompt="arr", max_new_tokens=2, adapter="ghost", expires_in_s=8)
+    cancelled = client.submit(prompt="arr!", max_new_tokens=2, adapter="ghost", priority="bulk")
     plain = client.submit(prompt="plain", max_new_tokens=2)
     assert client.wait(plain, timeout=60)["status"] == "succeeded"
     r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 30
+    while r.hget(PARKED_KEY, "bulk") != b"1" and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert r.hget(PARKED_KEY, "interactive") == b"1"  # set aside by the worker, not taken
+    assert r.hget(PARKED_KEY, "bulk") == b"1"
     assert client.get(rid)["status"] == "queued"
+    assert client.cancel(cancelled)
     result = client.wait(rid, timeout=30)
     assert (result["status"], result["finish_reason"]) == ("expired", "expired"), result
     assert time.time() >= queued_at + 8
+    deadline = time.monotonic() + 40  # the worker sweeps every 10 s
+    while sum(pending_by_queue(r).values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pending_by_queue(r) == {"genq.interactive": 0, "genq.bulk": 0}
+    assert [int(n) for n in r.hmget(PARKED_KEY, "interactive", "bulk")] == [0, 0]
+    assert client.get(cancelled)["status"] == "cancelled"

@@ -15,6 +15,7 @@ from worker.queue.app import (
     INTERACTIVE_QUEUE,
     OWNER_LISTS_KEY,
     PARKED_KEY,
+    PARKED_LISTS_KEY,
     REQUEST_QUEUES,
     kombu_queue,
     pending_by_queue,
@@ -22,6 +23,7 @@ from worker.queue.app import (
     transport_options,
 )
 from worker.queue.delivery import KOMBU_CHECKED, KOMBU_UNACKED, Inbox, Undecodable
+from worker.queue.link_health import drop_ended_parked
 
 
 def test_fetched_then_abandoned_messages_are_restored_by_kombu(client, redis_url):
@@ -163,3 +165,36 @@ def test_owner_lists_are_dropped_once_empty_and_unpinned(client, redis_url):
     again = owners[3].submit(prompt="again", priority="bulk")
     [delivery], _ = inbox.fetch({BULK_QUEUE: 1})
     assert delivery.decode()[1]["id"] == again and r.hget(PARKED_KEY, "bulk") in (None, b"0")
+
+
+def test_set_aside_requests_that_ended_are_dropped_and_stop_counting(client, redis_url):
+    """Requests for an adapter whose worker stopped are set aside by a worker without it;
+    those cancelled or past their deadline meanwhile are dropped by any worker's sweep (past
+    the deadline: stored ``expired`` there), so queue depths and ``/demand`` count only what
+    still waits; a replayed sweep drops nothing twice; a worker with the adapter that starts
+    later takes exactly the ones still waiting, and nothing pins the owner's list after."""
+    r = redis.Redis.from_url(redis_url)
+    options = transport_options(client.settings)
+    client.store.heartbeat("lora@test", {"adapters": ["ghost"]})
+    team = client.as_owner("team-a")
+    ids = [c.submit(prompt=f"{p}{i}", adapter="ghost", priority=p,
+                    **({"expires_in_s": 1} if i < 2 else {}))
+           for c, p in ((client, "interactive"), (team, "bulk")) for i in range(6)]
+    assert _drain(Inbox(r, options, adapters=[])) == []  # all set aside
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 6, BULK_QUEUE: 6}
+    assert client.cancel(ids[2]) and team.cancel(ids[8])
+    time.sleep(1.2)
+    inbox = Inbox(r, options, adapters=[])
+    assert sorted(drop_ended_parked(inbox, client.store, time.time())) == sorted(
+        ids[0:3] + ids[6:9])
+    assert [rec["status"] for rec in client.store.get_many(ids[:3] + ids[6:9])] == [
+        "expired", "expired", "cancelled"] * 2
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 3, BULK_QUEUE: 3}
+    assert drop_ended_parked(inbox, client.store, time.time()) == []
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 3, BULK_QUEUE: 3}
+    ghost = _drain(Inbox(r, options, adapters=["ghost"]))
+    assert sorted(d.decode()[1]["id"] for d in ghost) == sorted(ids[3:6] + ids[9:12])
+    Inbox(r, options).ack(ghost)
+    assert drop_ended_parked(inbox, client.store, time.time()) == []
+    assert pending_by_queue(r) == {INTERACTIVE_QUEUE: 0, BULK_QUEUE: 0}
+    assert not r.smembers(PARKED_LISTS_KEY) and not r.smembers(pins_key("genq.bulk.team-a"))

@@ -24,6 +24,9 @@ CONTROL_QUEUE = "genq.control"  # the Celery consumer's own queue; nothing is se
 OWNER_LISTS_KEY = "genq:bulk:weights"
 # hash: priority -> messages the fetch script set aside for an adapter (on ``<list>\x06\x17<adapter>``)
 PARKED_KEY = "genq:parked"
+# set: the set-aside lists (named in ``lua/fetch.lua``), so that a sweep finds requests there
+# that ended (cancelled, past their deadline) while no worker serving their adapter ran
+PARKED_LISTS_KEY = "genq:parked:lists"
 BULK_BELL = "genq:bell:bulk"  # rung after publishing to an owner's bulk list
 # kombu's Redis transport puts a message sent with Celery's priority=N on ``<queue>\x06\x16<step>``
 PRIORITY_STEPS = ("\x06\x163", "\x06\x166", "\x06\x169")

@@ -37,6 +37,7 @@ from worker.queue.app import (
     INTERACTIVE_QUEUE,
     OWNER_LISTS_KEY,
     PARKED_KEY,
+    PARKED_LISTS_KEY,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     logical_queue,
@@ -46,6 +47,7 @@ from worker.queue.app import (
 from worker.queue.scripts import register
 
 BULK_TURN_KEY = "genq:bulk:turn"  # whose turn it is among the bulk lists
+ASIDE = "\x06\x17"  # a set-aside list is ``<list>\x06\x17<adapter>`` (lua/fetch.lua)
 
 # kombu's unacked record, the internal format genqueue writes for kombu (stated here once). Its
 # Redis transport (``kombu.transport.redis.QoS.append``) holds a message it delivered as the hash
@@ -120,6 +122,7 @@ class Inbox:
         self.workers_key = workers_key
         self.adapters = json.dumps(sorted(adapters or []))
         self._fetch = register(client, "fetch")
+        self._unpark = register(client, "unpark")
 
     def fetch(self, want: dict[str, int], held: int = 0) -> tuple[list[Delivery], dict[str, int]]:
         """Up to ``want[queue]`` messages of each priority (``genq.interactive``,
@@ -169,6 +172,37 @@ class Inbox:
                 pipe.hdel(self.unacked, d.tag)
         if own:
             pipe.execute()
+
+    def parked(self, limit: int = 1000) -> list[Delivery]:
+        """Messages set aside for an adapter (see ``lua/fetch.lua``), up to ``limit`` per
+        list, oldest first, each with the set-aside list it is on as its ``queue``."""
+        out = []
+        for name in sorted(n.decode() for n in self.redis.smembers(PARKED_LISTS_KEY)):
+            raws = self.redis.lrange(name, -limit, -1)
+            if not raws:  # a worker serving the adapter emptied it: the script unlists it
+                self._unpark(keys=[name, PARKED_KEY, PARKED_LISTS_KEY], args=["", ""])
+            for raw in reversed(raws):
+                try:
+                    tag = json.loads(raw)["properties"]["delivery_tag"]
+                except (ValueError, KeyError, TypeError):
+                    tag = ""
+                out.append(Delivery(tag if isinstance(tag, str) else "", raw, name))
+        return out
+
+    def unpark(self, deliveries: list[Delivery]) -> int:
+        """Drop these set-aside messages (their requests ended while they waited) where they
+        still are; how many were dropped (``lua/unpark.lua``: replay-safe)."""
+        lists: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            lists.setdefault(d.queue, []).append(d)
+        removed = 0
+        for name, ds in lists.items():
+            base = name.split(ASIDE)[0]
+            args = [logical_queue(base).removeprefix("genq."), pins_key(base) or ""]
+            for d in ds:
+                args += [d.tag, d.raw]
+            removed += self._unpark(keys=[name, PARKED_KEY, PARKED_LISTS_KEY], args=args)
+        return removed
 
     def renew(self, deliveries: list[Delivery], pipe=None) -> None:
         """Renew the visibility lease of messages still held (XX: only if still unacked)."""

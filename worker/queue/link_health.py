@@ -10,13 +10,37 @@ import time
 import redis
 import structlog
 
+from worker.lifecycle import is_final
 from worker.queue.app import REQUEST_QUEUES
-from worker.queue.delivery import Doorbell
+from worker.queue.delivery import Doorbell, Undecodable
 
 log = structlog.get_logger(__name__)
 
 RECHECK_S = 10.0  # queues found empty are looked at again this often, doorbell or not
 STALL_EXIT_CODE = 70
+
+
+def drop_ended_parked(inbox, store, now: float) -> list[str]:
+    """Drop the messages set aside for an adapter (one no live worker may serve) whose requests
+    ended while they waited: cancelled, or past their deadline (ended ``expired`` here), so
+    that queue depths and ``/demand`` stop counting them. The ids dropped."""
+    parked = inbox.parked()
+    ids = []
+    for delivery in parked:
+        try:
+            ids.append(delivery.decode()[1].get("id"))
+        except Undecodable:
+            ids.append(None)
+    known = [i for i in ids if isinstance(i, str)]
+    records = dict(zip(known, store.get_many(known), strict=True))
+    due = [rec for rec in records.values() if rec and rec["status"] == "queued"
+           and rec.get("expires_at") is not None and rec["expires_at"] <= now]
+    if due:
+        store.expire(due)
+    ended = {i: d for d, i in zip(parked, ids, strict=True) if isinstance(i, str)
+             and (rec := records.get(i)) and (is_final(rec["status"]) or rec in due)}
+    inbox.unpark(list(ended.values()))
+    return list(ended)
 
 
 class Health:
@@ -43,9 +67,17 @@ class Health:
             for job_id in self.store.reap(self.settings.job_submit_timeout_s):
                 log.warning("job_reaped", worker=self.name, job_id=job_id,
                             reason="its submitter stopped before every request was queued")
+            self._sweep_parked(time.time())
             for q in REQUEST_QUEUES:
                 self._empty[q] = False
         self._wake.set()  # shares may have changed: look at the queues again
+
+    def _sweep_parked(self, now: float) -> None:
+        """Drop set-aside requests that ended while they waited (``drop_ended_parked``)."""
+        dropped = drop_ended_parked(self.inbox, self.store, now)
+        if dropped:
+            log.info("parked_requests_dropped", worker=self.name, count=len(dropped),
+                     request_ids=dropped[:20])
 
     def _token_rate(self, now: float, window_s: float = 10.0) -> float:
         """Tokens generated per second over about the last ``window_s`` seconds."""

@@ -13,7 +13,8 @@
 -- serve is never taken: it is moved once (at most 1000 a call) to `<list>\x06\x17<adapter>`
 -- and counted in PARKED_KEY; a worker serving that adapter reads that list first in the turn of
 -- `<list>` (it holds older messages), so priority and owner turns hold, and the message goes
--- back to `<list>` when kombu restores it. An owner's list is dropped from the owners' hash
+-- back to `<list>` when kombu restores it. Each set-aside list is listed in
+-- `genq:parked:lists` (`delivery.Inbox.sweep_parked` reads it). An owner's list is dropped from the owners' hash
 -- when it is empty and nothing pins it (`app.pins_key`: its messages held or set aside, and
 -- publishes in flight). Set-aside lists and pins are named in the script, not in KEYS (Redis
 -- Cluster is not supported). Returns the number of messages left per priority (set aside included),
@@ -95,6 +96,7 @@ local function take(key, priority)
       return hold(key, raw, tag, info)
     end
     redis.call('LPUSH', aside(key, adapter), raw)
+    redis.call('SADD', 'genq:parked:lists', aside(key, adapter))  -- app.PARKED_LISTS_KEY
     redis.call('HINCRBY', parked, priority, 1)
     if pins(key) then redis.call('SADD', pins(key), tag) end
     moves = moves - 1
