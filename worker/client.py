@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.errors import InvalidRequest, NotFound, QueueFull
-from worker.lifecycle import FINAL
+from worker.lifecycle import FINAL, overdue
 from worker.ops.redisconn import connect
 from worker.ops.settings import Settings, get_settings
 from worker.queue.app import make_app, pending_by_queue
@@ -197,8 +197,7 @@ class GenerationClient:
     def _expire_due(self, records: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
         """Records as they read now: queued ones past their deadline end ``expired``."""
         now = time.time()
-        due = [r for r in records if r and r["status"] == "queued"
-               and r.get("expires_at") is not None and r["expires_at"] <= now]
+        due = [r for r in records if overdue(r, now)]
         if not due:
             return records
         self.store.expire(due)

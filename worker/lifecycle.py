@@ -30,6 +30,12 @@ def is_final(status: str | None) -> bool:
     return status in FINAL
 
 
+def overdue(record: Mapping[str, Any] | None, now: float) -> bool:
+    """A queued request whose deadline (``expires_at``) has passed: it is to end ``expired``."""
+    return bool(record) and record["status"] == QUEUED and record.get("expires_at") is not None \
+        and record["expires_at"] <= now
+
+
 def job_counts(stored: Mapping[str, Any], running: int) -> dict[str, int]:
     """A job's counts from its stored hash (``total`` and one count per final status) and the
     size of its running set: the rest of its requests are queued."""

@@ -10,7 +10,7 @@ import time
 import redis
 import structlog
 
-from worker.lifecycle import is_final
+from worker.lifecycle import is_final, overdue
 from worker.queue.app import REQUEST_QUEUES
 from worker.queue.delivery import Doorbell, Undecodable
 
@@ -33,12 +33,11 @@ def drop_ended_parked(inbox, store, now: float) -> list[str]:
             ids.append(None)
     known = [i for i in ids if isinstance(i, str)]
     records = dict(zip(known, store.get_many(known), strict=True))
-    due = [rec for rec in records.values() if rec and rec["status"] == "queued"
-           and rec.get("expires_at") is not None and rec["expires_at"] <= now]
+    due = {i: rec for i, rec in records.items() if overdue(rec, now)}
     if due:
-        store.expire(due)
-    ended = {i: d for d, i in zip(parked, ids, strict=True) if isinstance(i, str)
-             and (rec := records.get(i)) and (is_final(rec["status"]) or rec in due)}
+        store.expire(list(due.values()))
+    ended = {i: d for d, i in zip(parked, ids, strict=True) if i in due
+             or (isinstance(i, str) and (rec := records.get(i)) and is_final(rec["status"]))}
     inbox.unpark(list(ended.values()))
     return list(ended)
 

@@ -14,9 +14,9 @@
 -- and counted in PARKED_KEY; a worker serving that adapter reads that list first in the turn of
 -- `<list>` (it holds older messages), so priority and owner turns hold, and the message goes
 -- back to `<list>` when kombu restores it. Each set-aside list is listed in
--- `genq:parked:lists` (`delivery.Inbox.sweep_parked` reads it). An owner's list is dropped from the owners' hash
--- when it is empty and nothing pins it (`app.pins_key`: its messages held or set aside, and
--- publishes in flight). Set-aside lists and pins are named in the script, not in KEYS (Redis
+-- `genq:parked:lists` (read by `delivery.Inbox.parked`, for `link_health.drop_ended_parked`).
+-- An owner's list is dropped from the owners' hash when it is empty and nothing pins it
+-- (`app.pins_key`: its messages held or set aside, and publishes in flight). Set-aside lists and pins are named in the script, not in KEYS (Redis
 -- Cluster is not supported). Returns the number of messages left per priority (set aside included),
 -- then tag, raw, list triples; a message that is not a kombu envelope comes back with an empty
 -- tag and is not recorded (it is rejected).
